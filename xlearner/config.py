@@ -98,7 +98,6 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 20
     workers: int = 2                    # DataLoader workers per source
-    eval_batches: int = 0               # cap on val batches per source; 0 = the whole split
     seed: int = 0
     out: str = "runs/expand"
 
@@ -109,6 +108,7 @@ class SqueezeConfig(TrainConfig):
     student_init: str = ""              # task:<name> (default: first task) | mean | scratch | path
     distill_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
     distill_loss: str = "l2"            # l2 on channel-normalised maps | cka
+    lambda_task: float = 1.0            # weight of each source's own task loss
     lambda_feat: float = 1.0
     lambda_kd: float = 1.0
     kd_temperature: float = 4.0

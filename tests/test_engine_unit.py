@@ -1,0 +1,149 @@
+"""The training engine on a toy model and loader: schedule, errors, checkpoints, resume."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from xlearner import engine
+from xlearner.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
+from xlearner.config import Config, TrainConfig
+
+
+class ToyLoader:
+    """Deterministic infinite loader with the MultiSourceLoader's state API."""
+
+    def __init__(self):
+        self.pos = 0
+        self.skipped = {"a": 0}
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.pos)
+        self.pos += 1
+        return {"a": {"x": torch.randn(4, 3, generator=g), "skipped": 0}}
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d):
+        self.pos = d["pos"]
+
+
+class ToyModel(nn.Module):
+    def __init__(self, nan_at: int | None = None, unused: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.bn = nn.BatchNorm1d(3)
+        if unused:
+            self.spare = nn.Linear(3, 1)
+        self.nan_at, self.calls = nan_at, 0
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = self.lin(self.bn(batch["a"]["x"])).pow(2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return {"a": loss}
+
+    def total_loss(self, losses):
+        return sum(losses.values())
+
+
+def make_run(tmp_path, model=None, **tc):
+    tcfg = TrainConfig(out=str(tmp_path / "run"), workers=0, log_every=1, ckpt_every=100, warmup_steps=2, **tc)
+    cfg = Config(expand=tcfg)
+    torch.manual_seed(0)
+    return engine.Run(model=model or ToyModel(), loader=ToyLoader(), tc=tcfg, config=cfg,
+                      device=torch.device("cpu"), images_per_step=4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    tc = TrainConfig(steps=10, warmup_steps=2)
+    factors = [engine.lr_factor(s, tc) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = ToyModel()
+    opt = engine.build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model.lin.weight)}
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) == 3
+
+
+def test_non_finite_loss_names_source_and_step(tmp_path):
+    run = make_run(tmp_path, model=ToyModel(nan_at=3), steps=5)
+    with pytest.raises(engine.NonFiniteLossError, match=r"'a' at step 3"):
+        engine.train(run)
+
+
+def test_unused_parameters_are_named(tmp_path):
+    run = make_run(tmp_path, model=ToyModel(unused=True), steps=2)
+    with pytest.raises(engine.UnusedParametersError, match=r"spare\.weight"):
+        engine.train(run)
+
+
+def test_log_checkpoint_and_exact_resume(tmp_path):
+    full = make_run(tmp_path / "full", steps=6)
+    engine.train(full)
+    # The same run in two legs: stop at step 3 (ckpt), then resume to 6 with a new model object.
+    leg1 = make_run(tmp_path / "legs", steps=3)
+    engine.train(leg1)
+    torch.manual_seed(123)  # a fresh process would start from an unrelated RNG state
+    leg2 = make_run(tmp_path / "legs", steps=6)
+    leg2.model.lin.weight.data.fill_(7.0)  # must be overwritten by the checkpoint
+    engine.train(leg2)
+    for a, b in zip(full.model.state_dict().values(), leg2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "legs" / "run" / "log.jsonl").read_text().splitlines()
+             if json.loads(l)["event"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    ckpt = load_checkpoint(tmp_path / "legs" / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "config", "loader", "rng"}
+    assert (tmp_path / "legs" / "run" / "checkpoint_prev.pt").exists()
+    assert json.loads((tmp_path / "legs" / "run" / "config.json").read_text())["expand"]["steps"] == 6
+
+
+def test_grad_accum_matches_double_batch(tmp_path):
+    class Concat(ToyLoader):  # one batch of 8 = two consecutive batches of 4
+        def __next__(self):
+            a, b = ToyLoader.__next__(self), ToyLoader.__next__(self)
+            return {"a": {"x": torch.cat([a["a"]["x"], b["a"]["x"]]), "skipped": 0}}
+
+    class NoBN(ToyModel):
+        def forward(self, batch):
+            return {"a": self.lin(batch["a"]["x"]).pow(2).mean()}
+
+    r1 = make_run(tmp_path / "accum", model=NoBN(), steps=3, grad_accum=2)
+    r2 = make_run(tmp_path / "big", model=NoBN(), steps=3)
+    r2.loader = Concat()
+    engine.train(r1)
+    engine.train(r2)
+    torch.testing.assert_close(r1.model.lin.weight, r2.model.lin.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_corrupt_and_truncated_checkpoints_are_named(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: corrupt or truncated"):
+        load_checkpoint(bad)
+    save_run_checkpoint({"model": {"w": torch.randn(1000)}, "config": {}}, tmp_path / "ok")
+    data = (tmp_path / "ok" / "checkpoint.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: corrupt or truncated"):
+        load_checkpoint(cut)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt: checkpoint is empty"):
+        load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": ToyModel()}, path)  # a whole module needs pickled code
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load"):
+        load_checkpoint(path)

@@ -1,0 +1,342 @@
+"""The training engine shared by the expand and squeeze stages.
+
+Both stages train "a module whose forward takes one batch from every source and
+returns a dict of losses": `XLearnerModel` in expand, the `Distiller` in
+squeeze. Everything else is the same and lives here, once:
+
+- DDP with one forward and one backward per step and no unused parameters
+  (`find_unused_parameters=False`; the first step checks that every trainable
+  parameter received a gradient and names those that did not);
+- gradient accumulation with `no_sync()` on the micro-steps that do not sync;
+- AMP: bf16 autocast, or fp16 autocast with a GradScaler;
+- SGD or AdamW, no weight decay on norms and biases; linear warmup then cosine;
+- a stop on a non-finite loss that names the source and the step;
+- rank-0 logging: a tqdm bar, one JSON line per event in `out/log.jsonl`;
+- evaluation every `eval_every` steps and at the end, `out/metrics.json`;
+- atomic checkpoints every `ckpt_every` steps, at the end and on SIGTERM/SIGINT,
+  and an exact resume when the same command is run again on the same `out`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import dist
+from .checkpoint import latest_checkpoint, load_checkpoint, save_run_checkpoint
+from .config import Config, TrainConfig
+from .data import move_to
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class UnusedParametersError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------
+# optimiser and schedule
+
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; norms and biases (every parameter with ndim <= 1) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tc.lr)
+    return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
+
+
+def lr_factor(step: int, tc: TrainConfig) -> float:
+    """Linear warmup from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `steps`."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------
+# RNG state, so that a resumed run draws the same random numbers
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def max_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------
+# the run
+
+@dataclass
+class Run:
+    """What the engine needs from a stage. Built by expand.py / squeeze.py, never from a CLI namespace."""
+    model: nn.Module                      # forward(batch_by_source) -> dict[str, loss]; total_loss(losses)
+    loader: object                        # MultiSourceLoader: next() -> dict[source, batch]; state_dict()
+    tc: TrainConfig
+    config: Config                        # the resolved config, saved with every checkpoint
+    device: torch.device
+    meta: dict = field(default_factory=dict)  # stored in the checkpoint (model kind, class counts)
+    ckpt_module: nn.Module | None = None  # what goes into checkpoint["model"] (default: model)
+    evaluate: Callable[[int], dict] | None = None  # step -> {source: {metric: value}}
+    images_per_step: int = 0              # per process, for images/s
+    report: str = ""                      # model report printed at start
+    stage: str = "expand"
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _log_event(out: Path, record: dict) -> None:
+    if dist.is_main_process():
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """On resume, drop log lines newer than the checkpoint so no step appears twice."""
+    path = out / "log.jsonl"
+    if not dist.is_main_process() or not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _check_all_grads(model: nn.Module) -> None:
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise UnusedParametersError(
+            f"{len(missing)} trainable parameters received no gradient in the first step, which DDP with "
+            f"find_unused_parameters=False cannot handle: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. "
+            "Does every task in model.tasks have a source, and does every head take part in the loss?")
+
+
+def train(run: Run) -> nn.Module:
+    """Train `run.model` for `run.tc.steps` optimiser steps, resuming from `run.tc.out` if it holds a checkpoint."""
+    tc, device = run.tc, run.device
+    out = Path(tc.out)
+    if dist.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+    model = run.model.to(device)
+    ckpt_module = run.ckpt_module or model
+    if tc.sync_bn and device.type == "cuda" and dist.is_dist():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
+
+    step = 0
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        ckpt_module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.loader.load_state_dict(ckpt["loader"])
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[dist.get_rank()] if len(rngs) == dist.get_world_size() else rngs[0])
+        step = ckpt["step"]
+        _truncate_log(out, step)
+        dist.log(f"[{run.stage}] resumed from {resume} at step {step}")
+    else:
+        seed_everything(tc.seed + dist.get_rank())
+
+    world = dist.get_world_size()
+    ddp = world > 1
+    train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                      find_unused_parameters=False) if ddp else model
+    core = train_model.module if ddp else train_model
+
+    if resume is None:
+        batches = {s.name: f"{s.batch_size} x {tc.grad_accum} x {world} = {s.batch_size * tc.grad_accum * world}"
+                   for s in run.config.sources}
+        dist.log(f"[{run.stage}] effective batch per source (batch x accum x world): {batches}")
+        if run.report:
+            dist.log(run.report)
+        _log_event(out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
+                         "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
+
+    def save(step: int) -> None:
+        rngs = dist.all_gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
+        save_run_checkpoint({
+            "model": ckpt_module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "config": run.config.to_dict(), "loader": run.loader.state_dict(), "rng": rngs,
+            "meta": run.meta, "stage": run.stage}, out)
+
+    def evaluate(step: int) -> None:
+        if run.evaluate is None:
+            return
+        model.eval()
+        metrics = run.evaluate(step)
+        model.train()
+        dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
+            f"{s}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float)) for s, m in metrics.items()))
+        _log_event(out, {"event": "eval", "step": step, "metrics": metrics})
+        if dist.is_main_process():
+            (out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+
+    model.train()
+    bar = tqdm(total=tc.steps, initial=step, desc=run.stage, disable=not dist.is_main_process(), dynamic_ncols=True)
+    window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
+    checked_grads = False
+    with _StopFlag() as stop:
+        while step < tc.steps:
+            losses_sum: dict[str, float] = {}
+            for micro in range(tc.grad_accum):
+                t_wait = time.perf_counter()
+                batch = move_to(next(run.loader), device)
+                window["wait"] += time.perf_counter() - t_wait
+                # Only the last micro-step all-reduces gradients; the others accumulate locally.
+                sync = contextlib.nullcontext() if (not ddp or micro == tc.grad_accum - 1) else train_model.no_sync()
+                with sync:
+                    with autocast(device, tc.amp):
+                        losses = train_model(batch)
+                        total = core.total_loss(losses) / tc.grad_accum
+                    scaler.scale(total).backward()
+                # One host sync per micro-step: the values are needed for the finite check and the log.
+                values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+                for name, v in values.items():
+                    if not math.isfinite(v):
+                        raise NonFiniteLossError(f"[{run.stage}] non-finite loss {v} for '{name}' at step {step + 1}; "
+                                                 "lower the lr, enable clip_grad, or check that source's data")
+                    losses_sum[name] = losses_sum.get(name, 0.0) + v / tc.grad_accum
+            if not checked_grads:
+                _check_all_grads(core)
+                checked_grads = True
+            if tc.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            for k, v in losses_sum.items():
+                window["losses"][k] = window["losses"].get(k, 0.0) + v
+            window["n"] += 1
+            total_loss = sum(losses_sum.values())
+            bar.update(1)
+            elapsed = time.perf_counter() - window["t0"]
+            bar.set_postfix(loss=f"{total_loss:.3f}", img_s=f"{run.images_per_step * tc.grad_accum * world * window['n'] / max(elapsed, 1e-9):.0f}")
+
+            if _every(step, tc.log_every) or step == tc.steps:
+                # Collective: every rank reaches this line at the same step.
+                mean = dist.all_reduce_mean({k: v / window["n"] for k, v in window["losses"].items()}, device)
+                record = {"event": "train", "step": step, "loss": sum(mean.values()), "losses": mean,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": run.images_per_step * tc.grad_accum * world * window["n"] / elapsed,
+                          "data_wait": window["wait"] / elapsed, "max_mem_mb": max_memory_mb(device),
+                          "skipped_images": dict(getattr(run.loader, "skipped", {}))}
+                _log_event(out, record)
+                dist.log(f"[{run.stage}] step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.4g} "
+                         f"{record['images_per_s']:.0f} img/s data-wait {record['data_wait']:.0%} "
+                         + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
+                if any(record["skipped_images"].values()):
+                    dist.log(f"[{run.stage}] skipped undecodable images so far: {record['skipped_images']}")
+                window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
+
+            # Agree across ranks on a signal, so that every rank stops after the same step.
+            signalled = stop.signum
+            if ddp:
+                flag = torch.tensor([signalled], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signalled = int(flag.item())
+            if signalled:
+                save(step)
+                _log_event(out, {"event": "interrupted", "step": step, "signal": signalled})
+                dist.log(f"[{run.stage}] signal {signalled}: checkpoint written at step {step}; "
+                         "run the same command again to resume")
+                bar.close()
+                raise SystemExit(128 + signalled)
+            if _every(step, tc.eval_every) and step < tc.steps:
+                evaluate(step)
+            if _every(step, tc.ckpt_every) or step == tc.steps:
+                save(step)
+    bar.close()
+    if resume is None or step > 0:
+        evaluate(step)
+    _log_event(out, {"event": "end", "step": step})
+    return model

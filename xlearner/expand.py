@@ -1,0 +1,88 @@
+"""The expansion stage: task-specific backbones linked by reconciliation layers.
+
+X-Learner first *expands*: one backbone per task (cls, det, seg), every image
+run through all of them, and reconciliation layers (RL) that let each branch
+add what the other branches computed on the same image (DESIGN.md §1). Each
+step draws one batch from every source; the loss is `sum_s w_s * L_s`.
+
+This module only assembles the pieces:
+    datasets + MultiSourceLoader  (data.py)
+    XLearnerModel                 (model.py)
+    per-source evaluation         (evaluate.py)
+and hands them to the shared training engine (engine.py), which owns the loop,
+DDP, AMP, checkpoints and logging. Launch with `python cli.py expand` on one
+process or `torchrun --nproc_per_node=N cli.py expand` on many.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import data, dist, engine
+from .config import Config, ConfigError, SourceConfig
+from .evaluate import evaluate
+from .model import XLearnerModel
+
+
+def build_train_datasets(sources: list[SourceConfig]) -> tuple[dict, dict[str, int]]:
+    """Every source's train split, and its class count (the config's, or what the data says)."""
+    datasets = {s.name: data.build_dataset(s, "train", train=True) for s in sources}
+    num_classes = {s.name: s.num_classes or datasets[s.name].num_classes for s in sources}
+    return datasets, num_classes
+
+
+def make_evaluator(model: nn.Module, sources: list[SourceConfig], device: torch.device, amp: str,
+                   workers: int) -> Callable[[int], dict]:
+    """A function step -> {source: metrics} over each source's val split, sharded across ranks.
+
+    The val datasets and loaders are built on first use and then reused, so a
+    periodic evaluation costs only the forward passes.
+    """
+    cache: dict[str, tuple] = {}
+
+    def run_eval(step: int) -> dict:
+        results = {}
+        for s in sources:
+            if not s.val:
+                continue
+            if s.name not in cache:
+                ds = data.build_dataset(s, "val", train=False)
+                cache[s.name] = (ds, data.build_eval_loader(s, ds, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                                                            batch_size=s.batch_size, workers=workers))
+            ds, loader = cache[s.name]
+            results[s.name] = evaluate(model, s, loader, ds, device, amp=amp)
+        return results
+
+    return run_eval
+
+
+def images_per_step(sources: list[SourceConfig]) -> int:
+    return sum(s.batch_size for s in sources)
+
+
+def run(cfg: Config) -> Path:
+    """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path."""
+    missing = [t for t in cfg.model.tasks if not any(s.task == t for s in cfg.sources)]
+    if missing:
+        raise ConfigError(f"model.tasks lists {missing} but no [[sources]] has that task; "
+                          "remove it from model.tasks or add a source")
+    device = dist.init_distributed()
+    tc = cfg.expand
+    engine.seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    datasets, num_classes = build_train_datasets(cfg.sources)
+    model = XLearnerModel(cfg.model, cfg.sources, num_classes)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                                    seed=tc.seed, workers=tc.workers)
+    meta = {"kind": "expanded", "num_classes": num_classes, "arch": cfg.model.arch,
+            "classes": {k: list(getattr(d, "classes", [])) for k, d in datasets.items()}}
+    engine.train(engine.Run(
+        model=model, loader=loader, tc=tc, config=cfg, device=device, meta=meta,
+        evaluate=make_evaluator(model, cfg.sources, device, tc.amp, tc.workers),
+        images_per_step=images_per_step(cfg.sources), report=model.report(), stage="expand"))
+    dist.barrier()
+    return Path(tc.out) / "checkpoint.pt"
