@@ -191,14 +191,14 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 @main.command()
 @config_opt
 @set_opt
-@click.option("--out", default="runs/ablate", help="Output directory for ablation.md/json/png.")
+@click.option("--out", default=None, help="Where to write ablation.md/json/png (default: ablate.out, where the runs go).")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of every variant in a few minutes.")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default: from the config).")
 @_guard
 def ablate(config, sets, out, quick, seeds):
     """Train and transfer SSST / SSMT / expand / X-Learner variants on one data budget (the paper's table)."""
     from .ablate import run
-    run(_load(config, sets), Path(out), quick=quick, n_seeds=seeds)
+    run(_load(config, sets), Path(out) if out else None, quick_mode=quick, n_seeds=seeds)
 
 
 if __name__ == "__main__":

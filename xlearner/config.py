@@ -130,12 +130,23 @@ class TransferConfig:
 
 
 @dataclass
+class AblateConfig:
+    """`python cli.py ablate`: the paper's comparison in miniature (README, "The miniature table")."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: [
+        "ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl"])
+    ssst_source: str = ""               # the single source of SSST; default: the first cls source
+    out: str = "runs/ablate"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     expand: TrainConfig = field(default_factory=TrainConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:
