@@ -1,6 +1,8 @@
 """The training engine on a toy model and loader: schedule, errors, checkpoints, resume."""
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -90,9 +92,20 @@ def test_unused_parameters_are_named(tmp_path):
 def test_log_checkpoint_and_exact_resume(tmp_path):
     full = make_run(tmp_path / "full", steps=6)
     engine.train(full)
-    # The same run in two legs: stop at step 3 (ckpt), then resume to 6 with a new model object.
-    leg1 = make_run(tmp_path / "legs", steps=3)
-    engine.train(leg1)
+    # The same run in two legs: SIGTERM during step 3 (the engine checkpoints after it and exits),
+    # then the same command again resumes to step 6 with a new model object.
+    class Preempted(ToyLoader):
+        def __next__(self):
+            if self.pos == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return ToyLoader.__next__(self)
+
+    leg1 = make_run(tmp_path / "legs", steps=6)
+    leg1.loader = Preempted()
+    with pytest.raises(SystemExit) as exit_info:
+        engine.train(leg1)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "legs" / "run" / "checkpoint.pt")["step"] == 3
     torch.manual_seed(123)  # a fresh process would start from an unrelated RNG state
     leg2 = make_run(tmp_path / "legs", steps=6)
     leg2.model.lin.weight.data.fill_(7.0)  # must be overwritten by the checkpoint
@@ -114,7 +127,11 @@ def test_grad_accum_matches_double_batch(tmp_path):
             a, b = ToyLoader.__next__(self), ToyLoader.__next__(self)
             return {"a": {"x": torch.cat([a["a"]["x"], b["a"]["x"]]), "skipped": 0}}
 
-    class NoBN(ToyModel):
+    class NoBN(ToyModel):  # BN statistics differ between 2 x 4 and 1 x 8 by design
+        def __init__(self):
+            super().__init__()
+            del self.bn
+
         def forward(self, batch):
             return {"a": self.lin(batch["a"]["x"]).pow(2).mean()}
 
