@@ -1,0 +1,206 @@
+"""The demo world: deterministic, in the real formats of DESIGN.md §6, and its labels match its pixels."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from xlearner.config import load_config
+from xlearner.demo import COLORS, NOVEL, PATTERNS, SPECS, UPSTREAM, generate
+
+COCO_SOURCES = [s.name for s in SPECS if s.fmt == "coco"]
+MASK_SOURCES = [s.name for s in SPECS if s.fmt == "masks"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _saturation(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int16)
+    return rgb.max(-1) - rgb.min(-1)
+
+
+# ----------------------------------------------------------------------------
+# determinism
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    generate(tmp_path / "a", seed=3, scale=0.02, workers=1)
+    generate(tmp_path / "b", seed=3, scale=0.02, workers=2)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert len(a) > 100
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_another_seed_another_world(tmp_path):
+    generate(tmp_path / "a", seed=0, scale=0.02, workers=1)
+    generate(tmp_path / "b", seed=1, scale=0.02, workers=1)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    common = [k for k in a if k in b and k.endswith(".png")]
+    assert common
+    differ = sum(a[k] != b[k] for k in common)
+    assert differ > 0.9 * len(common)
+    assert a["shapes-det/train.json"] != b["shapes-det/train.json"]
+
+
+def test_regenerating_replaces_the_old_world(tmp_path):
+    out = tmp_path / "w"
+    generate(out, seed=0, scale=0.02, workers=1)
+    stale = out / "shapes-cls" / "train" / "circle" / "99999.png"
+    stale.write_bytes(b"not a png")
+    generate(out, seed=0, scale=0.02, workers=1)
+    assert not stale.exists()
+    assert (out / ".complete").is_file()
+
+
+# ----------------------------------------------------------------------------
+# the summary and the marker
+
+
+def test_summary_matches_the_files(demo_world):
+    world = json.loads((demo_world / "world.json").read_text())
+    assert world["seed"] == 0 and world["scale"] == 0.05
+    assert (demo_world / ".complete").is_file()
+    readme = (demo_world / "README.txt").read_text()
+    for spec in SPECS:
+        info = world["sources"][spec.name]
+        assert spec.name in readme
+        for split in ("train", "val"):
+            root = demo_world / spec.name
+            if spec.fmt == "imagefolder":
+                n = len(list((root / split).glob("*/*.png")))
+            elif spec.fmt == "csv":
+                n = len(list((root / "images" / split).glob("*.png")))
+            elif spec.fmt == "coco":
+                n = len(list((root / split).glob("*.png")))
+            else:
+                n = len(list((root / split / "images").glob("*.png")))
+                assert len(list((root / split / "masks").glob("*.png"))) == n
+            assert n == info[split] > 0, (spec.name, split)
+
+
+# ----------------------------------------------------------------------------
+# formats
+
+
+@pytest.mark.parametrize("name,classes", [
+    ("shapes-cls", UPSTREAM), ("novel-cls", NOVEL), ("count-cls", ("1", "2", "3", "4", "5"))])
+def test_imagefolder_classes(demo_world, name, classes):
+    for split in ("train", "val"):
+        root = demo_world / name / split
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        assert found == sorted(classes)
+        for c in found:
+            images = list((root / c).glob("*.png"))
+            assert len(images) >= 3, f"{root / c} has {len(images)} images"
+            with Image.open(images[0]) as im:
+                assert im.size == (64, 64) and im.mode == "RGB"
+
+
+def test_texture_csv(demo_world):
+    root = demo_world / "texture-cls"
+    for split in ("train", "val"):
+        with open(root / f"{split}.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["path", "label"]
+        labels = [lab for _, lab in rows[1:]]
+        assert sorted(set(labels)) == sorted(PATTERNS)
+        for path, _ in rows[1:]:
+            assert (root / path).is_file(), path  # relative to the csv
+
+
+@pytest.mark.parametrize("name", COCO_SOURCES)
+def test_coco_json_and_boxes(demo_world, name):
+    for split in ("train", "val"):
+        coco = COCO(str(demo_world / name / f"{split}.json"))
+        cat_ids = sorted(coco.getCatIds())
+        assert cat_ids != list(range(1, len(cat_ids) + 1)), "ids should be non-contiguous on purpose"
+        assert coco.getAnnIds(), "every split has some boxes"
+        for img in coco.loadImgs(coco.getImgIds()):
+            with Image.open(demo_world / name / split / img["file_name"]) as im:
+                assert im.size == (img["width"], img["height"])
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            x, y, w, h = ann["bbox"]
+            img = coco.imgs[ann["image_id"]]
+            assert w > 0 and h > 0
+            assert x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
+            assert ann["category_id"] in cat_ids and ann["iscrowd"] == 0
+            assert 0 < ann["area"] <= w * h
+
+
+def test_colour_boxes_hold_their_colour(demo_world):
+    """A colors-det box is the tight box of a visible object: much of it has the category's colour."""
+    root = demo_world / "colors-det"
+    coco = COCO(str(root / "train.json"))
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], np.float32)
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        img = coco.imgs[ann["image_id"]]
+        rgb = np.asarray(Image.open(root / "train" / img["file_name"]), np.float32)
+        x, y, w, h = ann["bbox"]
+        pix = rgb[y:y + h, x:x + w].reshape(-1, 1, 3)
+        dist = np.linalg.norm(pix - palette[None], axis=2)
+        want = names.index(coco.cats[ann["category_id"]]["name"])
+        match = (dist.argmin(1) == want) & (dist.min(1) < 60)
+        assert match.mean() > 0.1, (img["file_name"], ann)
+
+
+@pytest.mark.parametrize("name,num_classes", [("shapes-seg", 9), ("novel-seg", 5)])
+def test_masks_match_images(demo_world, name, num_classes):
+    seen = set()
+    for split in ("train", "val"):
+        for path in sorted((demo_world / name / split / "images").glob("*.png")):
+            mask_img = Image.open(path.parent.parent / "masks" / path.name)
+            assert mask_img.mode == "L"
+            mask = np.asarray(mask_img)
+            rgb = np.asarray(Image.open(path))
+            assert mask.shape == rgb.shape[:2] == (128, 128)
+            assert mask.max() < num_classes
+            seen |= set(np.unique(mask).tolist())
+            # objects are saturated colours on near-grey backgrounds: masks must sit on the objects
+            sat = _saturation(rgb)
+            assert sat[mask == 0].mean() < 40
+            if (mask > 0).any():
+                assert sat[mask > 0].mean() > 80
+    assert 0 in seen and len(seen) > 2
+
+
+# ----------------------------------------------------------------------------
+# the upstream / downstream split of shapes
+
+
+def test_novel_shapes_never_upstream(demo_world):
+    assert not set(NOVEL) & set(UPSTREAM) and len(NOVEL) >= 4 and len(UPSTREAM) == 8
+    world = json.loads((demo_world / "world.json").read_text())["sources"]
+    for name in ("novel-cls", "novel-det", "novel-seg"):
+        assert set(world[name]["classes"]) == set(NOVEL), name
+    novel_cats = {c["name"] for c in json.loads((demo_world / "novel-det" / "train.json").read_text())["categories"]}
+    assert novel_cats == set(NOVEL)
+    for name in ("shapes-cls", "shapes-det", "shapes-seg"):
+        assert set(world[name]["classes"]) == set(UPSTREAM), name
+    assert set(world["colors-det"]["classes"]) == set(COLORS)
+
+
+# ----------------------------------------------------------------------------
+# the demo config
+
+
+def test_demo_config_loads_and_points_into_the_world(demo_config, demo_world):
+    assert load_config(Path(__file__).parents[1] / "configs" / "demo.toml").sources  # as shipped
+    names = [s.name for s in demo_config.sources]
+    assert names == ["shapes-cls", "texture-cls", "shapes-det", "colors-det", "shapes-seg"]
+    assert [d.name for d in demo_config.transfer.datasets] == ["novel-cls", "count-cls", "novel-det", "novel-seg"]
+    for src in demo_config.sources + demo_config.transfer.datasets:
+        for key in ("train", "val", "train_ann", "val_ann"):
+            value = getattr(src, key)
+            if value:
+                assert Path(value).exists(), (src.name, key, value)
+                assert str(demo_world) in value
+    assert str(demo_world) not in demo_config.expand.out and "runs" in demo_config.expand.out

@@ -1,0 +1,130 @@
+"""The squeeze distiller: frozen teacher, distillation signal, export, DDP run and exact resume."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+
+from runner import assert_same_state, demo_toml, model_state, run, run_and_signal, train_steps
+from xlearner import data, expand, squeeze
+from xlearner.checkpoint import CheckpointError
+from xlearner.config import load_config
+from xlearner.model import SqueezedModel
+
+SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log_every=1", "expand.workers=0",
+         "squeeze.workers=0", "expand.warmup_steps=1", "squeeze.warmup_steps=1",
+         "sources.shapes-cls.batch_size=8", "sources.texture-cls.batch_size=8", "sources.shapes-det.batch_size=2",
+         "sources.colors-det.batch_size=2", "sources.shapes-seg.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A demo world, its config at tiny sizes, and a 3-step expand teacher."""
+    from xlearner.demo import generate
+    root = tmp_path_factory.mktemp("sq")
+    world = root / "world"
+    generate(world, seed=0, scale=0.1)
+    toml = demo_toml(world, root / "runs", root / "demo.toml")
+    cfg = load_config(toml, SMALL)
+    teacher = expand.run(cfg)
+    return {"root": root, "toml": toml, "cfg": cfg, "teacher": teacher}
+
+
+def sets(extra=()):
+    out = []
+    for s in [*SMALL, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def test_squeeze_freezes_teacher_exports_backbone_and_compares(setup, tmp_path, monkeypatch):
+    captured = {}
+    original = squeeze.load_teacher
+
+    def spy(path, cfg):
+        teacher, meta = original(path, cfg)
+        captured["before"] = copy.deepcopy(teacher.state_dict())
+        captured["teacher"] = teacher
+        return teacher, meta
+    monkeypatch.setattr(squeeze, "load_teacher", spy)
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.squeeze.out = str(tmp_path / "sq")
+    backbone_path = squeeze.run(cfg, setup["teacher"])
+
+    after = captured["teacher"].state_dict()
+    assert after.keys() == captured["before"].keys()
+    assert any("running_mean" in k for k in after)  # BN buffers are part of the check
+    for k, v in captured["before"].items():
+        assert torch.equal(v, after[k]), f"teacher {k} changed during squeeze"
+
+    sd = torch.load(backbone_path, weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+    metrics = json.loads((tmp_path / "sq" / "metrics.json").read_text())
+    names = {s.name for s in cfg.sources}
+    assert set(metrics["student"]) == names and set(metrics["teacher"]) == names
+    log = [json.loads(l) for l in (tmp_path / "sq" / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in log if r["event"] == "train"][-1]["losses"]
+    assert {"shapes-cls/task", "shapes-cls/feat", "shapes-cls/kd", "shapes-det/task", "shapes-det/feat"} <= set(losses)
+    assert "shapes-det/kd" not in losses  # logit distillation is for cls sources only
+
+
+def test_distillation_signal_alone_pulls_student_to_teacher(setup):
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.squeeze.lambda_task, cfg.squeeze.lambda_kd, cfg.squeeze.lambda_feat = 0.0, 0.0, 1.0
+    teacher, _ = squeeze.load_teacher(setup["teacher"], cfg)
+    torch.manual_seed(0)
+    student = SqueezedModel.from_expanded(teacher, "scratch", cfg.squeeze.distill_stages)
+    distiller = squeeze.Distiller(student, teacher, cfg.sources, cfg.squeeze).train()
+    datasets = {s.name: data.build_dataset(s, "train", train=False) for s in cfg.sources}
+    loader = data.MultiSourceLoader(cfg.sources, datasets, seed=0, workers=0)
+    probe = next(loader)
+    opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=1e-3)
+
+    def feat_loss(batch):
+        with torch.no_grad():
+            return sum(v.item() for k, v in distiller(batch).items() if k.endswith("/feat"))
+
+    distiller.eval()
+    start = feat_loss(probe)
+    distiller.train()
+    curve = []
+    for _ in range(20):
+        losses = distiller(next(loader))
+        total = distiller.total_loss(losses)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        curve.append(total.item())
+    distiller.eval()
+    end = feat_loss(probe)
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5
+    assert end < 0.8 * start, (start, end)
+
+
+def test_teacher_mismatch_is_named(setup, tmp_path):
+    cfg = load_config(setup["toml"], SMALL + ["sources.shapes-seg.num_classes=5"])
+    with pytest.raises(CheckpointError, match=r"source 'shapes-seg' has 9 classes in the teacher but num_classes = 5"):
+        squeeze.load_teacher(setup["teacher"], cfg)
+    cfg = load_config(setup["toml"], SMALL)
+    cfg.sources[0].name = "imagenet"
+    with pytest.raises(CheckpointError, match=r"not trained on source 'imagenet'"):
+        squeeze.load_teacher(setup["teacher"], cfg)
+
+
+def test_two_process_squeeze_and_resume(setup, tmp_path):
+    toml, teacher = str(setup["toml"]), str(setup["teacher"])
+    run("squeeze", "--config", toml, "--teacher", teacher, "--out", str(tmp_path / "ddp"), *sets(), nproc=2)
+    assert (tmp_path / "ddp" / "backbone.pth").exists()
+    s = sets(["squeeze.steps=5", "squeeze.ckpt_every=100", "squeeze.workers=2"])
+    run("squeeze", "--config", toml, "--teacher", teacher, "--out", str(tmp_path / "full"), *s)
+    code = run_and_signal("squeeze", "--config", toml, "--teacher", teacher, "--out", str(tmp_path / "cut"), *s,
+                          log=tmp_path / "cut" / "log.jsonl", after_step=2)
+    assert code == 128 + 15
+    run("squeeze", "--config", toml, "--teacher", teacher, "--out", str(tmp_path / "cut"), *s)
+    assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
+    assert train_steps(tmp_path / "cut" / "log.jsonl") == [1, 2, 3, 4, 5]

@@ -1,0 +1,180 @@
+"""Transfer evaluator: the linear probe, the feature cache, train_fraction subsets and the results table."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from xlearner import transfer
+from xlearner.config import Config, SourceConfig, TransferConfig
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+def _clusters(n_per_class=60, k=4, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, dim, generator=g) * 4
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    x = centers[y] + torch.randn(len(y), dim, generator=g)
+    return x, y
+
+
+def test_linear_probe_separable_and_deterministic():
+    xtr, ytr = _clusters(seed=0)
+    xva, yva = _clusters(n_per_class=30, seed=0)  # same centers (same seed), fresh noise below
+    xva = xva + 0.1 * torch.randn(xva.shape, generator=torch.Generator().manual_seed(1))
+    grid = [1e-5, 1e-3, 1e-1]
+    a = transfer.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
+    b = transfer.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
+    assert a["top1"] >= 99.0
+    assert a["l2"] in grid
+    assert (a["l2"], a["top1"], a["sweep"]) == (b["l2"], b["top1"], b["sweep"])
+
+
+def test_linear_probe_mean_per_class_metric():
+    xtr, ytr = _clusters(seed=1)
+    res = transfer.linear_probe(xtr, ytr, xtr, ytr, num_classes=4, l2_grid=[1e-3], metric="mean_per_class")
+    assert res["mean_per_class"] >= 99.0 and res["l2"] == 1e-3
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def test_stratified_subset():
+    labels = [0] * 50 + [1] * 30 + [2] * 20 + [3] * 3
+    idx = transfer.stratified_subset(labels, 0.1, seed=7)
+    counts = Counter(labels[i] for i in idx)
+    assert counts == {0: 5, 1: 3, 2: 2, 3: 1}  # at least one per class
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)
+    assert idx == transfer.stratified_subset(labels, 0.1, seed=7)
+    assert idx != transfer.stratified_subset(labels, 0.1, seed=8)
+    assert transfer.stratified_subset(labels, 1.0, seed=0) == list(range(len(labels)))
+    sub = transfer.random_subset(100, 0.25, seed=0)
+    assert len(sub) == 25 and sub == transfer.random_subset(100, 0.25, seed=0)
+
+
+# ----------------------------------------------------------------------------- results table
+
+def _fake_results(names, per_seed):
+    datasets = [{"name": "a", "task": "cls", "metric": "top1"}, {"name": "b", "task": "cls", "metric": "mean_per_class"},
+                {"name": "d", "task": "det", "metric": "AP"}, {"name": "s", "task": "seg", "metric": "mIoU"}]
+    results = {d["name"]: {} for d in datasets}
+    for j, n in enumerate(names):
+        for i, d in enumerate(datasets):
+            vals = [10.0 * (i + 1) + j + s for s in range(per_seed)]
+            results[d["name"]][n] = {"mean": sum(vals) / len(vals), "std": 0.5 if per_seed > 1 else 0.0,
+                                     "per_seed": [{"seed": s, d["metric"]: v} for s, v in enumerate(vals)]}
+    return {"backbones": [{"name": n} for n in names], "datasets": datasets, "results": results}
+
+
+def test_results_markdown_shape():
+    md = transfer.results_markdown(_fake_results(["base", "x", "y"], per_seed=2))
+    rows = [r for r in md.strip().splitlines()]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header == ["dataset", "metric", "base", "x", "y", "x gain over base", "y gain over base"]
+    body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    assert [r[0] for r in body] == ["a", "b", "d", "s", "**cls mean**", "**det mean**", "**seg mean**"]
+    assert all(len(r) == len(header) for r in body)
+    a = body[0]
+    assert a[1] == "top1" and a[2] == "10.50 ± 0.50" and a[5] == "+1.00" and a[6] == "+2.00"
+    cls_mean = body[4]
+    assert cls_mean[2] == "15.50" and cls_mean[5] == "+1.00"  # mean of 10.5 and 20.5
+    # one seed: no ± ; one backbone: no gain column
+    md1 = transfer.results_markdown(_fake_results(["only"], per_seed=1))
+    assert "±" not in md1 and "gain" not in md1.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny imagefolder
+
+def _imagefolder(root, n_train=6, n_val=3, size=24):
+    """Two colour classes: red-ish vs blue-ish squares with noise."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, rgb in (("blue", (0.1, 0.1, 0.9)), ("red", (0.9, 0.1, 0.1))):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                x = (torch.tensor(rgb).view(3, 1, 1) + 0.2 * torch.rand(3, size, size, generator=g)).clamp(0, 1)
+                Image.fromarray((x.permute(1, 2, 0) * 255).byte().numpy()).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    pytest.importorskip("xlearner.data")
+    root = _imagefolder(tmp_path / "colors")
+    ds = SourceConfig(name="colors", task="cls", format="imagefolder", train=str(root / "train"),
+                      val=str(root / "val"), image_size=32, batch_size=8)
+    return Config(transfer=TransferConfig(datasets=[ds], workers=0, l2_grid=[1e-4, 1e-2], seeds=[0, 1],
+                                          out=str(tmp_path / "out")))
+
+
+def _count_extractions(monkeypatch):
+    calls = []
+    real = transfer.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "extract_features", counting)
+    return calls
+
+
+def test_linear_transfer_cache_hits_and_invalidation(tiny_cfg, tmp_path, monkeypatch):
+    calls = _count_extractions(monkeypatch)
+    pth = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), pth)
+    out = tmp_path / "out"
+
+    first = transfer.run(tiny_cfg, [str(pth)], ["r18"], None, str(out))
+    assert len(calls) == 2  # train + val, once for both seeds
+    second = transfer.run(tiny_cfg, [str(pth)], ["r18"], None, str(out))
+    assert len(calls) == 2  # the cache served both splits
+    assert first["results"]["colors"]["r18"] == second["results"]["colors"]["r18"] or \
+        [r["top1"] for r in first["results"]["colors"]["r18"]["per_seed"]] == \
+        [r["top1"] for r in second["results"]["colors"]["r18"]["per_seed"]]
+    assert len(list((out / "cache").glob("*.pt"))) == 2
+
+    torch.manual_seed(1)  # different weights under the same file name: a different backbone
+    torch.save(torchvision.models.resnet18().state_dict(), pth)
+    transfer.run(tiny_cfg, [str(pth)], ["r18"], None, str(out))
+    assert len(calls) == 4
+    assert len(list((out / "cache").glob("*.pt"))) == 4
+
+
+def test_run_writes_results_for_several_backbones(tiny_cfg, tmp_path):
+    pth = tmp_path / "r18.pth"
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, pth)
+    out = tmp_path / "out"
+    res = transfer.run(tiny_cfg, ["random", str(pth)], None, None, str(out))
+    saved = json.loads((out / "results.json").read_text())
+    assert [b["name"] for b in saved["backbones"]] == ["random", "r18"]
+    assert saved["backbones"][1]["hash"] == saved["backbones"][1]["file_sha256"]
+    row = saved["results"]["colors"]
+    for name in ("random", "r18"):
+        assert len(row[name]["per_seed"]) == 2
+        assert 0.0 <= row[name]["mean"] <= 100.0
+    assert res["results"]["colors"]["r18"]["mean"] == row["r18"]["mean"]
+    md = (out / "results.md").read_text()
+    assert "| colors | top1 |" in md and "r18 gain over random" in md and "**cls mean**" in md
+
+
+def test_load_backbone_specs(tmp_path):
+    pytest.importorskip("xlearner.model")
+    a, info_a = transfer.load_backbone("random", "resnet18")
+    b, info_b = transfer.load_backbone("random", "resnet18")
+    assert info_a["hash"] == info_b["hash"] and info_a["seed"] == 0
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    _, info_c = transfer.load_backbone("random:1", "resnet18")
+    assert info_c["hash"] != info_a["hash"]
+    pth = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), pth)  # with fc.*: ignored
+    bb, info = transfer.load_backbone(str(pth), "resnet18")
+    assert len(info["hash"]) == 64 and info["hash"] == info["file_sha256"]
+    from xlearner.config import ConfigError
+    with pytest.raises(ConfigError, match="resnet34"):
+        transfer.load_backbone(str(pth), "resnet34")

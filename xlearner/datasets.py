@@ -1,0 +1,536 @@
+"""Readers: one class per on-disk data format, and the validation of that data.
+
+X-Learner trains on many sources at once, each in its own format and label
+space (DESIGN.md §6). A reader turns one split of one source into an indexed
+list of raw samples: `reader.load(i) -> (PIL RGB image, target)` with
+- cls: an int label (or a list of ints for a multi-label csv source),
+- det: {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
+  "image_id": int}, crowd (and VOC "difficult") boxes already left out,
+- seg: a uint8 [H, W] label map (numpy).
+Transforms, batching and the multi-source loader live in data.py.
+
+Formats (`SourceConfig.format`):
+- `imagefolder`: `<split>/<class>/<image>`; classes sorted by name; val must
+  have the train class set.
+- `csv`: header `path,label`, paths relative to the CSV; multi-label sources
+  separate labels with ';'.
+- `coco`: an image dir plus an instances JSON (pycocotools.COCO). Category ids
+  may be non-contiguous: label i+1 is category `cat_ids[i]`.
+- `masks`: `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`,
+  uint8 values in [0, num_classes) or ignore_index. Without `num_classes` in
+  the config it is read from the train masks (a full scan: set it for big sets).
+- `torchvision`: `name` is a `torchvision.datasets` class ("FashionMNIST",
+  "CIFAR10", "VOCDetection", ...); a suffix after '@' is a tag so two sources
+  can share a class, and is the `year` for VOC ("VOCSegmentation@2007").
+  The split goes to the class's own argument: `train=` (split starting with
+  "train"), `split=` or `image_set=`. `download` stays false unless asked.
+
+FashionMNIST (and MNIST/KMNIST) from local files: torchvision reads the
+*uncompressed* idx files `<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,
+labels-idx1}-ubyte`. `root` may also be a folder holding the four `*-ubyte.gz`
+files directly (Debian's `/usr/share/datasets/fashion-mnist`) or in
+`<root>/FashionMNIST/raw/`: they are gunzipped once, next to themselves when
+writable, else into `$XLEARNER_CACHE` (default ~/.cache/xlearner). To lay a
+root out by hand: `prepare_mnist_like("/usr/share/datasets/fashion-mnist",
+"data/torchvision")`, then `root = "data/torchvision"`.
+
+Bad input: while indexing, each reader collects structural problems (missing
+files, malformed JSON, unknown category ids, degenerate boxes, empty class
+folders, ...) as "path: reason" strings in `reader.problems`; data.build_dataset
+refuses a split that has any. Per-image problems (undecodable image, mask of the
+wrong size or with out-of-range values) raise `BadSample` from `load()`: the
+training loader skips and counts that sample, and `check_data` lists them all.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .config import SourceConfig
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message names the file and the reason."""
+
+
+class BadSample(Exception):
+    """One sample that cannot be loaded (the rest of the split is fine)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+
+
+def decode_image(path) -> Image.Image:
+    """Fully decode an image to RGB (gray and palette images get 3 channels)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the whole decode: truncation shows here
+    except FileNotFoundError:
+        raise BadSample(path, "image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+class Reader:
+    """Base class: an indexed split plus the problems found while indexing it."""
+
+    task = "cls"
+
+    def __init__(self):
+        self.problems: list[str] = []
+        self.classes: list[str] = []
+        self.items: list = []
+
+    def problem(self, path, reason: str) -> None:
+        self.problems.append(f"{path}: {reason}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int):
+        raise NotImplementedError
+
+    def check(self, i: int) -> list[str]:
+        """Everything that is wrong with sample i (a full decode); [] if nothing."""
+        try:
+            self.load(i)
+        except BadSample as e:
+            return [str(e)]
+        return []
+
+
+def _image_files(folder: str) -> list[str]:
+    return sorted(e.path for e in os.scandir(folder)
+                  if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) and not e.name.startswith("."))
+
+
+def _class_dirs(root: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+class ImageFolderReader(Reader):
+    def __init__(self, split_dir: str, train_dir: str = ""):
+        super().__init__()
+        if not os.path.isdir(split_dir):
+            return self.problem(split_dir, "split directory not found")
+        classes = _class_dirs(split_dir)
+        if not classes:
+            return self.problem(split_dir, "no class folders")
+        self.classes = classes
+        if train_dir and os.path.abspath(train_dir) != os.path.abspath(split_dir) and os.path.isdir(train_dir):
+            train_classes = _class_dirs(train_dir)
+            if set(train_classes) != set(classes):
+                missing, extra = sorted(set(train_classes) - set(classes)), sorted(set(classes) - set(train_classes))
+                self.problem(split_dir, f"class set differs from the train split {train_dir}: "
+                                        f"missing {missing}, extra {extra}")
+            self.classes = train_classes  # labels must mean the same thing in both splits
+        label = {c: i for i, c in enumerate(self.classes)}
+        for c in classes:
+            files = _image_files(os.path.join(split_dir, c))
+            if not files:
+                self.problem(os.path.join(split_dir, c), "empty class folder (no image files)")
+            if c in label:
+                self.items += [(f, label[c]) for f in files]
+
+    def load(self, i):
+        path, label = self.items[i]
+        return decode_image(path), label
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    # "2" < "10" when every label is an integer; names otherwise
+    return sorted(labels, key=int) if all(s.lstrip("-").isdigit() for s in labels) else sorted(labels)
+
+
+class CsvReader(Reader):
+    def __init__(self, csv_path: str, train_csv: str = "", multi_label: bool = False):
+        super().__init__()
+        rows = self._rows(csv_path, multi_label)
+        if train_csv and os.path.abspath(train_csv) != os.path.abspath(csv_path):
+            train_rows = self._rows(train_csv, multi_label, record=False)
+            self.classes = _sorted_labels({lab for _, _, labs in train_rows for lab in labs})
+        else:
+            self.classes = _sorted_labels({lab for _, _, labs in rows for lab in labs})
+        label = {c: i for i, c in enumerate(self.classes)}
+        base = os.path.dirname(csv_path)
+        for line, rel, labs in rows:
+            unknown = [lab for lab in labs if lab not in label]
+            path = os.path.join(base, rel)
+            if unknown:
+                self.problem(f"{csv_path}:{line}", f"label(s) {unknown} not in the train split's classes")
+            elif not os.path.isfile(path):
+                self.problem(path, f"image file not found (listed in {csv_path}:{line})")
+            else:
+                ids = [label[lab] for lab in labs]
+                self.items.append((path, ids if multi_label else ids[0]))
+
+    def _rows(self, csv_path, multi_label, record=True):
+        report = self.problem if record else (lambda *a: None)
+        if not os.path.isfile(csv_path):
+            report(csv_path, "CSV file not found")
+            return []
+        rows = []
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                report(csv_path, f"expected a header 'path,label', got {reader.fieldnames}")
+                return []
+            for line, row in enumerate(reader, start=2):
+                rel, lab = (row["path"] or "").strip(), (row["label"] or "").strip()
+                labs = [s.strip() for s in lab.split(";") if s.strip()] if multi_label else [lab]
+                if not rel or not lab:
+                    report(f"{csv_path}:{line}", "empty path or label")
+                    continue
+                rows.append((line, rel, labs))
+        return rows
+
+    def load(self, i):
+        path, label = self.items[i]
+        return decode_image(path), label
+
+
+def _box_problem(bbox, width, height) -> str | None:
+    """Why a COCO [x, y, w, h] box is unusable, or None."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+        return f"bbox {bbox!r} is not [x, y, w, h]"
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return f"bbox {bbox} is not finite"
+    if w <= 0 or h <= 0:
+        return f"bbox {bbox} has zero or negative {'width' if w <= 0 else 'height'}"
+    if width and height and (min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0)):
+        return f"bbox {bbox} lies outside the {width}x{height} image"
+    return None
+
+
+class CocoReader(Reader):
+    """COCO detection JSON. `coco` is the pycocotools.COCO of the split (for COCOeval)."""
+
+    task = "det"
+
+    def __init__(self, image_dir: str, ann_path: str):
+        super().__init__()
+        self.ann_path, self.coco, self.cat_ids = ann_path, None, []
+        if not os.path.isfile(ann_path):
+            return self.problem(ann_path, "annotation JSON not found")
+        try:
+            with open(ann_path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self.problem(ann_path, f"malformed JSON ({e})")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                                  for k in ("images", "annotations", "categories")):
+            return self.problem(ann_path, "expected a COCO dict with 'images', 'annotations', 'categories' lists")
+        try:
+            cats = sorted(data["categories"], key=lambda c: c["id"])
+            images = {img["id"]: img for img in data["images"]}
+            anns = [(a["id"], a["image_id"], a["category_id"], a.get("bbox"), a.get("iscrowd", 0))
+                    for a in data["annotations"]]
+        except (KeyError, TypeError) as e:
+            return self.problem(ann_path, f"malformed COCO entry (missing key {e})")
+        self.cat_ids = [c["id"] for c in cats]
+        self.classes = [str(c.get("name", c["id"])) for c in cats]
+        label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+        if len(label) != len(cats):
+            self.problem(ann_path, "duplicate category ids")
+        boxes = {img_id: [] for img_id in images}
+        for aid, img_id, cid, bbox, crowd in anns:
+            img = images.get(img_id)
+            if img is None:
+                self.problem(ann_path, f"annotation {aid} refers to unknown image id {img_id}")
+                continue
+            where = f"annotation {aid} (image {img.get('file_name')})"
+            if cid not in label:
+                self.problem(ann_path, f"{where} has unknown category id {cid} (known: {self.cat_ids})")
+                continue
+            why = _box_problem(bbox, img.get("width"), img.get("height"))
+            if why:
+                self.problem(ann_path, f"{where}: {why}")
+                continue
+            if not crowd:  # crowd regions are for COCOeval only, never training targets
+                x, y, w, h = bbox
+                W, H = img.get("width") or math.inf, img.get("height") or math.inf
+                boxes[img_id].append(([max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)], label[cid]))
+        for img_id in sorted(images):
+            img = images[img_id]
+            path = os.path.join(image_dir, str(img.get("file_name", "")))
+            if not os.path.isfile(path):
+                self.problem(path, f"image file not found (listed in {ann_path})")
+            else:
+                self.items.append((path, img_id, img.get("width"), img.get("height"), boxes[img_id]))
+        from pycocotools.coco import COCO
+        self.coco = COCO()  # from the parsed dict: no second read, and no progress prints
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
+
+    def load(self, i):
+        path, img_id, W, H, anns = self.items[i]
+        img = decode_image(path)
+        if (W and W != img.width) or (H and H != img.height):
+            raise BadSample(path, f"image is {img.width}x{img.height} but {self.ann_path} says {W}x{H}")
+        return img, {"boxes": np.array([a[0] for a in anns], np.float32).reshape(-1, 4),
+                     "labels": np.array([a[1] for a in anns], np.int64), "image_id": img_id}
+
+
+@lru_cache(maxsize=None)
+def infer_num_classes(masks_dir: str, ignore_index: int) -> int:
+    """max label + 1 over every mask of a split (only when the config does not say)."""
+    top = -1
+    for e in os.scandir(masks_dir):
+        if e.name.endswith(".png"):
+            with Image.open(e.path) as m:
+                values = np.unique(np.asarray(m))
+            values = values[values != ignore_index]
+            top = max(top, int(values.max()) if values.size else -1)
+    return top + 1
+
+
+class MaskReader(Reader):
+    task = "seg"
+
+    def __init__(self, split_dir: str, num_classes: int, ignore_index: int, train_dir: str = ""):
+        super().__init__()
+        self.ignore_index = ignore_index
+        img_dir, mask_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
+        for d in (img_dir, mask_dir):
+            if not os.path.isdir(d):
+                self.problem(d, "directory not found")
+        if self.problems:
+            return
+        if not num_classes:
+            num_classes = infer_num_classes(os.path.join(train_dir or split_dir, "masks"), ignore_index)
+        self.num_classes = num_classes
+        self.classes = [str(k) for k in range(num_classes)]
+        images = {}
+        for p in _image_files(img_dir):
+            stem, ext = os.path.splitext(os.path.basename(p))
+            if ext.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            if stem in images:
+                self.problem(p, f"two images share the stem {stem!r} ({images[stem]})")
+            images[stem] = p
+        masks = {os.path.splitext(n)[0] for n in os.listdir(mask_dir) if n.endswith(".png")}
+        for stem in sorted(images):
+            mask = os.path.join(mask_dir, stem + ".png")
+            if stem not in masks:
+                self.problem(mask, f"mask file not found for image {images[stem]}")
+            else:
+                self.items.append((images[stem], mask))
+        for stem in sorted(masks - set(images)):
+            self.problem(os.path.join(mask_dir, stem + ".png"), "mask without an image")
+
+    def load(self, i):
+        path, mask_path = self.items[i]
+        img = decode_image(path)
+        try:
+            with Image.open(mask_path) as m:
+                if m.mode not in ("L", "P"):
+                    raise BadSample(mask_path, f"mask must be a uint8 label map (mode L or P), got mode {m.mode}")
+                mask = np.array(m)  # P: the palette indices are the labels
+        except FileNotFoundError:
+            raise BadSample(mask_path, "mask file not found") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadSample(mask_path, f"cannot decode mask ({type(e).__name__}: {e})") from None
+        if mask.shape != (img.height, img.width):
+            raise BadSample(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
+                                       f"but image {path} is {img.width}x{img.height}")
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            raise BadSample(mask_path, f"mask values {np.unique(mask[bad])[:8].tolist()} are outside "
+                                       f"[0, {self.num_classes}) and not ignore_index {self.ignore_index}")
+        return img, mask
+
+
+# ----------------------------------------------------------------------------
+# torchvision.datasets
+
+def prepare_mnist_like(src_dir, root, name: str = "FashionMNIST") -> Path:
+    """Gunzip the idx files `src_dir/*-ubyte.gz` into `root/<name>/raw/`, torchvision's layout."""
+    raw = Path(root) / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in sorted(Path(src_dir).glob("*-ubyte.gz")):
+        dest = raw / gz.name[:-3]
+        if dest.is_file() and dest.stat().st_mtime >= gz.stat().st_mtime:
+            continue
+        tmp = dest.with_suffix(f".tmp{os.getpid()}")  # atomic: ranks may race on a shared disk
+        with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, dest)
+    return Path(root)
+
+
+def _mnist_root(cls, root: str) -> str:
+    """A root under which torchvision finds the uncompressed idx files (see the module doc)."""
+    needed = [os.path.basename(f)[:-3] for f, _ in cls.resources]
+    raw = Path(root) / cls.__name__ / "raw"
+    if all((raw / n).is_file() for n in needed):
+        return root
+    for cand in (raw, Path(root)):
+        if all((cand / f"{n}.gz").is_file() for n in needed):
+            parent = next(p for p in [raw, *raw.parents] if p.exists())
+            if cand == raw and os.access(parent, os.W_OK):
+                return str(prepare_mnist_like(cand, root, cls.__name__))
+            cache = Path(os.environ.get("XLEARNER_CACHE", "~/.cache/xlearner")).expanduser()
+            key = hashlib.sha1(str(cand.resolve()).encode()).hexdigest()[:12]
+            return str(prepare_mnist_like(cand, cache / "torchvision" / key, cls.__name__))
+    return root  # torchvision's own "Dataset not found" names the root
+
+
+class TorchvisionReader(Reader):
+    def __init__(self, src: SourceConfig, split: str):
+        super().__init__()
+        import torchvision.datasets as tvd
+
+        self.task = src.task
+        cls_name, _, tag = src.name.partition("@")
+        cls = getattr(tvd, cls_name, None) or {n.lower(): getattr(tvd, n) for n in tvd.__all__}.get(cls_name.lower())
+        if not inspect.isclass(cls):
+            return self.problem(f"sources.{src.name}", f"no torchvision.datasets class named {cls_name!r}")
+        self.cls_name, self.ds = cls.__name__, None
+        params = inspect.signature(cls.__init__).parameters
+        root = src.root
+        if issubclass(cls, tvd.MNIST) and all(f.endswith("-ubyte.gz") for f, _ in cls.resources):
+            root = _mnist_root(cls, root)
+        kwargs = {"root": root}
+        if "train" in params:
+            kwargs["train"] = split.startswith("train")
+        elif "split" in params:
+            kwargs["split"] = split
+        elif "image_set" in params:
+            kwargs["image_set"] = split
+        else:
+            return self.problem(f"sources.{src.name}", f"{cls.__name__} has no train/split/image_set "
+                                                      f"argument, so it has no {split!r} split")
+        if "year" in params and tag:
+            kwargs["year"] = tag
+        if "download" in params:
+            kwargs["download"] = src.download
+        try:
+            self.ds = cls(**kwargs)
+        except (RuntimeError, OSError, ValueError) as e:  # torchvision's "Dataset not found ..." etc.
+            return self.problem(src.root, f"{cls.__name__}({split!r}) could not be opened: {e}")
+        self.items = range(len(self.ds))
+        if cls_name.startswith("VOC"):
+            self.classes = VOC_CLASSES
+        elif getattr(self.ds, "classes", None):
+            self.classes = [str(c) for c in self.ds.classes]
+        elif src.num_classes:
+            self.classes = [str(k) for k in range(src.num_classes)]
+        else:
+            self.problem(f"sources.{src.name}", f"{cls.__name__} does not list its classes: set num_classes")
+        if self.task == "det" and not isinstance(self.ds, tvd.VOCDetection):
+            self.problem(f"sources.{src.name}", "det sources from torchvision must be VOCDetection "
+                                                "(use format = 'coco' for COCO)")
+        self.cat_ids = list(range(1, len(self.classes) + 1))
+        self._coco = None
+
+    def load(self, i):
+        try:
+            img, target = self.ds[i]
+        except (OSError, SyntaxError, ValueError, ET.ParseError) as e:
+            raise BadSample(f"{self.cls_name}[{i}] under {self.ds.root}", f"{type(e).__name__}: {e}") from None
+        img = img.convert("RGB")
+        if self.task == "det":
+            return img, self._voc_target(target, i)
+        if self.task == "seg":
+            return img, np.array(target)
+        return img, int(target)
+
+    def _voc_target(self, target, image_id):
+        boxes, labels = [], []
+        for obj in target["annotation"].get("object", []):
+            if int(obj.get("difficult", 0)):
+                continue  # VOC's "difficult" is COCO's crowd: scored as ignore, never a target
+            b = obj["bndbox"]  # 1-based inclusive pixel coordinates
+            boxes.append([float(b["xmin"]) - 1, float(b["ymin"]) - 1, float(b["xmax"]), float(b["ymax"])])
+            labels.append(VOC_CLASSES.index(obj["name"]) + 1)
+        return {"boxes": np.array(boxes, np.float32).reshape(-1, 4), "labels": np.array(labels, np.int64),
+                "image_id": image_id}
+
+    @property
+    def coco(self):
+        """COCO ground truth built from the VOC XML files (difficult objects as crowd), for COCOeval."""
+        if self._coco is None and self.task == "det":
+            from pycocotools.coco import COCO
+
+            images, anns = [], []
+            for i, xml in enumerate(self.ds.annotations):
+                a = self.ds.parse_voc_xml(ET.parse(xml).getroot())["annotation"]
+                images.append({"id": i, "file_name": a["filename"],
+                               "width": int(a["size"]["width"]), "height": int(a["size"]["height"])})
+                t = a.get("object", [])
+                for obj in t:
+                    b = obj["bndbox"]
+                    x, y = float(b["xmin"]) - 1, float(b["ymin"]) - 1
+                    w, h = float(b["xmax"]) - x, float(b["ymax"]) - y
+                    anns.append({"id": len(anns) + 1, "image_id": i, "category_id": VOC_CLASSES.index(obj["name"]) + 1,
+                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(obj.get("difficult", 0))})
+            self._coco = COCO()
+            self._coco.dataset = {"images": images, "annotations": anns,
+                                  "categories": [{"id": k + 1, "name": n} for k, n in enumerate(VOC_CLASSES)]}
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._coco.createIndex()
+        return self._coco
+
+
+# ----------------------------------------------------------------------------
+
+def make_reader(src: SourceConfig, split: str) -> Reader:
+    """The reader of one split ("train" or "val") of a source; problems are collected, not raised."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if src.format == "torchvision":
+        return TorchvisionReader(src, src.train_split if split == "train" else src.val_split)
+    path = src.train if split == "train" else src.val
+    if not path:
+        reader = Reader()
+        reader.problem(f"sources.{src.name}.{split}", "not set in the config")
+        return reader
+    if src.format == "imagefolder":
+        return ImageFolderReader(path, train_dir=src.train)
+    if src.format == "csv":
+        return CsvReader(path, train_csv=src.train, multi_label=src.multi_label)
+    if src.format == "coco":
+        ann = src.train_ann if split == "train" else src.val_ann
+        if not ann:
+            reader = Reader()
+            reader.problem(f"sources.{src.name}.{split}_ann", "coco sources need an instances JSON")
+            return reader
+        return CocoReader(path, ann)
+    if src.format == "masks":
+        return MaskReader(path, src.num_classes, src.ignore_index, train_dir=src.train)
+    raise DataError(f"sources.{src.name}.format: unknown format {src.format!r}")
+
+
+def check_data(sources: list[SourceConfig], progress: bool = False) -> list[str]:
+    """Every problem of every split of every source (each image fully decoded), as "path: reason"."""
+    from tqdm import tqdm
+
+    problems: list[str] = []
+    for src in sources:
+        for split in ("train", "val"):
+            reader = make_reader(src, split)
+            problems += reader.problems
+            for i in tqdm(range(len(reader)), desc=f"{src.name}/{split}", disable=not progress, leave=False):
+                problems += reader.check(i)
+    return list(dict.fromkeys(problems))  # same problem seen from two splits: once

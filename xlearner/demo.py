@@ -1,0 +1,433 @@
+"""The embedded demo world: a small procedural universe of sources and tasks.
+
+X-Learner learns one backbone from many *sources* of several *tasks*, each
+source keeping its own label space (DESIGN.md §1). To run the whole method
+(expand, squeeze, transfer) on a laptop in minutes with no downloads, this
+module draws coloured shapes on patterned backgrounds and writes them in the
+real on-disk formats of DESIGN.md §6, so the demo goes through exactly the
+readers that a user's data goes through.
+
+    upstream sources (expand / squeeze); shapes: circle cross diamond hexagon ring square star triangle
+      shapes-cls   cls  imagefolder  64 px   label = shape of the largest object
+      texture-cls  cls  csv          64 px   label = background pattern
+      shapes-det   det  coco        128 px   boxes labelled by shape
+      colors-det   det  coco        128 px   the same kind of images, boxes labelled by colour
+      shapes-seg   seg  masks       128 px   0 = background, 1..8 = shape
+    downstream datasets (transfer); shapes never seen upstream: arrow crescent heart pentagon
+      novel-cls (imagefolder), count-cls (imagefolder, "1".."5" objects, any shape),
+      novel-det (coco), novel-seg (masks, 0 = background, 1..4 = shape)
+
+Like ImageNet, COCO and ADE20K, the sources share the visual world but not
+their labels: the setting in which one representation learnt across sources
+and tasks should pay off, while the novel shapes test whether it generalises.
+
+Image i of split s of source k draws from its own numpy Generator seeded by
+(seed, k, s, i), so the output is byte-identical for a seed whatever the
+number of worker processes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+UPSTREAM = ("circle", "cross", "diamond", "hexagon", "ring", "square", "star", "triangle")
+NOVEL = ("arrow", "crescent", "heart", "pentagon")
+PATTERNS = ("checker", "flat", "gradient", "noise", "stripes")
+# Saturated colours; backgrounds are near-grey, so objects always stand out.
+COLORS = {"blue": (40, 80, 225), "cyan": (30, 200, 210), "green": (40, 185, 60),
+          "magenta": (215, 45, 200), "red": (225, 40, 40), "yellow": (235, 210, 30)}
+COLOR_NAMES = tuple(COLORS)
+SPLITS = ("train", "val")
+SS = 4  # supersampling: draw at 4x, then a box filter gives each pixel its coverage
+
+
+# ----------------------------------------------------------------------------
+# shapes: each is a list of (polygon in unit coordinates, fill); fill 0 cuts a hole
+
+def _ngon(n: int, r: float = 1.0, phase: float = -math.pi / 2, c=(0.0, 0.0)) -> np.ndarray:
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1)
+
+
+def _star() -> np.ndarray:
+    radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+    t = -math.pi / 2 + math.pi * np.arange(10) / 5
+    return np.stack([radii * np.cos(t), radii * np.sin(t)], 1)
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y + 2.5], 1)  # roughly centred; normalised below
+
+
+def _build_shapes() -> dict[str, list[tuple[np.ndarray, int]]]:
+    w = 0.34
+    cross = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
+             (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    arrow = [(-1, -0.28), (0.15, -0.28), (0.15, -0.72), (1, 0), (0.15, 0.72), (0.15, 0.28), (-1, 0.28)]
+    raw = {
+        "circle": [(_ngon(48), 255)],
+        "cross": [(np.array(cross, float), 255)],
+        "diamond": [(np.array([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)], float), 255)],
+        "hexagon": [(_ngon(6), 255)],
+        "ring": [(_ngon(48), 255), (_ngon(48, 0.55), 0)],
+        "square": [(_ngon(4, phase=math.pi / 4), 255)],
+        "star": [(_star(), 255)],
+        "triangle": [(_ngon(3), 255)],
+        "arrow": [(np.array(arrow, float), 255)],
+        "crescent": [(_ngon(48), 255), (_ngon(48, 0.8, c=(0.42, -0.1)), 0)],
+        "heart": [(_heart(), 255)],
+        "pentagon": [(_ngon(5), 255)],
+    }
+    # Normalise every shape to circumradius 1, so `radius` means the same for all.
+    out = {}
+    for name, parts in raw.items():
+        scale = max(np.linalg.norm(p, axis=1).max() for p, fill in parts if fill)
+        out[name] = [(p / scale, fill) for p, fill in parts]
+    return out
+
+
+SHAPES = _build_shapes()
+
+
+def _rasterise(shape: str, cx: float, cy: float, r: float, angle: float, size: int):
+    """Antialiased coverage in [0, 1] of one shape, on its bounding box only (cheap)."""
+    x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
+    x1, y1 = min(size, int(math.ceil(cx + r)) + 1), min(size, int(math.ceil(cy + r)) + 1)
+    canvas = Image.new("L", ((x1 - x0) * SS, (y1 - y0) * SS), 0)
+    draw = ImageDraw.Draw(canvas)
+    c, s = math.cos(angle), math.sin(angle)
+    for pts, fill in SHAPES[shape]:
+        xs = (pts[:, 0] * c - pts[:, 1] * s) * r + cx - x0
+        ys = (pts[:, 0] * s + pts[:, 1] * c) * r + cy - y0
+        draw.polygon([(float(x) * SS, float(y) * SS) for x, y in zip(xs, ys)], fill=fill)
+    small = canvas.resize((x1 - x0, y1 - y0), Image.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0, (slice(y0, y1), slice(x0, x1))
+
+
+def _background(rng: np.random.Generator, pattern: str, size: int) -> np.ndarray:
+    """A near-grey HxWx3 float background; two tones at least 45 levels apart."""
+    lum = rng.uniform(50, 205)
+    base = lum + rng.uniform(-10, 10, 3)  # a slight tint, never a saturated colour
+    other = base + (-1 if lum > 128 else 1) * rng.uniform(45, 80)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    theta = rng.uniform(0, math.pi)
+    proj = xx * math.cos(theta) + yy * math.sin(theta)
+    k = size / 64  # pattern scale follows the image size
+    if pattern == "flat":
+        t = np.zeros_like(xx)
+    elif pattern == "gradient":
+        t = (proj - proj.min()) / (proj.max() - proj.min())
+    elif pattern == "noise":
+        t = np.clip(rng.normal(0.5, 0.3, (size, size)), 0, 1).astype(np.float32)
+    elif pattern == "stripes":
+        t = ((proj / rng.uniform(6 * k, 14 * k)) % 1.0 < 0.5).astype(np.float32)
+    elif pattern == "checker":
+        cell = rng.uniform(5 * k, 12 * k)
+        t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background pattern {pattern!r}")
+    img = base[None, None, :] * (1 - t[..., None]) + other[None, None, :] * t[..., None]
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _paint(rng: np.random.Generator, rgb: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The colour layer of one object: solid, or with stripes or dots inside."""
+    layer = np.empty((h, w, 3), np.float32)
+    layer[:] = rgb
+    texture = rng.choice(["solid", "solid", "stripes", "dots"])
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if texture == "stripes":
+        theta, period = rng.uniform(0, math.pi), rng.uniform(3, 6)
+        band = ((xx * math.cos(theta) + yy * math.sin(theta)) / period) % 1.0 < 0.5
+        layer[band] *= 0.55
+    elif texture == "dots":
+        sp = rng.uniform(4, 7)
+        dot = np.hypot(xx % sp - sp / 2, yy % sp - sp / 2) < sp * 0.25
+        layer[dot] = layer[dot] * 0.4 + 255 * 0.6
+    return layer
+
+
+# ----------------------------------------------------------------------------
+# sources
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    task: str
+    fmt: str
+    size: int
+    shapes: tuple[str, ...]      # the shapes objects are drawn from
+    label: str                   # shape | pattern | colour | count
+    n_train: int                 # images at scale 1
+    n_val: int
+    objects: tuple[int, int]     # min, max objects per image
+    radius: tuple[float, float]  # object circumradius, as a fraction of the image size
+    main: bool = False           # cls: one big object (the label) + small distractors
+    p_empty: float = 0.0         # det: share of images with no object at all
+    min_visible: float = 0.6     # share of an object that must stay visible under later ones
+    first_id: int = 1            # det: COCO category id of class i = first_id + id_step * i
+    id_step: int = 1
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return {"shape": self.shapes, "pattern": PATTERNS, "colour": COLOR_NAMES,
+                "count": tuple(str(n) for n in range(self.objects[0], self.objects[1] + 1))}[self.label]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO ids: non-contiguous on purpose, so readers must map them (DESIGN.md §6)."""
+        return [self.first_id + self.id_step * i for i in range(len(self.classes))]
+
+
+SPECS = (
+    Spec("shapes-cls", "cls", "imagefolder", 64, UPSTREAM, "shape", 1200, 320, (1, 3), (0.2, 0.3), main=True),
+    Spec("texture-cls", "cls", "csv", 64, UPSTREAM, "pattern", 1000, 250, (1, 3), (0.08, 0.16)),
+    Spec("shapes-det", "det", "coco", 128, UPSTREAM, "shape", 400, 100, (1, 5), (0.07, 0.2), p_empty=0.05,
+         id_step=2),
+    Spec("colors-det", "det", "coco", 128, UPSTREAM, "colour", 400, 100, (1, 5), (0.07, 0.2), p_empty=0.05,
+         first_id=10, id_step=10),
+    Spec("shapes-seg", "seg", "masks", 128, UPSTREAM, "shape", 400, 100, (1, 5), (0.07, 0.2)),
+    Spec("novel-cls", "cls", "imagefolder", 64, NOVEL, "shape", 400, 200, (1, 3), (0.2, 0.3), main=True),
+    Spec("count-cls", "cls", "imagefolder", 64, UPSTREAM + NOVEL, "count", 500, 250, (1, 5), (0.07, 0.11),
+         min_visible=0.9),
+    Spec("novel-det", "det", "coco", 128, NOVEL, "shape", 200, 100, (1, 5), (0.07, 0.2), p_empty=0.05,
+         first_id=5, id_step=5),
+    Spec("novel-seg", "seg", "masks", 128, NOVEL, "shape", 200, 100, (1, 5), (0.07, 0.2)),
+)
+UPSTREAM_SOURCES = tuple(s.name for s in SPECS[:5])
+DOWNSTREAM_DATASETS = tuple(s.name for s in SPECS[5:])
+
+
+def _count(spec: Spec, split: str, scale: float) -> int:
+    n = round((spec.n_train if split == "train" else spec.n_val) * scale)
+    if spec.task == "cls":  # a few images per class, so no class folder is ever empty
+        return max(n, 3 * len(spec.classes))
+    return max(n, 4)
+
+
+# ----------------------------------------------------------------------------
+# one image
+
+def _place(rng: np.random.Generator, spec: Spec, n: int, first: str | None):
+    """Drop up to n objects; a candidate is redrawn if it would hide too much of another."""
+    size = spec.size
+    min_px = 12 * (size / 64) ** 2
+    objs: list[dict] = []
+    for k in range(n):
+        for _attempt in range(40):
+            shape = first if (k == 0 and first) else str(rng.choice(spec.shapes))
+            lo, hi = spec.radius
+            if spec.main and k > 0:  # distractors stay well below the main object's size
+                lo, hi = 0.08, 0.13
+            r = rng.uniform(lo, hi) * size
+            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+            alpha, region = _rasterise(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), size)
+            mask = np.zeros((size, size), bool)
+            mask[region] = alpha >= 0.5
+            area = int(mask.sum())
+            if area < min_px:
+                continue
+            ok = all((o["visible"] & ~mask).sum() >= max(min_px, spec.min_visible * o["area"]) for o in objs)
+            if ok and spec.main and objs:  # the label is the largest visible object: keep it so
+                ok = area < 0.6 * (objs[0]["visible"] & ~mask).sum()
+            if ok:
+                for o in objs:
+                    o["visible"] &= ~mask
+                colour = str(rng.choice(COLOR_NAMES))
+                objs.append(dict(shape=shape, colour=colour, alpha=alpha, region=region,
+                                 mask=mask, visible=mask.copy(), area=area))
+                break
+    return objs
+
+
+def render(spec: Spec, rng: np.random.Generator, index: int):
+    """-> (RGB image, label map or None, label str or None, objects [(class index, visible mask)])."""
+    pattern = PATTERNS[index % len(PATTERNS)] if spec.label == "pattern" else str(rng.choice(PATTERNS))
+    first = spec.shapes[index % len(spec.shapes)] if spec.main else None
+    if spec.label == "count":
+        n = spec.objects[0] + index % len(spec.classes)  # balanced classes
+    elif rng.random() < spec.p_empty:
+        n = 0
+    else:
+        n = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
+    for _retry in range(20):  # counting needs exactly n objects: redraw the scene until they fit
+        objs = _place(rng, spec, n, first)
+        if spec.label != "count" or len(objs) == n:
+            break
+    img = _background(rng, pattern, spec.size)
+    for o in objs:  # later objects are painted over earlier ones
+        rgb = np.array(COLORS[o["colour"]], np.float32) + rng.uniform(-15, 15, 3)
+        a = o["alpha"][..., None]
+        h, w = a.shape[:2]
+        img[o["region"]] = img[o["region"]] * (1 - a) + _paint(rng, np.clip(rgb, 0, 255), h, w) * a
+    image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+    def cls_of(o):
+        return spec.classes.index(o["shape"] if spec.label == "shape" else o["colour"])
+
+    label = None
+    if spec.task == "cls":
+        label = {"shape": first, "pattern": pattern, "count": str(len(objs))}[spec.label]
+    labels = None
+    if spec.task == "seg":
+        labels = np.zeros((spec.size, spec.size), np.uint8)
+        for o in objs:
+            labels[o["mask"]] = 1 + cls_of(o)
+    objects = [(cls_of(o), o["visible"]) for o in objs] if spec.task == "det" else []
+    return image, labels, label, objects
+
+
+def _image_rng(seed: int, spec_index: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, spec_index, SPLITS.index(split), index])
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")  # PIL writes no timestamp chunk: byte-identical reruns
+
+
+def _work(job) -> list:
+    """Render and write images [start, stop) of one split; return their label records."""
+    out, spec_index, split, start, stop, seed = job
+    spec = SPECS[spec_index]
+    root = Path(out) / spec.name
+    records = []
+    for i in range(start, stop):
+        image, labels, label, objects = render(spec, _image_rng(seed, spec_index, split, i), i)
+        stem = f"{i:05d}.png"
+        if spec.fmt == "imagefolder":
+            _save_png(image, root / split / label / stem)
+            records.append(label)
+        elif spec.fmt == "csv":
+            _save_png(image, root / "images" / split / stem)
+            records.append((f"images/{split}/{stem}", label))
+        elif spec.fmt == "coco":
+            _save_png(image, root / split / stem)
+            boxes = []
+            for c, vis in objects:
+                ys, xs = np.nonzero(vis)
+                x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+                boxes.append((c, [x0, y0, x1 - x0, y1 - y0], int(vis.sum())))  # w, h >= 1
+            records.append(boxes)
+        else:  # masks
+            _save_png(image, root / split / "images" / stem)
+            _save_png(Image.fromarray(labels, "L"), root / split / "masks" / stem)
+            records.append(None)
+    return records
+
+
+def _coco_json(spec: Spec, split: str, records: list) -> dict:
+    ids = spec.category_ids
+    images, anns = [], []
+    for i, boxes in enumerate(records):
+        images.append({"id": i + 1, "file_name": f"{i:05d}.png", "width": spec.size, "height": spec.size})
+        for c, bbox, area in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ids[c], "bbox": bbox,
+                         "area": area, "iscrowd": 0})
+    cats = [{"id": ids[c], "name": name, "supercategory": spec.label} for c, name in enumerate(spec.classes)]
+    return {"info": {"description": f"X-Learner demo world: {spec.name} {split}"},
+            "images": images, "annotations": anns, "categories": cats}
+
+
+# ----------------------------------------------------------------------------
+# the world
+
+def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2) -> dict:
+    """Write the demo world under `out`; return {source: {task, format, classes, train, val, ...}}.
+
+    `scale` multiplies the number of images of every split (each class keeps at
+    least 3). Any previous world under `out` is replaced, source by source, and
+    `out/.complete` is written last, so an interrupted run leaves no marker.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".complete").unlink(missing_ok=True)
+    for spec in SPECS:
+        shutil.rmtree(out / spec.name, ignore_errors=True)
+
+    jobs, chunk = [], 50
+    for k, spec in enumerate(SPECS):
+        for split in SPLITS:
+            n = _count(spec, split, scale)
+            jobs += [(str(out), k, split, a, min(a + chunk, n), seed) for a in range(0, n, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: the caller may hold threads (torch), and fork would copy their locks.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_work, jobs, chunksize=1)
+    else:
+        results = [_work(j) for j in jobs]
+    records: dict[tuple[str, str], list] = {}
+    for job, recs in zip(jobs, results):  # jobs are in order, so records are too
+        records.setdefault((SPECS[job[1]].name, job[2]), []).extend(recs)
+
+    summary: dict = {}
+    for spec in SPECS:
+        info = {"task": spec.task, "format": spec.fmt,
+                "image_size": spec.size, "classes": list(spec.classes),
+                "role": "upstream" if spec.name in UPSTREAM_SOURCES else "downstream"}
+        for split in SPLITS:
+            recs = records[(spec.name, split)]
+            info[split] = len(recs)
+            if spec.fmt == "csv":
+                lines = ["path,label"] + [f"{p},{lab}" for p, lab in recs]
+                (out / spec.name / f"{split}.csv").write_text("\n".join(lines) + "\n")
+            elif spec.fmt == "coco":
+                coco = _coco_json(spec, split, recs)
+                (out / spec.name / f"{split}.json").write_text(json.dumps(coco, sort_keys=True))
+                info[f"{split}_boxes"] = len(coco["annotations"])
+        if spec.fmt == "coco":
+            info["category_ids"] = spec.category_ids
+        if spec.task == "seg":
+            info["num_classes"] = len(spec.classes) + 1
+        summary[spec.name] = info
+
+    (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "sources": summary},
+                                               sort_keys=True, indent=1) + "\n")
+    (out / "README.txt").write_text(_readme(summary, seed, scale))
+    (out / ".complete").write_text(f"seed={seed} scale={scale}\n")
+    return summary
+
+
+def _readme(summary: dict, seed: int, scale: float) -> str:
+    lines = [
+        "X-Learner demo world (written by `python cli.py demo-data`, xlearner/demo.py).",
+        f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
+        "",
+        "Images: 1 to 5 coloured shapes (antialiased, random size, rotation, solid/striped/dotted fill)",
+        f"on a near-grey background ({', '.join(PATTERNS)}). Colours: {', '.join(COLOR_NAMES)}.",
+        "Later objects occlude earlier ones; masks are coverage >= 0.5 of what is visible, and boxes",
+        "are the tight box of an object's visible mask (always >= 1 px wide and high).",
+        f"Upstream shapes: {', '.join(UPSTREAM)}. Novel (downstream-only) shapes: {', '.join(NOVEL)}.",
+        "",
+        "source        role        task format       px   train  val  classes",
+    ]
+    for name, s in summary.items():
+        lines.append(f"{name:<13} {s['role']:<11} {s['task']:<4} {s['format']:<12} {s['image_size']:<4} "
+                     f"{s['train']:>5} {s['val']:>4}  {' '.join(s['classes'])}")
+    lines += [
+        "",
+        "Formats (DESIGN.md section 6):",
+        "  imagefolder: <split>/<class>/<idx>.png. shapes-cls / novel-cls: the class is the shape of",
+        "    the one large object (small distractors may surround it); count-cls: the number of objects.",
+        "  csv (texture-cls): <split>.csv with header path,label; paths relative to the csv;",
+        "    the label is the background pattern.",
+        "  coco: <split>/<idx>.png + <split>.json. Category ids are non-contiguous on purpose:",
+    ]
+    lines += [f"    {n}: {dict(zip(s['classes'], s['category_ids']))}" for n, s in summary.items() if "category_ids" in s]
+    lines += [
+        "    About 5% of det images have no object (no annotations).",
+        "  masks: <split>/images/<idx>.png + <split>/masks/<idx>.png, uint8 label maps:",
+        "    0 = background, i = the i-th class listed above (1-based). No ignore (255) pixels.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Evaluation: the metrics every stage reports, and one distributed loop for all tasks.
+
+Where it sits in the method: the expansion and squeeze trainers call
+`evaluate()` on each source's val split to watch training, and the transfer
+evaluator (transfer.py) calls it to score a backbone downstream. One loop,
+one set of metric functions, so a number means the same thing everywhere.
+
+Metrics (all returned in percent, the unit of the paper's "+3.0 points"):
+- cls: top-1 accuracy; mean per-class accuracy (the convention of Pets, Flowers,
+  Caltech-101 and Aircraft); mAP for multi-label sources.
+- det: COCO AP, AP50, AP75 from pycocotools' COCOeval, the reference
+  implementation, rather than a re-implementation that could drift from it.
+- seg: mean IoU over classes from a pixel confusion matrix; `ignore_index`
+  pixels carry no vote, and a class absent from both prediction and ground
+  truth is undefined (NaN) and left out of the mean rather than counted as 0
+  or 100.
+
+Distribution: each rank evaluates its shard of val (data.build_eval_loader has
+no repeats and no padding duplicates, so nothing is counted twice). Then cls
+gathers predictions, seg sums confusion matrices, and det gathers detections
+so that rank 0 can run COCOeval once and broadcast the numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+
+import torch
+
+from . import dist
+from .config import SourceConfig
+
+
+# ----------------------------------------------------------------------------
+# classification
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int = 1) -> float:
+    """Percent of rows whose true class is among the k highest logits."""
+    if target.numel() == 0:
+        return float("nan")
+    k = min(k, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    return 100.0 * (topk == target.view(-1, 1)).any(dim=1).float().mean().item()
+
+
+def mean_per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes (present in `target`) of the per-class recall, in percent.
+
+    `pred` holds class indices. Classes with no val example are left out: their
+    accuracy is undefined, and counting them as 0 would punish the backbone for
+    a property of the split.
+    """
+    target = target.long().view(-1)
+    pred = pred.long().view(-1)
+    total = torch.bincount(target, minlength=num_classes).double()
+    correct = torch.bincount(target[pred == target], minlength=num_classes).double()
+    present = total > 0
+    if not present.any():
+        return float("nan")
+    return 100.0 * (correct[present] / total[present]).mean().item()
+
+
+def multilabel_map(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes with at least one positive of the average precision, in percent.
+
+    AP of a class = the mean, over its positives, of the precision at that
+    positive's rank (no interpolation: the same as sklearn's
+    average_precision_score). Ties in score are broken by a stable sort.
+    """
+    scores = scores.double()
+    targets = (targets > 0.5).double()
+    aps = []
+    for c in range(scores.shape[1]):
+        pos = targets[:, c]
+        n_pos = pos.sum()
+        if n_pos == 0:
+            continue
+        order = torch.sort(scores[:, c], descending=True, stable=True).indices
+        hits = pos[order]
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+        aps.append((precision * hits).sum() / n_pos)
+    if not aps:
+        return float("nan")
+    return 100.0 * torch.stack(aps).mean().item()
+
+
+# ----------------------------------------------------------------------------
+# segmentation
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """LongTensor[K, K]: entry (g, p) counts pixels of ground truth g predicted as p.
+
+    Pixels whose target is `ignore_index` (or otherwise outside [0, K)) are dropped.
+    One bincount over g*K + p instead of a Python loop over classes.
+    """
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def miou_from_confusion(conf: torch.Tensor) -> tuple[float, list[float]]:
+    """(mean IoU, per-class IoU), in percent.
+
+    IoU_c = TP / (TP + FP + FN). A class absent from both prediction and ground
+    truth has an empty union: its IoU is NaN and it is left out of the mean.
+    """
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    valid = ~torch.isnan(iou)
+    miou = 100.0 * iou[valid].mean().item() if valid.any() else float("nan")
+    return miou, [100.0 * v for v in iou.tolist()]
+
+
+# ----------------------------------------------------------------------------
+# detection
+
+def coco_evaluate(coco_gt, detections: list[dict], img_ids: list[int] | None = None) -> dict[str, float]:
+    """COCO box AP, AP50, AP75 (percent) of `detections` against `coco_gt`.
+
+    `detections` are in COCO result format: {"image_id", "category_id" (the
+    dataset's ORIGINAL id), "bbox": [x, y, w, h], "score"}. `img_ids` restricts
+    the evaluation to the images that were actually run (e.g. a capped val
+    pass); by default every image of `coco_gt` counts, so a missed image costs
+    recall as it should.
+
+    COCOeval's progress prints are swallowed, but its numbers are used as is.
+    No detections at all is a legitimate outcome (an untrained head): AP is 0,
+    not a crash (pycocotools' loadRes cannot take an empty list).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes adds keys to the dicts it is given: hand it copies
+        coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if img_ids is not None:
+            ev.params.imgIds = sorted(set(int(i) for i in img_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # stats[i] == -1 means "no ground truth to evaluate": undefined, not zero
+    ap, ap50, ap75 = (float(s) for s in ev.stats[:3])
+    return {k: (100.0 * v if v >= 0 else float("nan")) for k, v in (("AP", ap), ("AP50", ap50), ("AP75", ap75))}
+
+
+def detections_to_coco(preds: list[dict], targets: list[dict], cat_ids: list[int]) -> list[dict]:
+    """Model outputs (xyxy boxes, labels 1..K) -> COCO results (xywh, original category ids)."""
+    out = []
+    for p, t in zip(preds, targets):
+        image_id = int(t["image_id"])
+        boxes = p["boxes"].detach().float().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, p["scores"].tolist(), p["labels"].tolist()):
+            out.append({"image_id": image_id, "category_id": int(cat_ids[int(label) - 1]),
+                        "bbox": [round(v, 3) for v in box], "score": float(score)})
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the loop
+
+def primary_metric(src: SourceConfig) -> str:
+    """The key of evaluate()'s result that a table reports for this source."""
+    if src.task == "det":
+        return "AP"
+    if src.task == "seg":
+        return "mIoU"
+    if src.multi_label:
+        return "mAP"
+    return "mean_per_class" if src.metric == "mean_per_class" else "top1"
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, amp: str = "off",
+             max_batches: int = 0) -> dict[str, float]:
+    """Score `model.predict(images, src.name)` on this rank's `loader`, combined over ranks.
+
+    `loader` is this rank's shard (data.build_eval_loader). `max_batches` > 0
+    caps the pass (periodic evaluation during training); 0 runs it all.
+    Returns percent: cls {"top1"} (+ "mean_per_class" when `src.metric` asks
+    for it, "mAP" for multi-label), det {"AP", "AP50", "AP75"},
+    seg {"mIoU", "per_class_iou": [...]}.
+    """
+    from .data import move_to  # lazy: evaluate's metrics need no data pipeline
+
+    was_training = model.training
+    model.eval()
+    num_classes = src.num_classes or dataset.num_classes
+    logits_all, labels_all, detections, img_ids = [], [], [], []
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            batch = move_to(batch, device)
+            with _autocast(device, amp):
+                out = model.predict(batch["images"], src.name)
+            if src.task == "cls":
+                logits_all.append(out.float().cpu())
+                labels_all.append(batch["labels"].cpu())
+            elif src.task == "det":
+                detections += detections_to_coco(out, batch["targets"], dataset.cat_ids)
+                img_ids += [int(t["image_id"]) for t in batch["targets"]]
+            else:
+                pred = out.argmax(1)
+                conf += confusion_matrix(pred, batch["masks"], num_classes, src.ignore_index)
+    finally:
+        model.train(was_training)
+
+    if src.task == "cls":
+        logits = torch.cat(logits_all) if logits_all else torch.zeros(0, num_classes)
+        labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long)
+        # gather only what the metrics need: scores for mAP, argmax otherwise
+        if src.multi_label:
+            parts = dist.all_gather_object((logits, labels))
+            scores = torch.cat([p[0] for p in parts])
+            return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
+        parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
+        pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        res = {"top1": 100.0 * (pred == labels).float().mean().item() if len(labels) else float("nan")}
+        if src.metric == "mean_per_class":
+            res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
+        return res
+    if src.task == "det":
+        parts = dist.all_gather_object((detections, img_ids))
+        res = None
+        if dist.is_main_process():
+            all_dets = [d for p in parts for d in p[0]]
+            all_ids = [i for p in parts for i in p[1]]
+            res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if max_batches else None)
+        return dist.broadcast_object(res)
+    dist.all_reduce_sum_tensor(conf)
+    miou, per_class = miou_from_confusion(conf.cpu())
+    return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class]}

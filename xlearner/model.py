@@ -1,0 +1,638 @@
+"""Models: backbones, reconciliation layers, the expanded and the squeezed model, export.
+
+X-Learner (DESIGN.md §1) trains in two stages.
+
+Expansion. There is one backbone branch per task (cls, det, seg), all the same
+torchvision ResNet. Every image runs through all T branches stage by stage;
+after each stage l in `reconcile_stages` a *reconciliation layer* (RL) adds to
+branch t what the other branches computed:
+
+    x_t^l <- x_t^l + sum_{u != t, k <= l} R_{u,k->t,l}( stopgrad(x_u^k) )
+
+The last BN of every R starts at gamma = beta = 0, so at initialisation the
+expanded model is exactly T independent backbones; training then decides how
+much each task borrows from the others. The stop-gradient means a branch's
+weights are moved only by its own task's losses (less task interference),
+while the RL still enriches its representation. Each task has one head
+(heads.py) with one predictor per source. `XLearnerModel` ties this together.
+
+Squeeze. `SqueezedModel` is one plain backbone (the universal representation),
+per-task 1x1 adapters used only by feature distillation, and copies of the
+teacher's heads. After squeezing, `backbone_state_dict` exports the student as
+a plain torchvision state_dict (DESIGN.md §5): same size and cost as a
+standard ResNet.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import zipfile
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+from .config import ModelConfig, SourceConfig, config_from_dict
+from .heads import HEADS, STAGES, ClsHead, DetHead, SegHead  # noqa: F401  (re-exported: model.HEADS)
+
+# ----------------------------------------------------------------------------
+# backbones
+
+BACKBONES = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnet152": torchvision.models.resnet152,
+}
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet without avgpool/fc, returning its four stage outputs.
+
+    The submodules keep torchvision's names (conv1, bn1, relu, maxpool,
+    layer1..layer4), so `state_dict()` keys are torchvision's minus `fc.*`
+    and weights move between the two with a plain load_state_dict."""
+
+    def __init__(self, resnet: torchvision.models.ResNet, arch: str):
+        super().__init__()
+        self.arch = arch
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        expansion = type(resnet.layer1[0]).expansion
+        self.channels = {f"layer{l}": 64 * 2 ** (l - 1) * expansion for l in range(1, 5)}
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stage(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"layer{l}")(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, x = {}, self.stem(x)
+        for l in range(1, 5):
+            x = feats[f"layer{l}"] = self.stage(l, x)
+        return feats
+
+
+def _pretrained_state_dict(pretrained: str) -> dict | None:
+    """"" -> None; a file -> its state_dict; "ResNet50_Weights.IMAGENET1K_V2" -> torchvision's (downloads)."""
+    if not pretrained:
+        return None
+    path = Path(pretrained)
+    if path.is_file():
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot load a state_dict with weights_only=True ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
+        return sd
+    if "_Weights." in pretrained:
+        try:
+            weights = torchvision.models.get_weight(pretrained)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"pretrained={pretrained!r}: not a torchvision weights name ({e})") from None
+        return weights.get_state_dict(progress=True)  # downloads only here, when the user asked for it
+    raise ValueError(f"pretrained={pretrained!r}: not a file, and not a torchvision weights name "
+                     f"such as 'ResNet50_Weights.IMAGENET1K_V2'")
+
+
+def load_torchvision_state_dict(module: nn.Module, sd: dict, where: str) -> None:
+    """Load a torchvision-format ResNet state_dict, strict except fc.* (and num_batches_tracked)."""
+    result = module.load_state_dict(sd, strict=False)
+    # num_batches_tracked is absent from some old torchvision weights and from FrozenBatchNorm2d
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"{where}: not a state_dict of this architecture: missing keys {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def freeze_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same affine params and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, k).copy_(getattr(child, k).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_bn(child)
+    return module
+
+
+def _build_backbone(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> Backbone:
+    if arch not in BACKBONES:
+        raise ValueError(f"model.arch: unknown {arch!r} (choose from {sorted(BACKBONES)})")
+    backbone = Backbone(BACKBONES[arch](weights=None), arch)  # never downloads; weights come from `sd`
+    if sd is not None:
+        load_torchvision_state_dict(backbone, sd, where)
+    return freeze_bn(backbone) if frozen_bn else backbone
+
+
+def build_backbone(arch: str, pretrained: str = "", frozen_bn: bool = False) -> Backbone:
+    """A Backbone of `arch`: random (""), from a torchvision-format state_dict file, or a weights name."""
+    return _build_backbone(arch, _pretrained_state_dict(pretrained), frozen_bn, pretrained)
+
+
+# ----------------------------------------------------------------------------
+# reconciliation layers
+#
+# Every variant is a module with `.stages` (the stages it acts on) and `.into`
+# (a ModuleDict: target task -> the modules that feed that task), called as
+#     rl(target, l, own, inputs) -> new x_t^l
+# where own = x_t^l and inputs[u][k] = x_u^k (already stop-gradiented) for
+# every other task u and k <= l.
+
+def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    # gamma = beta = 0: the path outputs exactly 0 at init, so the expanded model
+    # starts as T independent backbones (each its own single-task expert)
+    nn.init.zeros_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
+def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
+    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain."""
+    if k == l:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+    if k > l:  # lower-resolution input (never used by ExpandedNet, which only looks back: k <= l)
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)),
+                             nn.Upsample(scale_factor=2 ** (k - l), mode="nearest"))
+    layers = []
+    for i in range(l - k):  # each 3x3 stride-2 conv halves the resolution; ReLU between, not after the last
+        last = i == l - k - 1
+        layers += [nn.Conv2d(c_in, c_out if last else c_in, 3, stride=2, padding=1, bias=False),
+                   _zero_bn(nn.BatchNorm2d(c_out)) if last else nn.BatchNorm2d(c_in)]
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Reconcile(nn.Module):
+    """Base class: no stages, nothing added (this is also the `none` variant)."""
+
+    def __init__(self, tasks: list[str], channels: dict[str, int], stages):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.stages = tuple(sorted(stages)) if len(tasks) > 1 else ()  # one task: nothing to reconcile
+        self.into = nn.ModuleDict({t: nn.ModuleDict() for t in tasks})
+
+    def forward(self, target: str, l: int, own: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return own
+
+
+class NoReconcile(Reconcile):
+    """`none`: independent task-specific backbones (the ablation baseline)."""
+
+    def __init__(self, tasks, channels, stages):
+        super().__init__(tasks, channels, ())
+
+
+class HRNetReconcile(Reconcile):
+    """`hrnet`: every earlier-or-same stage of every other branch, resampled to stage l and summed."""
+
+    def __init__(self, tasks, channels, stages):
+        super().__init__(tasks, channels, stages)
+        for t in tasks:
+            for l in self.stages:
+                self.into[t][f"layer{l}"] = nn.ModuleDict({
+                    f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], channels[f"layer{l}"], k, l)
+                    for u in tasks if u != t for k in range(1, l + 1)})
+
+    def forward(self, target, l, own, inputs):
+        paths = self.into[target][f"layer{l}"]
+        return own + sum(paths[f"{u}_layer{k}"](inputs[u][k]) for u in inputs for k in range(1, l + 1))
+
+
+class ScalarPath(nn.Module):
+    """alpha * conv1x1(x), alpha a learnable scalar that starts at 0 (zero output at init)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.alpha * self.conv(x)
+
+
+class ScalarReconcile(Reconcile):
+    """`scalar`: same-stage features only, each through a 1x1 conv times a scalar (init 0)."""
+
+    def __init__(self, tasks, channels, stages):
+        super().__init__(tasks, channels, stages)
+        for t in tasks:
+            for l in self.stages:
+                self.into[t][f"layer{l}"] = nn.ModuleDict(
+                    {u: ScalarPath(channels[f"layer{l}"]) for u in tasks if u != t})
+
+    def forward(self, target, l, own, inputs):
+        paths = self.into[target][f"layer{l}"]
+        return own + sum(paths[u](inputs[u][l]) for u in inputs)
+
+
+class CrossStitchUnit(nn.Module):
+    """Channel-wise linear mix of the T same-stage features into branch `target`.
+
+    weight[i, c] is the coefficient of task i's channel c; it starts as the
+    identity (own row 1, others 0), so at init the branch sees only itself.
+    Needs equal channels across branches, which holds: they share the arch."""
+
+    def __init__(self, tasks: list[str], target: str, c: int):
+        super().__init__()
+        self.tasks = list(tasks)
+        weight = torch.zeros(len(tasks), c)
+        weight[self.tasks.index(target)] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, xs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weight[i].view(1, -1, 1, 1) * xs[u] for i, u in enumerate(self.tasks))
+
+
+class CrossStitchReconcile(Reconcile):
+    """`cross_stitch` (Misra et al. 2016): x_t^l <- sum_u a_{t,u} * x_u^l, channel-wise, init identity."""
+
+    def __init__(self, tasks, channels, stages):
+        super().__init__(tasks, channels, stages)
+        for t in tasks:
+            for l in self.stages:
+                self.into[t][f"layer{l}"] = CrossStitchUnit(tasks, t, channels[f"layer{l}"])
+
+    def forward(self, target, l, own, inputs):
+        return self.into[target][f"layer{l}"]({target: own, **{u: inputs[u][l] for u in inputs}})
+
+
+RECONCILE = {"hrnet": HRNetReconcile, "scalar": ScalarReconcile,
+             "cross_stitch": CrossStitchReconcile, "none": NoReconcile}
+
+
+# ----------------------------------------------------------------------------
+# the expanded backbone
+
+class ExpandedNet(nn.Module):
+    """T task branches of one ResNet arch, run stage by stage, linked by reconciliation layers.
+
+    `forward(x, task)` returns branch `task`'s features. With `detach` on, the
+    other branches run under torch.no_grad(): only branch `task` and the RLs
+    feeding it build a graph (the others' activations are not kept, and there is
+    no backward through them), and the other branches stop after the last
+    reconciled stage since nothing downstream reads them."""
+
+    def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
+                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False):
+        super().__init__()
+        if reconcile not in RECONCILE:
+            raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
+        bad = [l for l in stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        self.tasks, self.detach = list(tasks), detach
+        sd = _pretrained_state_dict(pretrained)  # read (or download) once for all branches
+        self.branches = nn.ModuleDict({t: _build_backbone(arch, sd, frozen_bn, pretrained) for t in tasks})
+        self.channels = self.branches[self.tasks[0]].channels
+        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages)
+
+    def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+        grad = torch.is_grad_enabled()
+        last = max(self.reconcile.stages, default=0)
+
+        def grad_mode(u):  # a branch whose graph nobody needs runs without one
+            return torch.set_grad_enabled(grad and (u in want or not self.detach))
+
+        def stop(t):
+            return t.detach() if self.detach else t
+
+        h = {}
+        for u in self.tasks:
+            if u not in want and not last:
+                continue  # no RL reads it: an unwanted branch need not run at all
+            with grad_mode(u):
+                h[u] = self.branches[u].stem(x)
+        feats = {u: {} for u in self.tasks}  # feats[u][l]: branch u's (reconciled) stage-l output
+        for l in range(1, 5):
+            active = [u for u in self.tasks if u in want or l <= last]
+            raw = {}
+            for u in active:
+                with grad_mode(u):
+                    raw[u] = self.branches[u].stage(l, h[u])
+            for u in active:
+                new = raw[u]
+                # a wanted branch is always reconciled; another one only if a later stage reads it
+                if l in self.reconcile.stages and (u in want or l < last):
+                    # other branches' stage k < l are their reconciled outputs; stage l is the raw
+                    # output of this same step, so all branches are reconciled from the same inputs
+                    inputs = {v: {k: stop(feats[v][k] if k < l else raw[v]) for k in range(1, l + 1)}
+                              for v in self.tasks if v != u}
+                    with grad_mode(u):
+                        new = self.reconcile(u, l, raw[u], inputs)
+                feats[u][l] = h[u] = new
+        return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
+
+    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        if task not in self.branches:
+            raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
+        return self._run(x, {task})[task]
+
+    def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Every branch's features (the squeeze teacher; usually called under no_grad)."""
+        out = self._run(x, set(self.tasks))
+        return {t: out[t] for t in self.tasks}
+
+
+# ----------------------------------------------------------------------------
+# the models
+
+class SourceOutput(NamedTuple):
+    """One source batch through a model: what the squeeze distiller needs besides the loss."""
+    loss: torch.Tensor                 # unweighted task loss
+    outputs: Optional[torch.Tensor]    # cls logits, else None
+    feats: dict                        # backbone features (stage -> Tensor)
+    images: torch.Tensor               # the tensor the backbone saw (det: resized, normalised, padded)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+class _MultiSourceModel(nn.Module):
+    """What XLearnerModel and SqueezedModel share: heads per task, the per-source loss loop, predict."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 channels: dict[str, int]):
+        super().__init__()
+        self.mcfg = mcfg
+        self.source_list = list(sources)
+        self.sources = {s.name: s for s in sources}
+        missing = [s.name for s in sources if s.name not in num_classes]
+        if missing:
+            raise ValueError(f"num_classes: no class count for sources {missing}")
+        self.num_classes = {s.name: int(num_classes[s.name]) for s in sources}
+        self.tasks = list(mcfg.tasks)
+        # a task without a source would leave its branch and head without gradient (DDP would fail)
+        no_source = [t for t in self.tasks if not any(s.task == t for s in sources)]
+        if no_source:
+            raise ValueError(f"model.tasks {no_source} have no source; remove them from model.tasks or add a source")
+        self.heads = nn.ModuleDict({
+            t: HEADS[t](mcfg, [s for s in sources if s.task == t], self.num_classes, channels) for t in self.tasks})
+
+    def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.mcfg.channels_last else x
+
+    def forward_source(self, batch: dict, source: str) -> SourceOutput:
+        task = self.sources[source].task
+        head = self.heads[task]
+        images, ctx = head.prepare(batch, source)
+        images = self._images(images)
+        feats = self.features(images, task)
+        loss, outputs = head.loss(feats, ctx, source)
+        return SourceOutput(loss, outputs, feats, images)
+
+    def forward(self, batch_by_source: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """Unweighted loss per source. Call once per step with a batch of every source (one DDP forward)."""
+        unknown = sorted(set(batch_by_source) - set(self.sources))
+        if unknown:
+            raise KeyError(f"batches for unknown sources {unknown}; sources are {sorted(self.sources)}")
+        return {name: self.forward_source(batch, name).loss for name, batch in batch_by_source.items()}
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L = sum_s w_s * L_s."""
+        if not losses:
+            raise ValueError("total_loss: no losses")
+        return sum(self.sources[s].weight * loss for s, loss in losses.items())
+
+    @torch.no_grad()
+    def predict(self, images, source: str):
+        """Inference on `images` as a batch holds them (Tensor for cls/seg, list of [0,1] images for det)."""
+        task = self.sources[source].task
+        head = self.heads[task]
+        x, ctx = head.prepare({"images": images}, source)
+        return head.predict(self.features(self._images(x), task), ctx, source)
+
+    def _head_report(self) -> list[str]:
+        lines = []
+        for t, head in self.heads.items():
+            preds = ", ".join(f"{s} {_fmt(_count(p))}" for s, p in head.predictors.items())
+            lines.append(f"  head {t}: neck {_fmt(_count(head) - _count(head.predictors))}; predictors: {preds}")
+        return lines
+
+
+class XLearnerModel(_MultiSourceModel):
+    """The expansion-stage model: an ExpandedNet (or one shared Backbone, the SSMT ablation) + task heads."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int]):
+        if mcfg.shared_backbone:
+            backbone = build_backbone(mcfg.arch, mcfg.pretrained, mcfg.frozen_bn)
+        else:
+            backbone = ExpandedNet(mcfg.arch, mcfg.tasks, mcfg.reconcile, mcfg.reconcile_stages,
+                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn)
+        super().__init__(mcfg, sources, num_classes, backbone.channels)
+        self.backbone = backbone
+        if mcfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        if self.mcfg.shared_backbone:
+            return self.backbone(x)
+        return self.backbone(x, task)
+
+    def report(self) -> str:
+        """Build-time report: parameters per branch / RL / head, and expanded-over-single MACs."""
+        m = self.mcfg
+        if m.shared_backbone:
+            lines = [f"XLearnerModel: one shared {m.arch} for tasks {self.tasks} (SSMT)",
+                     f"  backbone: {_fmt(_count(self.backbone))} params"]
+        else:
+            net = self.backbone
+            lines = [f"XLearnerModel: {m.arch} x {len(self.tasks)} branches {self.tasks}, reconcile={m.reconcile} "
+                     f"at layers {list(net.reconcile.stages)}, detach={m.reconcile_detach}"]
+            for t in self.tasks:
+                rl = "; ".join(f"{k} {_fmt(_count(v))}" for k, v in net.reconcile.into[t].items()) or "none"
+                lines.append(f"  branch {t}: {_fmt(_count(net.branches[t]))} params; RL into {t}: {rl}")
+        lines += self._head_report()
+        lines.append(f"  total: {_fmt(_count(self))} params")
+        lines.append(self._mac_report())
+        return "\n".join(lines)
+
+    def _mac_report(self) -> str:
+        """MACs of features(x, task) over one plain backbone, per source at its image_size (meta tensors: free)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def flops(module, fn, size):
+            x = torch.empty(1, 3, size, size, device="meta")
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                fn(module, x)
+            return counter.get_total_flops()
+
+        single = Backbone(BACKBONES[self.mcfg.arch](weights=None), self.mcfg.arch).to("meta").eval()
+        expanded = copy.deepcopy(self.backbone).to("meta").eval()
+        run = (lambda mod, x, t: mod(x)) if self.mcfg.shared_backbone else (lambda mod, x, t: mod(x, t))
+        parts, num, den = [], 0.0, 0.0
+        for s in self.source_list:  # det: a square image at the short side, an approximation of the real shape
+            f1 = flops(single, lambda mod, x: mod(x), s.image_size)
+            fe = flops(expanded, lambda mod, x: run(mod, x, s.task), s.image_size)
+            parts.append(f"{s.name}@{s.image_size}px {fe / f1:.2f}x")
+            num, den = num + s.batch_size * fe, den + s.batch_size * f1
+        return (f"  backbone MACs, expanded / single backbone: {num / den:.2f}x per step "
+                f"(batch-weighted; {', '.join(parts)})")
+
+
+class SqueezedModel(_MultiSourceModel):
+    """The squeeze-stage student: one Backbone, per-task 1x1 adapters, and task heads.
+
+    adapters[task][f"layer{l}"] maps the student's stage-l feature to the
+    teacher branch's channel count for feature distillation (DESIGN.md §1).
+    They start as the identity (channels are equal: same arch), so the
+    distillation loss starts by comparing the student with the teacher as they
+    are, and a student initialised from a branch (task:<name>) starts at a low
+    loss for that task, instead of first having to undo a random projection."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 distill_stages=(2, 3, 4)):
+        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
+        super().__init__(mcfg, sources, num_classes, backbone.channels)
+        self.backbone = backbone
+        self.distill_stages = [int(l) for l in distill_stages]
+        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        self.adapters = nn.ModuleDict()
+        for t in self.tasks:
+            self.adapters[t] = nn.ModuleDict()
+            for l in self.distill_stages:
+                c = backbone.channels[f"layer{l}"]
+                conv = nn.Conv2d(c, c, 1, bias=False)
+                with torch.no_grad():
+                    conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+                self.adapters[t][f"layer{l}"] = conv
+        if mcfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone(x)  # one backbone for every task
+
+    def adapt(self, feats: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+        """Student features mapped into teacher branch `task`'s space, for the distill stages."""
+        return {k: conv(feats[k]) for k, conv in self.adapters[task].items()}
+
+    @classmethod
+    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
+                      distill_stages=(2, 3, 4)) -> "SqueezedModel":
+        """A student for `teacher`: heads copied, backbone per `student_init` (task:<name> | mean | scratch | path)."""
+        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
+        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, distill_stages)
+        model.heads.load_state_dict(teacher.heads.state_dict())
+        if teacher.mcfg.shared_backbone:
+            branches = {t: teacher.backbone for t in teacher.tasks}
+        else:
+            branches = dict(teacher.backbone.branches.items())
+        init = student_init or f"task:{teacher.tasks[0]}"
+        if init.startswith("task:"):
+            name = init[len("task:"):]
+            if name not in branches:
+                raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
+            model.backbone.load_state_dict(branches[name].state_dict())
+        elif init == "mean":
+            sds = [b.state_dict() for b in branches.values()]
+            avg = {}
+            for k in sds[0]:
+                vals = torch.stack([sd[k] for sd in sds])
+                # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
+                avg[k] = vals.mean(0) if vals.is_floating_point() else vals.max(0).values
+            model.backbone.load_state_dict(avg)
+        elif init == "scratch":
+            pass
+        elif Path(init).is_file():
+            load_torchvision_state_dict(model.backbone, _pretrained_state_dict(init), init)
+        else:
+            raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
+                             f"or the path of a torchvision-format state_dict")
+        device = next(teacher.parameters()).device
+        return model.to(device)
+
+
+# ----------------------------------------------------------------------------
+# export and rebuild
+
+def backbone_state_dict(model: nn.Module, branch: str | None = None) -> dict[str, torch.Tensor]:
+    """A plain torchvision-format state_dict (no fc.*) of a model's backbone.
+
+    SqueezedModel: the student. XLearnerModel: branch `branch` (default: the
+    first task), or the shared backbone. A Backbone is exported as is.
+    FrozenBatchNorm2d has no num_batches_tracked; we add it (0) so the keys are
+    exactly those of torchvision.models.<arch>() minus fc.weight and fc.bias."""
+    model = getattr(model, "module", model)  # DDP
+    if isinstance(model, SqueezedModel):
+        if branch:
+            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
+        backbone = model.backbone
+    elif isinstance(model, XLearnerModel) and model.mcfg.shared_backbone:
+        if branch and branch not in model.tasks:
+            raise ValueError(f"branch {branch!r}: tasks are {model.tasks}")
+        backbone = model.backbone
+    elif isinstance(model, XLearnerModel):
+        branches = model.backbone.branches
+        branch = branch or model.tasks[0]
+        if branch not in branches:
+            raise ValueError(f"branch {branch!r}: the expanded model's branches are {list(branches)}")
+        backbone = branches[branch]
+    elif isinstance(model, Backbone):
+        backbone = model
+    else:
+        raise TypeError(f"backbone_state_dict: expected XLearnerModel, SqueezedModel or Backbone, "
+                        f"got {type(model).__name__}")
+    sd = backbone.state_dict()
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.detach().cpu().clone()
+        if k.endswith(".running_var"):
+            nbt = k[: -len("running_var")] + "num_batches_tracked"
+            if nbt not in sd:
+                out[nbt] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    out = {}
+    for k, v in sd.items():
+        for p in ("module.", "_orig_mod."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def model_from_checkpoint(ckpt: dict) -> XLearnerModel | SqueezedModel:
+    """Rebuild the model of a run checkpoint {"model", "config", "meta"} and load its weights (eval mode)."""
+    for key in ("model", "config", "meta"):
+        if key not in ckpt:
+            raise ValueError(f"not a run checkpoint: no {key!r} entry (keys: {sorted(ckpt)})")
+    cfg = config_from_dict(ckpt["config"])
+    meta = ckpt["meta"]
+    # the weights come from the checkpoint: do not read (or download) `pretrained` again
+    mcfg = dataclasses.replace(cfg.model, pretrained="")
+    kind = meta.get("kind")
+    if kind == "expanded":
+        model = XLearnerModel(mcfg, cfg.sources, meta["num_classes"])
+    elif kind == "squeezed":
+        stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
+        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages)
+    else:
+        raise ValueError(f"checkpoint meta.kind: expected 'expanded' or 'squeezed', got {kind!r}")
+    model.load_state_dict(_strip_prefixes(ckpt["model"]))
+    return model.eval()
