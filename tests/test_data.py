@@ -369,7 +369,12 @@ def test_fashion_mnist_from_local_idx_files(tmp_path, monkeypatch):
         _write_idx(src_dir / f"{s}-labels-idx1-ubyte.gz", labels[s], 0x801)
     monkeypatch.setenv("XLEARNER_CACHE", str(tmp_path / "cache"))
     src = SourceConfig(name="FashionMNIST", task="cls", format="torchvision", root=str(src_dir), image_size=28)
-    for root in (src_dir, prepare_mnist_like(src_dir, tmp_path / "tv")):  # .gz folder, or torchvision's layout
+    inplace = tmp_path / "inplace/FashionMNIST/raw"  # torchvision's layout, still gzipped
+    inplace.mkdir(parents=True)
+    for gz in src_dir.iterdir():
+        (inplace / gz.name).write_bytes(gz.read_bytes())
+    # a folder of .gz files (Debian's), torchvision's layout unpacked by hand, or still gzipped
+    for root in (src_dir, prepare_mnist_like(src_dir, tmp_path / "tv"), tmp_path / "inplace"):
         src.root = str(root)
         train, val = build_dataset(src, "train", train=False), build_dataset(src, "val", train=False)
         assert (len(train), len(val)) == (6, 4) and train.num_classes == 10 and train.classes[0] == "T-shirt/top"
@@ -379,6 +384,7 @@ def test_fashion_mnist_from_local_idx_files(tmp_path, monkeypatch):
         assert torch.allclose(pixels[0], pixels[2], atol=1e-5)  # gray became 3 equal channels
         assert torch.allclose(pixels[0] * 255, torch.from_numpy(images["t10k"][3]).float(), atol=1e-3)
     assert (tmp_path / "tv/FashionMNIST/raw/train-images-idx3-ubyte").is_file()
+    assert (inplace / "t10k-labels-idx1-ubyte").is_file() and any((tmp_path / "cache").rglob("*-ubyte"))
     assert not check_data([src])
     missing = SourceConfig(name="FashionMNIST", format="torchvision", root=str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="could not be opened"):
@@ -433,3 +439,24 @@ def test_bench_loader_runs(tmp_path):
     cfg.expand.workers = 0
     res = bench_loader(cfg, steps=4, rounds=1)
     assert res["bench"] == "loader" and res["multi_images_per_s"] > 0 and res["ratio"] > 0
+
+
+def test_demo_world_is_clean_and_loads(demo_config):
+    """The demo generator's files pass every check, and one step has the shapes of the contract."""
+    assert check_data(demo_config.sources + demo_config.transfer.datasets) == []
+    for s in demo_config.sources:
+        s.batch_size = 2
+    datasets = {s.name: build_dataset(s, "train", train=True) for s in demo_config.sources}
+    step = next(MultiSourceLoader(demo_config.sources, datasets, workers=0))
+    for s in demo_config.sources:
+        b, S = step[s.name], s.image_size
+        if s.task == "cls":
+            assert b["images"].shape == (2, 3, S, S) and b["labels"].shape == (2,)
+        elif s.task == "det":
+            assert len(b["images"]) == 2 and all(t["boxes"].shape[1] == 4 and len(t["labels"]) == len(t["boxes"])
+                                                 for t in b["targets"])
+            assert all(1 <= int(l) <= datasets[s.name].num_classes for t in b["targets"] for l in t["labels"])
+        else:
+            assert b["images"].shape == (2, 3, S, S) and b["masks"].shape == (2, S, S)
+            valid = b["masks"][b["masks"] != s.ignore_index]
+            assert valid.min() >= 0 and valid.max() < s.num_classes

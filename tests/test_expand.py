@@ -86,6 +86,8 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, world):
         sets += ["--set", f"sources.{s}.batch_size=8"]
     for s in ("shapes-det", "colors-det", "shapes-seg"):
         sets += ["--set", f"sources.{s}.batch_size=2"]
+    for s, size in (("shapes-cls", 32), ("texture-cls", 32), ("shapes-det", 64), ("colors-det", 64), ("shapes-seg", 32)):
+        sets += ["--set", f"sources.{s}.image_size={size}"]
     run("expand", "--config", str(toml), "--out", str(tmp_path / "full"), *sets)
     code = run_and_signal("expand", "--config", str(toml), "--out", str(tmp_path / "cut"), *sets,
                           log=tmp_path / "cut" / "log.jsonl", after_step=2)

@@ -129,8 +129,8 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device).train()
     tasks = list(teacher.heads)
     # Floor: the student's plain ResNet (keyed by every task, one module) plus T teacher-branch stand-ins.
-    student_bb = plain_backbone(teacher.arch)
-    teacher_bbs = [plain_backbone(teacher.arch).eval() for _ in tasks]
+    student_bb = plain_backbone(teacher.mcfg.arch)
+    teacher_bbs = [plain_backbone(teacher.mcfg.arch).eval() for _ in tasks]
     floor_bb = nn.ModuleDict({t: student_bb for t in tasks}).to(device)
     teacher_bbs = nn.ModuleList(teacher_bbs).to(device)
     floor_heads = copy.deepcopy(student.heads).to(device)
@@ -140,4 +140,4 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
         "floor": _train_step(None, floor_loss, engine.build_optimizer(nn.ModuleList([student_bb, floor_heads]), sq), sq, device),
     }
     times = _alternate(fns, batches, steps, device)
-    return _result("squeeze", times, max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=teacher.arch)
+    return _result("squeeze", times, max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=teacher.mcfg.arch)

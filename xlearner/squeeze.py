@@ -87,6 +87,7 @@ class Distiller(nn.Module):
             task, name = src.task, src.name
             head = self.student.heads[task]
             x, ctx = head.prepare(batch_by_source[name], name)
+            x = self.student._images(x)  # channels_last when configured
             feats = self.student.backbone(x)
             task_loss, logits = head.loss(feats, ctx, name)
             with torch.no_grad():
@@ -126,6 +127,10 @@ def load_teacher(path: str | Path, cfg: Config) -> tuple[XLearnerModel, dict]:
         if s.num_classes and s.num_classes != meta["num_classes"][s.name]:
             raise CheckpointError(f"{path}: source '{s.name}' has {meta['num_classes'][s.name]} classes in the "
                                   f"teacher but num_classes = {s.num_classes} here")
+    extra = sorted(set(teacher_sources) - {s.name for s in cfg.sources})
+    if extra:  # the student copies every teacher head; each needs its source's batches (DDP, no unused params)
+        raise CheckpointError(f"{path}: the teacher has sources {extra} that the squeeze config lacks; "
+                              "squeeze uses the same [[sources]] as the expand run")
     teacher = model_from_checkpoint(ckpt)
     return teacher, meta
 
@@ -164,11 +169,11 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
         last["step"], last["metrics"] = step, student_eval(step)
         return last["metrics"]
 
-    meta = {"kind": "squeezed", "num_classes": num_classes, "arch": teacher.arch, "teacher": str(teacher_path),
+    meta = {"kind": "squeezed", "num_classes": num_classes, "arch": teacher.mcfg.arch, "teacher": str(teacher_path),
             "distill_stages": list(sq.distill_stages), "student_init": init, "tasks": list(teacher.tasks)}
     engine.train(engine.Run(
         model=distiller, loader=loader, tc=sq, config=cfg, device=device, meta=meta, ckpt_module=student,
-        evaluate=evaluate, images_per_step=images_per_step(cfg.sources), report=student.report(), stage="squeeze"))
+        evaluate=evaluate, images_per_step=images_per_step(cfg.sources), report=student_report(student, init), stage="squeeze"))
 
     backbone_path = out / "backbone.pth"
     if dist.is_main_process():
@@ -179,6 +184,12 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
         dist.log(f"[squeeze] exported the student backbone to {backbone_path}")
     dist.barrier()
     return backbone_path
+
+
+def student_report(student: SqueezedModel, init: str) -> str:
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    return (f"SqueezedModel: one {student.mcfg.arch} ({count(student.backbone):.2f}M params, init {init}); "
+            f"adapters {count(student.adapters):.2f}M (discarded after squeeze); heads {count(student.heads):.2f}M")
 
 
 def format_side_by_side(student: dict, teacher: dict) -> str:

@@ -1,0 +1,395 @@
+"""Tests for xlearner/model.py and xlearner/heads.py. CPU only, small inputs, no downloads."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from xlearner.config import Config, ModelConfig, SourceConfig
+from xlearner.heads import DetHead, SegHead
+from xlearner.model import (RECONCILE, Backbone, ExpandedNet, SqueezedModel, XLearnerModel,
+                            backbone_state_dict, build_backbone, model_from_checkpoint)
+
+TASKS = ["cls", "det", "seg"]
+# small detection sizes: the torchvision defaults are meant for 800 px images
+SMALL_DET = dict(fpn_channels=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50,
+                 rpn_batch_size_per_image=32, box_batch_size_per_image=16, box_head_dim=64, seg_channels=16)
+SOURCES = [SourceConfig(name="cls_a", task="cls", image_size=64),
+           SourceConfig(name="cls_b", task="cls", image_size=64, multi_label=True, weight=0.5),
+           SourceConfig(name="det_a", task="det", image_size=64),
+           SourceConfig(name="seg_a", task="seg", image_size=64)]
+NUM_CLASSES = {"cls_a": 5, "cls_b": 3, "det_a": 4, "seg_a": 6}
+
+
+def make_model(reconcile="hrnet", detach=True, **kw) -> XLearnerModel:
+    return XLearnerModel(ModelConfig(reconcile=reconcile, reconcile_detach=detach, **SMALL_DET, **kw),
+                         SOURCES, NUM_CLASSES)
+
+
+def make_batches(sources=("cls_a", "cls_b", "det_a", "seg_a"), seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "cls_a": {"images": torch.randn(2, 3, 64, 64, generator=g), "labels": torch.tensor([1, 4])},
+        "cls_b": {"images": torch.randn(2, 3, 64, 64, generator=g),
+                  "labels": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])},
+        "det_a": {"images": [torch.rand(3, 60, 64, generator=g), torch.rand(3, 64, 50, generator=g)],
+                  "targets": [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+                              {"boxes": torch.tensor([[2.0, 3.0, 30.0, 33.0], [20.0, 10.0, 48.0, 60.0]]),
+                               "labels": torch.tensor([2, 4])}]},
+        "seg_a": {"images": torch.randn(2, 3, 64, 64, generator=g),
+                  "masks": torch.randint(0, 6, (2, 64, 64), generator=g)},
+    }
+    return {k: out[k] for k in sources}
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------
+# expanded backbone
+
+@pytest.mark.parametrize("reconcile", sorted(RECONCILE))
+def test_zero_init_equals_independent_torchvision_backbones(reconcile):
+    torch.manual_seed(0)
+    net = ExpandedNet("resnet18", TASKS, reconcile, (1, 2, 3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        everything = net.forward_all(x)
+        for t in TASKS:
+            ref = torchvision.models.resnet18(weights=None).eval()
+            missing, unexpected = ref.load_state_dict(net.branches[t].state_dict(), strict=False)
+            assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+            h = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+            mine = net(x, t)
+            for l in range(1, 5):
+                h = getattr(ref, f"layer{l}")(h)
+                torch.testing.assert_close(mine[f"layer{l}"], h, atol=1e-6, rtol=0)
+                torch.testing.assert_close(everything[t][f"layer{l}"], h, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("reconcile", ["hrnet", "scalar", "cross_stitch"])
+def test_detach_keeps_other_branches_gradient_free(reconcile):
+    torch.manual_seed(0)
+    model = make_model(reconcile, detach=True)
+    model.total_loss(model(make_batches(["cls_a"]))).backward()
+    net = model.backbone
+    assert grad_norm(net.branches["cls"]) > 0
+    for t in ("det", "seg"):
+        assert grad_norm(net.branches[t]) == 0
+        assert grad_norm(net.reconcile.into[t]) == 0
+    # every R feeding cls gets a gradient (at zero init, at least through its last BN / scalar / mix)
+    feeding = net.reconcile.into["cls"]
+    for name, sub in feeding.items():
+        assert grad_norm(sub) > 0, name
+    for p in feeding.parameters():
+        assert p.grad is not None
+
+
+@pytest.mark.parametrize("reconcile", ["hrnet", "scalar", "cross_stitch"])
+def test_detach_off_lets_gradient_into_other_branches(reconcile):
+    torch.manual_seed(0)
+    model = make_model(reconcile, detach=False)
+    with torch.no_grad():  # at zero init the RL blocks the gradient to its inputs: open it
+        for p in model.backbone.reconcile.parameters():
+            p.add_(0.1)
+    model.total_loss(model(make_batches(["cls_a"]))).backward()
+    for t in TASKS:
+        assert grad_norm(model.backbone.branches[t]) > 0, t
+
+
+@pytest.mark.parametrize("reconcile", ["hrnet", "scalar", "cross_stitch"])
+def test_one_step_makes_the_rl_matter(reconcile):
+    torch.manual_seed(0)
+    model = make_model(reconcile)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.total_loss(model(make_batches(["cls_a", "det_a", "seg_a"]))).backward()
+    opt.step()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for t in TASKS:
+            with_rl = model.backbone(x, t)
+            alone = model.backbone.branches[t](x)  # the same branch with no reconciliation
+            diffs = [float((with_rl[k] - alone[k]).abs().max()) for k in alone]
+            assert max(diffs) > 1e-4, (t, diffs)
+
+
+def test_other_branches_stop_after_last_reconciled_stage():
+    net = ExpandedNet("resnet18", TASKS, "hrnet", (1, 2)).eval()
+    calls = []
+    for t in TASKS:
+        net.branches[t].layer4.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64), "det")
+    assert calls == ["det"]
+
+
+# ----------------------------------------------------------------------------
+# heads and the full model
+
+def test_every_trainable_parameter_gets_a_gradient():
+    """DDP with find_unused_parameters=False needs every parameter used in the one forward."""
+    torch.manual_seed(0)
+    model = make_model("hrnet")
+    losses = model(make_batches())
+    assert set(losses) == set(NUM_CLASSES)
+    assert all(torch.isfinite(v) for v in losses.values())
+    total = model.total_loss(losses)
+    torch.testing.assert_close(total, sum(s.weight * losses[s.name] for s in SOURCES))
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_shared_backbone_and_predict_shapes():
+    torch.manual_seed(0)
+    model = make_model(shared_backbone=True, channels_last=True)
+    assert isinstance(model.backbone, Backbone)
+    model.total_loss(model(make_batches())).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    b = make_batches()
+    assert model.predict(b["cls_a"]["images"], "cls_a").shape == (2, 5)
+    assert model.predict(b["seg_a"]["images"], "seg_a").shape == (2, 6, 64, 64)
+    dets = model.predict(b["det_a"]["images"], "det_a")
+    assert len(dets) == 2 and set(dets[0]) == {"boxes", "scores", "labels"}
+    assert "shared" in model.report() or "SSMT" in model.report()
+
+
+def test_report_mentions_branches_rls_heads_and_macs():
+    text = make_model("hrnet").report()
+    for word in ("branch cls", "RL into det", "head seg", "MACs"):
+        assert word in text, word
+
+
+def test_seg_logits_at_input_size_and_ignore_index():
+    torch.manual_seed(0)
+    mcfg = ModelConfig(**SMALL_DET)
+    src = SourceConfig(name="s", task="seg", image_size=40, ignore_index=255)
+    backbone = build_backbone("resnet18")
+    for kind in ("fpn", "deeplab"):
+        head = SegHead(ModelConfig(**{**SMALL_DET, "seg_head": kind}), [src], {"s": 4}, backbone.channels).eval()
+        images = torch.randn(2, 3, 40, 52)  # not a multiple of 32
+        masks = torch.randint(0, 4, (2, 40, 52))
+        masks[:, :10] = 255
+        x, ctx = head.prepare({"images": images, "masks": masks}, "s")
+        feats = backbone(x)
+        assert head.predict(feats, ctx, "s").shape == (2, 4, 40, 52)
+        loss, _ = head.loss(feats, ctx, "s")
+        # changing the labels of ignored pixels, or the logits there, does not change the loss
+        logits = head.logits(feats, ctx, "s")
+        ref = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
+        torch.testing.assert_close(loss, ref)
+        logits2 = logits.clone()
+        logits2[:, :, :10] = torch.randn_like(logits2[:, :, :10]) * 10
+        ref2 = torch.nn.functional.cross_entropy(logits2, masks, ignore_index=255)
+        torch.testing.assert_close(ref, ref2)
+        masks2 = masks.clone()
+        masks2[:, :10] = 255  # already ignored: same
+        loss2, _ = head.loss(feats, {**ctx, "masks": masks2}, "s")
+        torch.testing.assert_close(loss, loss2)
+        # all ignored: 0, not nan, and still differentiable (DDP sees the parameters used)
+        head.train()
+        loss3, _ = head.loss(backbone(x), {**ctx, "masks": torch.full_like(masks, 255)}, "s")
+        assert loss3.detach().item() == 0.0 and loss3.requires_grad
+        loss3.backward()
+        assert all(p.grad is not None for p in head.parameters())
+    assert mcfg.seg_head == "fpn"
+
+
+def _det_head_from_torchvision(tv, mcfg, src_name):
+    """Our Backbone + DetHead carrying the weights of a torchvision Faster R-CNN."""
+    sd = tv.state_dict()
+    backbone = build_backbone("resnet50")
+    backbone.load_state_dict({k[len("backbone.body."):]: v for k, v in sd.items()
+                              if k.startswith("backbone.body.")})
+    src = SourceConfig(name=src_name, task="det", image_size=tv.transform.min_size[0])
+    head = DetHead(mcfg, [src], {src_name: 90}, backbone.channels)
+    mapped = {}
+    for k, v in sd.items():
+        if k.startswith("backbone.fpn."):
+            mapped["fpn." + k[len("backbone.fpn."):]] = v
+        elif k.startswith("rpn.") or k.startswith("roi_heads.box_head."):
+            mapped[k] = v
+        elif k.startswith("roi_heads.box_predictor."):
+            mapped[f"predictors.{src_name}." + k[len("roi_heads.box_predictor."):]] = v
+    head.load_state_dict(mapped)  # strict: every one of our parameters comes from torchvision
+    return backbone, head
+
+
+def test_det_head_equals_torchvision_faster_rcnn():
+    torch.manual_seed(0)
+    size = 128  # torchvision's ratio max_size = size * 1333 / 800; 800 px would be slow on CPU
+    # torchvision's sizes, except fewer proposals and RoIs (the box head dominates the CPU time)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=size,
+                                 max_size=int(size * 1333 / 800), box_score_thresh=0.0,
+                                 rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
+                                 rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=150,
+                                 box_batch_size_per_image=128)
+    mcfg = ModelConfig(arch="resnet50", rpn_pre_nms_top_n=600, rpn_post_nms_top_n=300, box_batch_size_per_image=128)
+    backbone, head = _det_head_from_torchvision(tv, mcfg, "coco")
+    head.roi_heads.score_thresh = 0.0  # random weights: every score is ~1/91, below the 0.05 default
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 120, 150, generator=g), torch.rand(3, 140, 100, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 80.0, 90.0]]), "labels": torch.tensor([3])},
+               {"boxes": torch.tensor([[5.0, 5.0, 60.0, 50.0], [30.0, 40.0, 95.0, 130.0]]),
+                "labels": torch.tensor([1, 7])}]
+    batch = {"images": images, "targets": targets}
+
+    tv.eval(), backbone.eval(), head.eval()
+    with torch.no_grad():
+        expected = tv(images)
+        x, ctx = head.prepare({"images": images}, "coco")
+        got = head.predict(backbone(x), ctx, "coco")
+    for e, o in zip(expected, got):
+        assert len(o["boxes"]) > 0
+        torch.testing.assert_close(o["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(o["scores"], e["scores"], atol=1e-5, rtol=1e-4)
+        assert torch.equal(o["labels"], e["labels"])
+
+    tv.train(), backbone.train(), head.train()
+    torch.manual_seed(123)
+    expected = tv(images, copy.deepcopy(targets))
+    torch.manual_seed(123)
+    x, ctx = head.prepare(batch, "coco")
+    got = head.loss_dict(backbone(x), ctx, "coco")
+    assert list(got) == list(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-4)
+    assert targets[0]["boxes"].tolist() == [[10.0, 12.0, 80.0, 90.0]]  # the batch is not modified
+
+
+# ----------------------------------------------------------------------------
+# backbones and export
+
+def test_build_backbone_pretrained_file_and_errors(tmp_path):
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(tv.state_dict(), path)
+    bb = build_backbone("resnet18", str(path), frozen_bn=True)
+    assert isinstance(bb.bn1, torchvision.ops.FrozenBatchNorm2d)
+    torch.testing.assert_close(bb.layer2[0].bn1.running_var, tv.layer2[0].bn1.running_var)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="r34.pth"):
+        build_backbone("resnet18", str(tmp_path / "r34.pth"))
+    with pytest.raises(ValueError, match="not a file"):
+        build_backbone("resnet18", str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="not a torchvision weights name"):
+        build_backbone("resnet18", "ResNet18_Weights.NO_SUCH_WEIGHTS")  # fails before any download
+    with pytest.raises(ValueError, match="unknown"):
+        build_backbone("vgg16")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_export_round_trip(arch, frozen_bn):
+    torch.manual_seed(0)
+    bb = build_backbone(arch, frozen_bn=frozen_bn)
+    with torch.no_grad():  # non-trivial BN statistics, so that a lost buffer would show
+        for m in bb.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    sd = backbone_state_dict(bb)
+    ref = getattr(torchvision.models, arch)(weights=None)
+    result = ref.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    bb.eval(), ref.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = bb(x)
+        ref_l4 = torch.nn.Sequential(*list(ref.children())[:-2])(x)
+    for k, v in bb.state_dict().items():  # the export is exact ...
+        assert torch.equal(sd[k], v), k
+    # ... FrozenBatchNorm2d folds the statistics into one scale and shift, so it rounds differently
+    atol = 1e-5 * float(ref_l4.abs().max()) if frozen_bn else 1e-6
+    torch.testing.assert_close(feats["layer4"], ref_l4, atol=atol, rtol=0)
+
+
+def test_export_branches_of_expanded_model():
+    model = make_model()
+    with pytest.raises(ValueError, match="branch"):
+        backbone_state_dict(model, "nope")
+    sd = backbone_state_dict(model, "det")
+    for k, v in model.backbone.branches["det"].state_dict().items():
+        assert torch.equal(sd[k], v)
+    first = backbone_state_dict(model)
+    assert torch.equal(first["conv1.weight"], model.backbone.branches["cls"].conv1.weight)
+
+
+# ----------------------------------------------------------------------------
+# squeeze
+
+def test_squeezed_model_mean_init_and_api():
+    torch.manual_seed(0)
+    teacher = make_model("hrnet")
+    with torch.no_grad():  # make the branches (weights and BN statistics) differ
+        for t in TASKS:
+            for name, b in teacher.backbone.branches[t].named_buffers():
+                if b.is_floating_point():
+                    b.uniform_(0.5, 1.5)
+            teacher.backbone.branches[t].layer1[0].bn1.num_batches_tracked.fill_(TASKS.index(t) + 3)
+    student = SqueezedModel.from_expanded(teacher, "mean", [2, 3, 4])
+    sds = [teacher.backbone.branches[t].state_dict() for t in TASKS]
+    for k, v in student.backbone.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(sd[k] for sd in sds) / 3)
+    assert int(student.backbone.layer1[0].bn1.num_batches_tracked) == 5
+    # heads are copies, not shared
+    for (k, a), b in zip(teacher.heads.state_dict().items(), student.heads.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert student.heads["cls"].predictors["cls_a"].weight is not teacher.heads["cls"].predictors["cls_a"].weight
+    # adapters: identity at init
+    x = torch.randn(2, 3, 64, 64)
+    feats = student.features(x, "cls")
+    adapted = student.adapt(feats, "det")
+    assert set(adapted) == {"layer2", "layer3", "layer4"}
+    torch.testing.assert_close(adapted["layer3"], feats["layer3"])
+    losses = student(make_batches())
+    assert set(losses) == set(NUM_CLASSES)
+    student.total_loss(losses).backward()
+
+
+def test_squeezed_model_task_init_scratch_and_path(tmp_path):
+    torch.manual_seed(0)
+    teacher = make_model("scalar")
+    s = SqueezedModel.from_expanded(teacher, "task:seg")
+    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["seg"].conv1.weight)
+    s = SqueezedModel.from_expanded(teacher)  # default: the first task
+    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["cls"].conv1.weight)
+    s = SqueezedModel.from_expanded(teacher, "scratch")
+    assert not torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["cls"].conv1.weight)
+    path = tmp_path / "bb.pth"
+    torch.save(backbone_state_dict(teacher, "det"), path)
+    s = SqueezedModel.from_expanded(teacher, str(path))
+    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["det"].conv1.weight)
+    with pytest.raises(ValueError, match="student_init"):
+        SqueezedModel.from_expanded(teacher, "task:nope")
+    with pytest.raises(ValueError, match="student_init"):
+        SqueezedModel.from_expanded(teacher, "bogus")
+    shared = make_model(shared_backbone=True)
+    s = SqueezedModel.from_expanded(shared, "mean")
+    torch.testing.assert_close(s.backbone.conv1.weight, shared.backbone.conv1.weight)
+
+
+def test_model_from_checkpoint_round_trip():
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(**SMALL_DET), sources=copy.deepcopy(SOURCES))
+    model = XLearnerModel(cfg.model, cfg.sources, NUM_CLASSES)
+    ckpt = {"model": {"module." + k: v for k, v in model.state_dict().items()}, "config": cfg.to_dict(),
+            "meta": {"kind": "expanded", "num_classes": NUM_CLASSES}}
+    again = model_from_checkpoint(ckpt)
+    assert isinstance(again, XLearnerModel) and not again.training
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    student = SqueezedModel.from_expanded(model, "mean", [3, 4])
+    ckpt = {"model": student.state_dict(), "config": cfg.to_dict(),
+            "meta": {"kind": "squeezed", "num_classes": NUM_CLASSES, "distill_stages": [3, 4]}}
+    again = model_from_checkpoint(ckpt)
+    assert isinstance(again, SqueezedModel) and set(again.adapters["cls"]) == {"layer3", "layer4"}
+    with pytest.raises(ValueError, match="kind"):
+        model_from_checkpoint({**ckpt, "meta": {"kind": "what", "num_classes": NUM_CLASSES}})
