@@ -37,6 +37,8 @@ class ModelConfig:
     reconcile: str = "hrnet"            # hrnet | scalar | cross_stitch | none
     reconcile_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     reconcile_detach: bool = True       # stop gradients into the other branches
+    reconcile_width: float = 1.0        # hrnet: < 1 runs the 3x3 stride-2 chains as a bottleneck of
+                                        # width * C_out channels (1.0 = HRNet's full-width chains)
     shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
@@ -46,7 +48,7 @@ class ModelConfig:
     # demo config shrinks them (17x cheaper on CPU at 128 px).
     fpn_channels: int = 256
     rpn_pre_nms_top_n: int = 2000       # per image, train; eval uses half
-    rpn_post_nms_top_n: int = 1000      # per image, train; eval uses half
+    rpn_post_nms_top_n: int = 2000      # per image, train; eval uses half (torchvision: 2000 / 1000)
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 512 # RoIs sampled per image
     box_head_dim: int = 1024            # TwoMLPHead width

@@ -86,7 +86,12 @@ class SourceDataset(Dataset):
         self.num_classes = len(self.classes)  # det: without background
         self.transform = build_transform(src.task, train, src.image_size)
         if self.task == "det":
-            self.coco, self.cat_ids = reader.coco, list(reader.cat_ids)
+            self.cat_ids = list(reader.cat_ids)  # label i+1 <-> original category cat_ids[i]
+
+    @property
+    def coco(self):
+        """det: the pycocotools.COCO ground truth of this split (for VOC built on first use)."""
+        return self.reader.coco
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -149,9 +154,9 @@ def _collate(task: str, ignore_index: int, samples: list) -> dict:
     skipped = len(samples) - len(kept)
     if task == "det":  # variable image sizes and box counts: lists
         return {"images": [s[0] for s in kept], "targets": [s[1] for s in kept], "skipped": skipped}
-    if not kept:
-        return {"images": torch.zeros(0, 3, 1, 1), "labels" if task == "cls" else "masks": torch.zeros(0),
-                "skipped": skipped}
+    if not kept:  # every image undecodable: MultiSourceLoader moves on to the next batch
+        target_key = "labels" if task == "cls" else "masks"
+        return {"images": torch.zeros(0, 3, 1, 1), target_key: torch.zeros(0, dtype=torch.long), "skipped": skipped}
     if task == "cls":
         labels = [s[1] for s in kept]
         labels = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)
@@ -246,6 +251,9 @@ class MultiSourceLoader:
         st = self.state[src.name]
         sampler = ResumableBatchSampler(self.datasets[src.name], src.name, src.batch_size, rank=self.rank,
                                         world_size=self.world_size, seed=self.seed, **st)
+        if st["batch"] >= sampler.batches_per_epoch:  # a state from another batch size / world size
+            st["epoch"], st["batch"] = st["epoch"] + 1, 0
+            sampler.epoch, sampler.batch = st["epoch"], 0
         self._per_epoch[src.name] = sampler.batches_per_epoch
         loader = DataLoader(self.datasets[src.name], batch_sampler=sampler, num_workers=self.workers,
                             collate_fn=collate_fn(src.task, src.ignore_index), worker_init_fn=_worker_init,

@@ -298,8 +298,11 @@ def infer_num_classes(masks_dir: str, ignore_index: int) -> int:
     top = -1
     for e in os.scandir(masks_dir):
         if e.name.endswith(".png"):
-            with Image.open(e.path) as m:
-                values = np.unique(np.asarray(m))
+            try:
+                with Image.open(e.path) as m:
+                    values = np.unique(np.asarray(m))
+            except (OSError, SyntaxError, ValueError):
+                continue  # an unreadable mask is reported by load() / check_data, not here
             values = values[values != ignore_index]
             top = max(top, int(values.max()) if values.size else -1)
     return top + 1
@@ -318,7 +321,11 @@ class MaskReader(Reader):
         if self.problems:
             return
         if not num_classes:
-            num_classes = infer_num_classes(os.path.join(train_dir or split_dir, "masks"), ignore_index)
+            train_masks = os.path.join(train_dir or split_dir, "masks")
+            if not os.path.isdir(train_masks):
+                return self.problem(train_masks, "directory not found (needed to count classes: "
+                                                 "or set num_classes)")
+            num_classes = infer_num_classes(train_masks, ignore_index)
         self.num_classes = num_classes
         self.classes = [str(k) for k in range(num_classes)]
         images = {}
@@ -387,8 +394,7 @@ def _mnist_root(cls, root: str) -> str:
         return root
     for cand in (raw, Path(root)):
         if all((cand / f"{n}.gz").is_file() for n in needed):
-            parent = next(p for p in [raw, *raw.parents] if p.exists())
-            if cand == raw and os.access(parent, os.W_OK):
+            if cand == raw and os.access(raw, os.W_OK):  # unpack in place
                 return str(prepare_mnist_like(cand, root, cls.__name__))
             cache = Path(os.environ.get("XLEARNER_CACHE", "~/.cache/xlearner")).expanduser()
             key = hashlib.sha1(str(cand.resolve()).encode()).hexdigest()[:12]

@@ -42,7 +42,7 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int = 1) -> flo
         return float("nan")
     k = min(k, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
-    return 100.0 * (topk == target.view(-1, 1)).any(dim=1).float().mean().item()
+    return 100.0 * (topk == target.view(-1, 1)).any(dim=1).double().mean().item()
 
 
 def mean_per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
@@ -233,7 +233,7 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
             return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
         parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
         pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        res = {"top1": 100.0 * (pred == labels).float().mean().item() if len(labels) else float("nan")}
+        res = {"top1": 100.0 * (pred == labels).double().mean().item() if len(labels) else float("nan")}
         if src.metric == "mean_per_class":
             res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
         return res

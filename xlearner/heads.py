@@ -130,7 +130,7 @@ class DetHead(Head):
     Per source: the resize/normalise transform (it depends on the source's
     image_size; no parameters) and a FastRCNNPredictor with K+1 classes
     (index 0 = background). Sizes come from ModelConfig; the defaults there
-    equal torchvision's except rpn_post_nms_top_n (set 2000 to match it)."""
+    equal torchvision's Faster R-CNN's."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
@@ -189,7 +189,9 @@ class DetHead(Head):
         return {**roi_losses, **rpn_losses}  # same order as GeneralizedRCNN
 
     def loss(self, feats: dict, ctx: dict, source: str):
-        return sum(self.loss_dict(feats, ctx, source).values()), None
+        losses = self.loss_dict(feats, ctx, source)
+        self.last_loss_dict = {k: v.detach() for k, v in losses.items()}  # for logging the components
+        return sum(losses.values()), None
 
     def predict(self, feats: dict, ctx: dict, source: str) -> list[dict[str, torch.Tensor]]:
         """Post-processed detections in the coordinates of the input images (call in eval mode)."""

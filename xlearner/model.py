@@ -24,7 +24,6 @@ standard ResNet.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import pickle
 import zipfile
@@ -37,7 +36,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import ModelConfig, SourceConfig, config_from_dict
-from .heads import HEADS, STAGES, ClsHead, DetHead, SegHead  # noqa: F401  (re-exported: model.HEADS)
+from .heads import HEADS, ClsHead, DetHead, SegHead  # noqa: F401  (re-exported: model.HEADS etc.)
 
 # ----------------------------------------------------------------------------
 # backbones
@@ -159,13 +158,25 @@ def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
-def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
-    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain."""
+def hrnet_path(c_in: int, c_out: int, k: int, l: int, width: float = 1.0) -> nn.Sequential:
+    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain.
+
+    width < 1 (model.reconcile_width) runs a higher-resolution chain as a bottleneck:
+    1x1 c_in -> m, the 3x3 stride-2 convs at m = width * c_out channels, 1x1 m -> c_out.
+    On resnet50 the full-width chains cost 3x a backbone forward (measured), on
+    resnet18 0.4x: the bottleneck keeps wide backbones affordable.
+    """
     if k == l:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
     if k > l:  # lower-resolution input (never used by ExpandedNet, which only looks back: k <= l)
         return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)),
                              nn.Upsample(scale_factor=2 ** (k - l), mode="nearest"))
+    if width < 1.0:
+        m = max(8, int(round(c_out * width)))
+        layers = [nn.Conv2d(c_in, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
+        for _ in range(l - k):
+            layers += [nn.Conv2d(m, m, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
     layers = []
     for i in range(l - k):  # each 3x3 stride-2 conv halves the resolution; ReLU between, not after the last
         last = i == l - k - 1
@@ -179,10 +190,10 @@ def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
 class Reconcile(nn.Module):
     """Base class: no stages, nothing added (this is also the `none` variant)."""
 
-    def __init__(self, tasks: list[str], channels: dict[str, int], stages):
+    def __init__(self, tasks: list[str], channels: dict[str, int], stages, width: float = 1.0):
         super().__init__()
         self.tasks = list(tasks)
-        self.stages = tuple(sorted(stages)) if len(tasks) > 1 else ()  # one task: nothing to reconcile
+        self.stages = tuple(sorted(set(stages))) if len(tasks) > 1 else ()  # one task: nothing to reconcile
         self.into = nn.ModuleDict({t: nn.ModuleDict() for t in tasks})
 
     def forward(self, target: str, l: int, own: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -192,19 +203,19 @@ class Reconcile(nn.Module):
 class NoReconcile(Reconcile):
     """`none`: independent task-specific backbones (the ablation baseline)."""
 
-    def __init__(self, tasks, channels, stages):
+    def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, ())
 
 
 class HRNetReconcile(Reconcile):
     """`hrnet`: every earlier-or-same stage of every other branch, resampled to stage l and summed."""
 
-    def __init__(self, tasks, channels, stages):
+    def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, stages)
         for t in tasks:
             for l in self.stages:
                 self.into[t][f"layer{l}"] = nn.ModuleDict({
-                    f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], channels[f"layer{l}"], k, l)
+                    f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], channels[f"layer{l}"], k, l, width)
                     for u in tasks if u != t for k in range(1, l + 1)})
 
     def forward(self, target, l, own, inputs):
@@ -227,7 +238,7 @@ class ScalarPath(nn.Module):
 class ScalarReconcile(Reconcile):
     """`scalar`: same-stage features only, each through a 1x1 conv times a scalar (init 0)."""
 
-    def __init__(self, tasks, channels, stages):
+    def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, stages)
         for t in tasks:
             for l in self.stages:
@@ -260,7 +271,7 @@ class CrossStitchUnit(nn.Module):
 class CrossStitchReconcile(Reconcile):
     """`cross_stitch` (Misra et al. 2016): x_t^l <- sum_u a_{t,u} * x_u^l, channel-wise, init identity."""
 
-    def __init__(self, tasks, channels, stages):
+    def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, stages)
         for t in tasks:
             for l in self.stages:
@@ -284,10 +295,15 @@ class ExpandedNet(nn.Module):
     other branches run under torch.no_grad(): only branch `task` and the RLs
     feeding it build a graph (the others' activations are not kept, and there is
     no backward through them), and the other branches stop after the last
-    reconciled stage since nothing downstream reads them."""
+    reconciled stage since nothing downstream reads them.
+
+    In train mode the other branches' BatchNorms normalise with the batch's
+    statistics and update their running statistics with it, as any module in
+    train mode does: a branch's running statistics therefore cover the images
+    of every task, which is also what it sees as the squeeze teacher."""
 
     def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
-                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False):
+                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0):
         super().__init__()
         if reconcile not in RECONCILE:
             raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
@@ -298,7 +314,7 @@ class ExpandedNet(nn.Module):
         sd = _pretrained_state_dict(pretrained)  # read (or download) once for all branches
         self.branches = nn.ModuleDict({t: _build_backbone(arch, sd, frozen_bn, pretrained) for t in tasks})
         self.channels = self.branches[self.tasks[0]].channels
-        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages)
+        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width)
 
     def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
         grad = torch.is_grad_enabled()
@@ -439,7 +455,7 @@ class XLearnerModel(_MultiSourceModel):
             backbone = build_backbone(mcfg.arch, mcfg.pretrained, mcfg.frozen_bn)
         else:
             backbone = ExpandedNet(mcfg.arch, mcfg.tasks, mcfg.reconcile, mcfg.reconcile_stages,
-                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn)
+                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn, mcfg.reconcile_width)
         super().__init__(mcfg, sources, num_classes, backbone.channels)
         self.backbone = backbone
         if mcfg.channels_last:
@@ -469,26 +485,32 @@ class XLearnerModel(_MultiSourceModel):
         return "\n".join(lines)
 
     def _mac_report(self) -> str:
-        """MACs of features(x, task) over one plain backbone, per source at its image_size (meta tensors: free)."""
+        """MACs of features(x, task) over one plain backbone, per source at its image_size.
+
+        Counted by FlopCounterMode on copies built on the meta device: shapes only, no compute."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        def flops(module, fn, size):
+        m = self.mcfg
+        with torch.device("meta"):
+            single = Backbone(BACKBONES[m.arch](weights=None), m.arch).eval()
+            expanded = single if m.shared_backbone else ExpandedNet(
+                m.arch, m.tasks, m.reconcile, m.reconcile_stages, m.reconcile_detach, width=m.reconcile_width).eval()
+
+        def flops(task, size):
             x = torch.empty(1, 3, size, size, device="meta")
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                fn(module, x)
-            return counter.get_total_flops()
+                single(x) if task is None or m.shared_backbone else expanded(x, task)
+            rl = sum(counter.get_flop_counts().get("ExpandedNet.reconcile", {}).values())
+            return counter.get_total_flops(), rl
 
-        single = Backbone(BACKBONES[self.mcfg.arch](weights=None), self.mcfg.arch).to("meta").eval()
-        expanded = copy.deepcopy(self.backbone).to("meta").eval()
-        run = (lambda mod, x, t: mod(x)) if self.mcfg.shared_backbone else (lambda mod, x, t: mod(x, t))
-        parts, num, den = [], 0.0, 0.0
+        parts, num, den, rl_num = [], 0.0, 0.0, 0.0
         for s in self.source_list:  # det: a square image at the short side, an approximation of the real shape
-            f1 = flops(single, lambda mod, x: mod(x), s.image_size)
-            fe = flops(expanded, lambda mod, x: run(mod, x, s.task), s.image_size)
+            f1, _ = flops(None, s.image_size)
+            fe, rl = flops(s.task, s.image_size)
             parts.append(f"{s.name}@{s.image_size}px {fe / f1:.2f}x")
-            num, den = num + s.batch_size * fe, den + s.batch_size * f1
-        return (f"  backbone MACs, expanded / single backbone: {num / den:.2f}x per step "
-                f"(batch-weighted; {', '.join(parts)})")
+            num, den, rl_num = num + s.batch_size * fe, den + s.batch_size * f1, rl_num + s.batch_size * rl
+        return (f"  backbone forward MACs, expanded / single backbone: {num / den:.2f}x per step, of which the RLs "
+                f"{rl_num / den:.2f}x (batch-weighted; {', '.join(parts)})")
 
 
 class SqueezedModel(_MultiSourceModel):
