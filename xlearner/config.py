@@ -125,7 +125,7 @@ class TransferConfig:
     lr: float = 0.01
     batch_size: int = 32
     seeds: list[int] = field(default_factory=lambda: [0])
-    l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     workers: int = 2
     out: str = "runs/transfer"
     datasets: list[SourceConfig] = field(default_factory=list)

@@ -1,0 +1,115 @@
+"""The command line as a user meets it: README blocks, check-data, export, bench, ablate --quick, --help."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from runner import REPO, demo_toml, env, run
+from xlearner.demo import generate
+
+TINY = ["expand.steps=2", "squeeze.steps=2", "expand.workers=0", "squeeze.workers=0", "transfer.workers=0",
+        "transfer.epochs=1", "sources.shapes-cls.batch_size=4", "sources.texture-cls.batch_size=4",
+        "sources.shapes-det.batch_size=2", "sources.colors-det.batch_size=2", "sources.shapes-seg.batch_size=2",
+        "sources.shapes-cls.image_size=32", "sources.texture-cls.image_size=32", "sources.shapes-det.image_size=64",
+        "sources.colors-det.image_size=64", "sources.shapes-seg.image_size=32"]
+
+
+def sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    generate(root / "world", seed=0, scale=0.05)
+    return root, demo_toml(root / "world", root / "runs", root / "demo.toml")
+
+
+def readme_blocks() -> list[str]:
+    """Fenced bash blocks of README.md marked `<!-- readme-test -->` on the line before."""
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"<!-- readme-test -->\n```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_test_blocks_run(tmp_path):
+    blocks = readme_blocks()
+    assert blocks, "README.md has no block marked <!-- readme-test -->"
+    (tmp_path / "cli.py").symlink_to(REPO / "cli.py")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    for block in blocks:
+        for line in block.strip().splitlines():
+            args = shlex.split(line)
+            assert args[0] == "python", line
+            p = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, f"{line}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    assert (tmp_path / "data" / "demo" / ".complete").exists()
+
+
+def test_every_command_documents_defaults():
+    out = run("--help").stdout
+    for cmd in ("demo-data", "check-data", "expand", "squeeze", "transfer", "export", "bench", "ablate"):
+        assert cmd in out
+        text = run(cmd, "--help").stdout
+        assert "--set" in text or cmd in ("demo-data", "export") or "--out" in text
+    assert "[default: data/demo]" in run("demo-data", "--help").stdout
+    assert "[default: 20]" in run("bench", "--help").stdout
+
+
+def test_check_data_lists_every_problem(tiny, tmp_path):
+    root, toml = tiny
+    ok = run("check-data", "--config", str(toml))
+    assert "no problems" in ok.stdout
+    # break two sources in a copy of the world: a corrupt image and an out-of-range mask
+    import shutil
+    world = tmp_path / "world"
+    shutil.copytree(root / "world", world)
+    img = sorted((world / "shapes-cls" / "train").rglob("*.png"))[0]
+    img.write_bytes(b"\x89PNG broken")
+    mask = sorted((world / "shapes-seg" / "val" / "masks").glob("*.png"))[0]
+    from PIL import Image
+    m = Image.open(mask)
+    m.putpixel((0, 0), 200)
+    m.save(mask)
+    bad = run("check-data", "--config", str(demo_toml(world, tmp_path / "runs", tmp_path / "bad.toml")), check=False)
+    assert bad.returncode == 1
+    assert img.name in bad.stdout and mask.name in bad.stdout
+    assert "Traceback" not in bad.stderr
+
+
+def test_expand_export_and_bench(tiny, tmp_path):
+    root, toml = tiny
+    run("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *sets(TINY))
+    for branch in ("cls", "det", "seg"):
+        out = tmp_path / f"{branch}.pth"
+        run("export", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt"), "--branch", branch, "--out", str(out))
+        missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True),
+                                                                            strict=False)
+        assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    bad = run("export", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt"), "--branch", "depth",
+              "--out", str(tmp_path / "x.pth"), check=False)
+    assert bad.returncode != 0 and "depth" in bad.stderr
+    for what, extra in (("loader", []), ("expand", []), ("squeeze", ["--teacher", str(tmp_path / "exp" / "checkpoint.pt")]),
+                        ("transfer", [])):
+        p = run("bench", what, "--config", str(toml), "--steps", "2", *extra, *sets(TINY))
+        result = json.loads(p.stdout.strip().splitlines()[-1])
+        assert result["bench"] == what and result["ratio"] > 0
+
+
+def test_ablate_quick(tiny, tmp_path):
+    root, toml = tiny
+    run("ablate", "--config", str(toml), "--quick", "--out", str(tmp_path / "report"),
+        *sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
+    summary = json.loads((tmp_path / "report" / "ablation.json").read_text())
+    assert summary["variants"] == ["ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl"]
+    assert len(summary["seeds"]) == 2
+    assert {"novel-cls", "count-cls", "novel-det", "novel-seg", "cls mean", "det mean", "seg mean"} <= set(summary["rows"])
+    md = (tmp_path / "report" / "ablation.md").read_text()
+    assert "SSST" in md and "X-Learner" in md and "±" in md
