@@ -22,10 +22,13 @@ $(DEMO_DATA)/.complete: $(VENV_STAMP)
 demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py expand --config configs/demo.toml --out $(DEMO_RUNS)/expand
 	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py squeeze --config configs/demo.toml --teacher $(DEMO_RUNS)/expand/checkpoint.pt --out $(DEMO_RUNS)/squeeze
+	$(PY) cli.py export --checkpoint $(DEMO_RUNS)/expand/checkpoint.pt --branch det --out $(DEMO_RUNS)/expand/backbone-det.pth
 	$(PY) cli.py transfer --config configs/demo.toml --backbone $(DEMO_RUNS)/squeeze/backbone.pth --name x-learner --backbone random --name random --out $(DEMO_RUNS)/transfer
-	@echo "results:    $(DEMO_RUNS)/transfer/results.md (and results.json)"
-	@echo "checkpoints: $(DEMO_RUNS)/expand/checkpoint.pt, $(DEMO_RUNS)/squeeze/checkpoint.pt"
-	@echo "backbone:   $(DEMO_RUNS)/squeeze/backbone.pth (loads into torchvision.models.resnet18())"
+	@echo
+	@echo "transfer table: $(DEMO_RUNS)/transfer/results.md (every number: results.json)"
+	@echo "checkpoints:    $(DEMO_RUNS)/expand/checkpoint.pt, $(DEMO_RUNS)/squeeze/checkpoint.pt (re-run to resume)"
+	@echo "metrics:        $(DEMO_RUNS)/expand/metrics.json, $(DEMO_RUNS)/squeeze/metrics.json (student vs teacher)"
+	@echo "backbone:       $(DEMO_RUNS)/squeeze/backbone.pth (loads into torchvision.models.resnet18(), only fc.* missing)"
 
 paper-table: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	$(PY) cli.py ablate --config configs/ablate.toml --out docs/ablation

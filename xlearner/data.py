@@ -59,7 +59,7 @@ def build_transform(task: str, train: bool, image_size: int) -> v2.Compose:
         flip = [v2.RandomHorizontalFlip()] if train else []
         return v2.Compose([v2.ToImage(), *flip, to_float])
     if task == "cls":
-        geometry = ([v2.RandomResizedCrop(image_size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()] if train
+        geometry = ([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0)), v2.RandomHorizontalFlip()] if train
                     else [v2.Resize(image_size), v2.CenterCrop(image_size)])
     elif task == "seg":
         # a square S x S crop (scale jitter) so batches stack; masks use nearest
