@@ -23,7 +23,7 @@ demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py expand --config configs/demo.toml --out $(DEMO_RUNS)/expand
 	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py squeeze --config configs/demo.toml --teacher $(DEMO_RUNS)/expand/checkpoint.pt --out $(DEMO_RUNS)/squeeze
 	$(PY) cli.py export --checkpoint $(DEMO_RUNS)/expand/checkpoint.pt --branch det --out $(DEMO_RUNS)/expand/backbone-det.pth
-	$(PY) cli.py transfer --config configs/demo.toml --backbone $(DEMO_RUNS)/squeeze/backbone.pth --name x-learner --backbone random --name random --out $(DEMO_RUNS)/transfer
+	$(PY) cli.py transfer --config configs/demo.toml --backbone random --name random --backbone $(DEMO_RUNS)/squeeze/backbone.pth --name x-learner --out $(DEMO_RUNS)/transfer
 	@echo
 	@echo "transfer table: $(DEMO_RUNS)/transfer/results.md (every number: results.json)"
 	@echo "checkpoints:    $(DEMO_RUNS)/expand/checkpoint.pt, $(DEMO_RUNS)/squeeze/checkpoint.pt (re-run to resume)"

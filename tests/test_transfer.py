@@ -7,7 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from xlearner import transfer
+from xlearner import probe, transfer
 from xlearner.config import Config, SourceConfig, TransferConfig
 
 
@@ -112,13 +112,14 @@ def tiny_cfg(tmp_path):
 
 def _count_extractions(monkeypatch):
     calls = []
-    real = transfer.extract_features
+    real = probe.extract_features
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(transfer, "extract_features", counting)
+    # patched where the feature cache looks it up (probe.py; transfer.py re-exports it)
+    monkeypatch.setattr(probe, "extract_features", counting)
     return calls
 
 

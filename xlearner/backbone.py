@@ -1,0 +1,121 @@
+"""The plain backbone: a torchvision ResNet that returns its four stage features.
+
+Everything in X-Learner is built from this one module. The expanded model
+(model.ExpandedNet) runs T of them, one branch per task, linked by the
+reconciliation layers (reconcile.py); the squeezed student (model.SqueezedModel)
+is one of them; transfer.py loads any backbone into one. Because the
+submodules keep torchvision's names, weights move in and out as plain
+torchvision-format state_dicts (DESIGN.md §5): `load_torchvision_state_dict`
+loads one (strict except fc.*), `build_backbone` builds random, from a file or
+from a torchvision weights name, and `freeze_bn` swaps in FrozenBatchNorm2d.
+model.py re-exports every name defined here.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+BACKBONES = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnet152": torchvision.models.resnet152,
+}
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet without avgpool/fc, returning its four stage outputs.
+
+    The submodules keep torchvision's names (conv1, bn1, relu, maxpool,
+    layer1..layer4), so `state_dict()` keys are torchvision's minus `fc.*`
+    and weights move between the two with a plain load_state_dict."""
+
+    def __init__(self, resnet: torchvision.models.ResNet, arch: str):
+        super().__init__()
+        self.arch = arch
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        expansion = type(resnet.layer1[0]).expansion
+        self.channels = {f"layer{l}": 64 * 2 ** (l - 1) * expansion for l in range(1, 5)}
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stage(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"layer{l}")(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, x = {}, self.stem(x)
+        for l in range(1, 5):
+            x = feats[f"layer{l}"] = self.stage(l, x)
+        return feats
+
+
+def _pretrained_state_dict(pretrained: str) -> dict | None:
+    """"" -> None; a file -> its state_dict; "ResNet50_Weights.IMAGENET1K_V2" -> torchvision's (downloads)."""
+    if not pretrained:
+        return None
+    path = Path(pretrained)
+    if path.is_file():
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot load a state_dict with weights_only=True ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
+        return sd
+    if "_Weights." in pretrained:
+        try:
+            weights = torchvision.models.get_weight(pretrained)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"pretrained={pretrained!r}: not a torchvision weights name ({e})") from None
+        return weights.get_state_dict(progress=True)  # downloads only here, when the user asked for it
+    raise ValueError(f"pretrained={pretrained!r}: not a file, and not a torchvision weights name "
+                     f"such as 'ResNet50_Weights.IMAGENET1K_V2'")
+
+
+def load_torchvision_state_dict(module: nn.Module, sd: dict, where: str) -> None:
+    """Load a torchvision-format ResNet state_dict, strict except fc.* (and num_batches_tracked)."""
+    result = module.load_state_dict(sd, strict=False)
+    # num_batches_tracked is absent from some old torchvision weights and from FrozenBatchNorm2d
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"{where}: not a state_dict of this architecture: missing keys {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def freeze_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same affine params and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, k).copy_(getattr(child, k).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_bn(child)
+    return module
+
+
+def _build_backbone(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> Backbone:
+    if arch not in BACKBONES:
+        raise ValueError(f"model.arch: unknown {arch!r} (choose from {sorted(BACKBONES)})")
+    backbone = Backbone(BACKBONES[arch](weights=None), arch)  # never downloads; weights come from `sd`
+    if sd is not None:
+        load_torchvision_state_dict(backbone, sd, where)
+    return freeze_bn(backbone) if frozen_bn else backbone
+
+
+def build_backbone(arch: str, pretrained: str = "", frozen_bn: bool = False) -> Backbone:
+    """A Backbone of `arch`: random (""), from a torchvision-format state_dict file, or a weights name."""
+    return _build_backbone(arch, _pretrained_state_dict(pretrained), frozen_bn, pretrained)
