@@ -108,7 +108,22 @@ def test_torchrun_two_processes_demo_config(tmp_path, world):
     run("expand", "--config", str(toml), "--set", "expand.steps=20", nproc=2)
     out = tmp_path / "runs" / "expand"
     assert train_steps(out / "log.jsonl") == [20]
-    assert json.loads((out / "metrics.json").read_text())["step"] == 20
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 20
+    # The 2-rank evaluation scored the checkpointed model: every rank used rank 0's BN statistics.
+    import torch
+    from xlearner import data
+    from xlearner.checkpoint import load_checkpoint
+    from xlearner.evaluate import evaluate
+    from xlearner.model import model_from_checkpoint
+    model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    for src in load_config(toml).sources:
+        if src.task != "det":
+            ds = data.build_dataset(src, "val", train=False)
+            single = evaluate(model, src, data.build_eval_loader(src, ds, batch_size=8, workers=0), ds,
+                              torch.device("cpu"))
+            key = "top1" if src.task == "cls" else "mIoU"
+            assert abs(single[key] - metrics["metrics"][src.name][key]) < 1e-6, (src.name, single, metrics)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, world):

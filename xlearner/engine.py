@@ -248,6 +248,9 @@ def train(run: Run) -> nn.Module:
     def evaluate(step: int) -> None:
         if run.evaluate is None:
             return
+        if ddp:  # DDP syncs BN running stats at the start of a forward: after the last step each rank
+            for b in model.buffers():  # still has its own, so evaluate rank 0's (the checkpointed) ones
+                torch.distributed.broadcast(b, src=0)
         model.eval()
         metrics = run.evaluate(step)
         model.train()
