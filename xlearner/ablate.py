@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dist, expand, squeeze, transfer
+from .transfer import mean_std
 from .config import Config, ConfigError
 
 
@@ -105,22 +105,17 @@ def transfer_variant(cfg: Config, name: str, ckpt: Path, seed: int, out: Path) -
     return scores
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def summarise(cfg: Config, scores: dict[str, dict[int, dict[str, float]]]) -> dict:
     """scores[variant][seed][dataset] -> per dataset and per task mean ± std, and gains over the first variant."""
     variants = list(scores)
     tasks = {d.name: d.task for d in cfg.transfer.datasets}
     rows = {}
     for d in tasks:
-        rows[d] = {v: _mean_std([scores[v][s][d] for s in scores[v]]) for v in variants}
+        rows[d] = {v: mean_std([scores[v][s][d] for s in scores[v]]) for v in variants}
     for task in ("cls", "det", "seg"):
         names = [d for d, t in tasks.items() if t == task]
         if names:  # per-seed task mean first, then mean ± std over seeds
-            rows[f"{task} mean"] = {v: _mean_std([sum(scores[v][s][d] for d in names) / len(names) for s in scores[v]])
+            rows[f"{task} mean"] = {v: mean_std([sum(scores[v][s][d] for d in names) / len(names) for s in scores[v]])
                                     for v in variants}
     return {"variants": variants, "seeds": sorted(next(iter(scores.values()))), "rows": rows, "scores": scores}
 

@@ -289,7 +289,7 @@ def transfer_one(backbone, info: dict, cfg: Config, src: SourceConfig, seed: int
     return trained_transfer(backbone, cfg, src, seed, device)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
@@ -328,7 +328,7 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
                 metrics = transfer_one(backbone, info, cfg, d, seed, device, out / "cache")
                 per_seed.append({"seed": seed, "seconds": round(time.perf_counter() - t0, 2), **metrics})
                 dist.log(f"[{name}] {d.name} seed {seed}: {primary_metric(d)} = {metrics[primary_metric(d)]:.2f}")
-            mean, std = _mean_std([r[primary_metric(d)] for r in per_seed])
+            mean, std = mean_std([r[primary_metric(d)] for r in per_seed])
             results["results"][d.name][name] = {"mean": mean, "std": std, "per_seed": per_seed}
             _write(results, out)  # after every dataset: a long suite keeps what it has measured
     table = results_markdown(results)
