@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
-NPROC ?= 2
+# one process on a laptop; `make demo LAUNCH=".venv/bin/torchrun --standalone --nproc_per_node=2"` runs DDP
+LAUNCH ?= $(PY)
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs/demo
 
@@ -20,8 +21,8 @@ $(DEMO_DATA)/.complete: $(VENV_STAMP)
 	$(PY) cli.py demo-data --out $(DEMO_DATA)
 
 demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
-	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py expand --config configs/demo.toml --out $(DEMO_RUNS)/expand
-	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py squeeze --config configs/demo.toml --teacher $(DEMO_RUNS)/expand/checkpoint.pt --out $(DEMO_RUNS)/squeeze
+	$(LAUNCH) cli.py expand --config configs/demo.toml --out $(DEMO_RUNS)/expand
+	$(LAUNCH) cli.py squeeze --config configs/demo.toml --teacher $(DEMO_RUNS)/expand/checkpoint.pt --out $(DEMO_RUNS)/squeeze
 	$(PY) cli.py export --checkpoint $(DEMO_RUNS)/expand/checkpoint.pt --branch det --out $(DEMO_RUNS)/expand/backbone-det.pth
 	$(PY) cli.py transfer --config configs/demo.toml --backbone random --name random --backbone $(DEMO_RUNS)/squeeze/backbone.pth --name x-learner --out $(DEMO_RUNS)/transfer
 	@echo

@@ -37,8 +37,9 @@ class ModelConfig:
     reconcile: str = "hrnet"            # hrnet | scalar | cross_stitch | none
     reconcile_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     reconcile_detach: bool = True       # stop gradients into the other branches
-    reconcile_width: float = 1.0        # hrnet: < 1 runs the 3x3 stride-2 chains as a bottleneck of
-                                        # width * C_out channels (1.0 = HRNet's full-width chains)
+    reconcile_width: float = 1.0        # hrnet: 1.0 = HRNet's full-width fuse paths; < 1 runs every path
+                                        # at width * C_l channels, summed, then one shared 1x1 widening
+                                        # (1/16 cuts the ResNet-50 RL from 6.8 to 0.63 GMACs; recipes use it)
     shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs

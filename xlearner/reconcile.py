@@ -19,7 +19,8 @@ interference, while the RL still enriches that branch's representation.
 
 Variants (`model.reconcile`, the RECONCILE registry):
     hrnet         every k <= l of every other branch, resampled by an HRNet
-                  fuse path (`hrnet_path`; `reconcile_width` < 1 = bottleneck)
+                  fuse path (`hrnet_path`); `reconcile_width` < 1 is the cheap
+                  form (`narrow_path` + one shared widening per target)
     scalar        same-stage only, alpha * conv1x1, alpha init 0
     cross_stitch  Misra et al. 2016: channel-wise mix of the same-stage
                   features, init identity
@@ -44,26 +45,13 @@ def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
-def hrnet_path(c_in: int, c_out: int, k: int, l: int, width: float = 1.0) -> nn.Sequential:
-    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain.
-
-    width < 1 (model.reconcile_width) runs a higher-resolution chain as a bottleneck:
-    1x1 c_in -> m, the 3x3 stride-2 convs at m = width * c_out channels, 1x1 m -> c_out.
-    On resnet50 (cls + seg, 224 px) width 0.25 cuts the RL forward from 6.8 to
-    4.0 GMACs; on a 2-core CPU the step was not faster (README, "Measured
-    numbers"), so it is an ablation knob, not a default.
-    """
+def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
+    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain."""
     if k == l:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
     if k > l:  # lower-resolution input (never used by ExpandedNet, which only looks back: k <= l)
         return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)),
                              nn.Upsample(scale_factor=2 ** (k - l), mode="nearest"))
-    if width < 1.0:
-        m = max(8, int(round(c_out * width)))
-        layers = [nn.Conv2d(c_in, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
-        for _ in range(l - k):
-            layers += [nn.Conv2d(m, m, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers, nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
     layers = []
     for i in range(l - k):  # each 3x3 stride-2 conv halves the resolution; ReLU between, not after the last
         last = i == l - k - 1
@@ -71,6 +59,24 @@ def hrnet_path(c_in: int, c_out: int, k: int, l: int, width: float = 1.0) -> nn.
                    _zero_bn(nn.BatchNorm2d(c_out)) if last else nn.BatchNorm2d(c_in)]
         if not last:
             layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def narrow_path(c_in: int, m: int, k: int, l: int) -> nn.Sequential:
+    """The narrow form of R_{k->l} up to its last layer: branch u's stage k to m channels at stage l's resolution.
+
+    A same-stage input: 1x1 conv + BN. A higher-resolution input: the 3x3
+    stride-2 chain, straight from c_in to m channels, so no conv runs at the
+    input's resolution. The last 1x1 m -> C_out + zero-init BN is shared by
+    all the paths into one target (`HRNetReconcile`)."""
+    if k > l:
+        raise ValueError("narrow_path: only earlier-or-same stages (k <= l) feed stage l")
+    if k == l:
+        return nn.Sequential(nn.Conv2d(c_in, m, 1, bias=False), nn.BatchNorm2d(m))
+    layers, c = [], c_in
+    for _ in range(l - k):  # each 3x3 stride-2 conv halves the resolution
+        layers += [nn.Conv2d(c, m, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
+        c = m
     return nn.Sequential(*layers)
 
 
@@ -95,19 +101,38 @@ class NoReconcile(Reconcile):
 
 
 class HRNetReconcile(Reconcile):
-    """`hrnet`: every earlier-or-same stage of every other branch, resampled to stage l and summed."""
+    """`hrnet`: every earlier-or-same stage of every other branch, resampled to stage l and summed.
+
+    width = 1 (HRNet's fuse layer): each path R_{u,k->t,l} is its own module
+    ending in a zero-init BN, and the outputs are summed. width < 1 (the cheap
+    form, `model.reconcile_width`): each path runs at m = width * C_l channels,
+    the narrow outputs are summed, and one 1x1 m -> C_l + zero-init BN per
+    target stage (`widen`) brings the sum to branch t's width. On resnet50
+    (cls + seg, 224 px) width 1/16 cuts the RL forward from 6.8 to 0.7 GMACs
+    (tests/test_model.py); README "Measured numbers" has the step times.
+    """
 
     def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, stages)
+        self.narrow = width < 1.0
         for t in tasks:
             for l in self.stages:
-                self.into[t][f"layer{l}"] = nn.ModuleDict({
-                    f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], channels[f"layer{l}"], k, l, width)
-                    for u in tasks if u != t for k in range(1, l + 1)})
+                c_out = channels[f"layer{l}"]
+                if self.narrow:
+                    m = max(8, int(round(c_out * width)))
+                    paths = {f"{u}_layer{k}": narrow_path(channels[f"layer{k}"], m, k, l)
+                             for u in tasks if u != t for k in range(1, l + 1)}
+                    paths["widen"] = nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                else:
+                    paths = {f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], c_out, k, l)
+                             for u in tasks if u != t for k in range(1, l + 1)}
+                self.into[t][f"layer{l}"] = nn.ModuleDict(paths)
 
     def forward(self, target, l, own, inputs):
         paths = self.into[target][f"layer{l}"]
-        return own + sum(paths[f"{u}_layer{k}"](inputs[u][k]) for u in inputs for k in range(1, l + 1))
+        total = sum(paths[f"{u}_layer{k}"](inputs[u][k]) for u in inputs for k in range(1, l + 1))
+        # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
+        return own + (paths["widen"](total) if self.narrow else total)
 
 
 class ScalarPath(nn.Module):
