@@ -91,6 +91,8 @@ def test_semantic_validation(tmp_path):
         load_config(write(tmp_path, GOOD), ['model.tasks=["cls"]'])
     with pytest.raises(ConfigError, match=r"expand\.amp: expected off\|bf16\|fp16"):
         load_config(write(tmp_path, GOOD), ['expand.amp="fp8"'])
+    with pytest.raises(ConfigError, match=r"model\.reconcile_width: must be in \(0, 1\], got 0\.0"):
+        load_config(write(tmp_path, GOOD), ["model.reconcile_width=0.0"])
     with pytest.raises(ConfigError, match=r"format: unknown format 'parquet'"):
         load_config(write(tmp_path, GOOD.replace('format = "masks"', 'format = "parquet"')))
 

@@ -218,6 +218,8 @@ def _validate(cfg: Config) -> None:
     for t in cfg.model.tasks:
         if t not in TASKS:
             raise ConfigError(f"model.tasks: unknown task {t!r} (choose from {TASKS})")
+    if not 0 < cfg.model.reconcile_width <= 1:
+        raise ConfigError(f"model.reconcile_width: must be in (0, 1], got {cfg.model.reconcile_width}")
     seen = set()
     all_sources = [("sources", s) for s in cfg.sources] + [("transfer.datasets", s) for s in cfg.transfer.datasets]
     for where, s in all_sources:
