@@ -14,6 +14,10 @@ for bs in "64 32" "128 64"; do
     --set expand.amp='"bf16"' --set model.channels_last=true --set expand.workers=8 \
     --set sources.shapes-cls.batch_size=$1 --set sources.shapes-seg.batch_size=$2
 done
+# the same with full-width HRNet RL paths, for comparison (the recipe uses reconcile_width = 1/16)
+$PY cli.py bench expand --config configs/bench_r50.toml --steps 20 \
+  --set expand.amp='"bf16"' --set model.channels_last=true --set expand.workers=8 \
+  --set sources.shapes-cls.batch_size=64 --set sources.shapes-seg.batch_size=32 --set model.reconcile_width=1.0
 $PY cli.py bench squeeze --config configs/bench_r50.toml --steps 20 \
   --set squeeze.amp='"bf16"' --set model.channels_last=true --set squeeze.workers=8 \
   --set sources.shapes-cls.batch_size=64 --set sources.shapes-seg.batch_size=32
