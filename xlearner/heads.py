@@ -189,9 +189,7 @@ class DetHead(Head):
         return {**roi_losses, **rpn_losses}  # same order as GeneralizedRCNN
 
     def loss(self, feats: dict, ctx: dict, source: str):
-        losses = self.loss_dict(feats, ctx, source)
-        self.last_loss_dict = {k: v.detach() for k, v in losses.items()}  # for logging the components
-        return sum(losses.values()), None
+        return sum(self.loss_dict(feats, ctx, source).values()), None
 
     def predict(self, feats: dict, ctx: dict, source: str) -> list[dict[str, torch.Tensor]]:
         """Post-processed detections in the coordinates of the input images (call in eval mode)."""

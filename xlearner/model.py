@@ -302,6 +302,15 @@ class SqueezedModel(_MultiSourceModel):
     def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
         return self.backbone(x)  # one backbone for every task
 
+    def report(self, init: str = "") -> str:
+        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
+        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else ""),
+                 f"  backbone: {_fmt(_count(self.backbone))} params",
+                 f"  adapters: {_fmt(_count(self.adapters))} params (distillation only, not exported)"]
+        lines += self._head_report()
+        lines.append(f"  total: {_fmt(_count(self))} params")
+        return "\n".join(lines)
+
     def adapt(self, feats: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
         """Student features mapped into teacher branch `task`'s space, for the distill stages."""
         return {k: conv(feats[k]) for k, conv in self.adapters[task].items()}

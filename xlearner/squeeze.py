@@ -173,7 +173,7 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
             "distill_stages": list(sq.distill_stages), "student_init": init, "tasks": list(teacher.tasks)}
     engine.train(engine.Run(
         model=distiller, loader=loader, tc=sq, config=cfg, device=device, meta=meta, ckpt_module=student,
-        evaluate=evaluate, images_per_step=images_per_step(cfg.sources), report=student_report(student, init), stage="squeeze"))
+        evaluate=evaluate, images_per_step=images_per_step(cfg.sources), report=student.report(init), stage="squeeze"))
 
     backbone_path = out / "backbone.pth"
     if dist.is_main_process():
@@ -184,12 +184,6 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
         dist.log(f"[squeeze] exported the student backbone to {backbone_path}")
     dist.barrier()
     return backbone_path
-
-
-def student_report(student: SqueezedModel, init: str) -> str:
-    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    return (f"SqueezedModel: one {student.mcfg.arch} ({count(student.backbone):.2f}M params, init {init}); "
-            f"adapters {count(student.adapters):.2f}M (discarded after squeeze); heads {count(student.heads):.2f}M")
 
 
 def format_side_by_side(student: dict, teacher: dict) -> str:
