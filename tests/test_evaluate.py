@@ -146,6 +146,7 @@ def test_evaluate_loop_cls_and_seg():
     res = evaluate(m, src, loader, _DS(2), torch.device("cpu"))
     assert res["top1"] == pytest.approx(100 / 3)
     assert res["mean_per_class"] == pytest.approx(25.0)
+    assert res["top1_majority"] == pytest.approx(200 / 3)  # labels 0, 0, 1: always "0" is right 2 of 3
 
     logits = torch.zeros(1, 3, 2, 2)
     logits[0, 1] = 1.0  # predicts class 1 everywhere
@@ -156,3 +157,5 @@ def test_evaluate_loop_cls_and_seg():
     # class 1: TP 2, FP 1 -> 2/3; class 0: 0; class 2: absent everywhere -> None
     assert res["per_class_iou"][2] is None
     assert res["mIoU"] == pytest.approx(100 * (0 + 2 / 3) / 2)
+    # labelled pixels: 2 of class 1, 1 of class 0; all-class-1 scores IoU 2/3 on class 1, 0 on class 0
+    assert res["mIoU_majority"] == pytest.approx(100 * (0 + 2 / 3) / 2)

@@ -195,7 +195,10 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
     caps the pass (periodic evaluation during training); 0 runs it all.
     Returns percent: cls {"top1"} (+ "mean_per_class" when `src.metric` asks
     for it, "mAP" for multi-label), det {"AP", "AP50", "AP75"},
-    seg {"mIoU", "per_class_iou": [...]}.
+    seg {"mIoU", "per_class_iou": [...]}. Single-label cls and seg also get the
+    trivial baseline a run must beat, "top1_majority" / "mIoU_majority": the
+    score of always predicting the val split's most frequent class (for det it
+    is 0 AP, so there is no key).
     """
     from .data import move_to  # lazy: evaluate's metrics need no data pipeline
 
@@ -233,7 +236,9 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
             return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
         parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
         pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        res = {"top1": 100.0 * (pred == labels).double().mean().item() if len(labels) else float("nan")}
+        res = {"top1": 100.0 * (pred == labels).double().mean().item() if len(labels) else float("nan"),
+               "top1_majority": 100.0 * torch.bincount(labels).max().item() / len(labels) if len(labels)
+               else float("nan")}
         if src.metric == "mean_per_class":
             res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
         return res
@@ -246,5 +251,9 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
             res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if max_batches else None)
         return dist.broadcast_object(res)
     dist.all_reduce_sum_tensor(conf)
-    miou, per_class = miou_from_confusion(conf.cpu())
-    return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class]}
+    conf = conf.cpu()
+    miou, per_class = miou_from_confusion(conf)
+    majority = torch.zeros_like(conf)  # every labelled pixel predicted as the most frequent class
+    majority[:, conf.sum(1).argmax()] = conf.sum(1)
+    return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class],
+            "mIoU_majority": miou_from_confusion(majority)[0]}
