@@ -159,3 +159,11 @@ def test_evaluate_loop_cls_and_seg():
     assert res["mIoU"] == pytest.approx(100 * (0 + 2 / 3) / 2)
     # labelled pixels: 2 of class 1, 1 of class 0; all-class-1 scores IoU 2/3 on class 1, 0 on class 0
     assert res["mIoU_majority"] == pytest.approx(100 * (0 + 2 / 3) / 2)
+
+    # the majority baseline is not the model's score: 3 pixels of class 0, 1 of class 1, model says 1
+    m.outputs = [logits]
+    res = evaluate(m, SourceConfig(name="s", task="seg"),
+                   [{"images": torch.zeros(1, 3, 2, 2), "masks": torch.tensor([[[0, 0], [0, 1]]])}],
+                   _DS(3), torch.device("cpu"))
+    assert res["mIoU"] == pytest.approx(100 * (0 + 1 / 4) / 2)          # class 1: TP 1, FP 3
+    assert res["mIoU_majority"] == pytest.approx(100 * (3 / 4 + 0) / 2)  # all class 0: TP 3, FN 1 on class 1

@@ -236,9 +236,9 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
             return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
         parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
         pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        res = {"top1": 100.0 * (pred == labels).double().mean().item() if len(labels) else float("nan"),
-               "top1_majority": 100.0 * torch.bincount(labels).max().item() / len(labels) if len(labels)
-               else float("nan")}
+        n = len(labels)
+        res = {"top1": 100.0 * (pred == labels).double().mean().item() if n else float("nan"),
+               "top1_majority": 100.0 * torch.bincount(labels).max().item() / n if n else float("nan")}
         if src.metric == "mean_per_class":
             res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
         return res
