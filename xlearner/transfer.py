@@ -192,7 +192,8 @@ class _HeadModel(nn.Module):
 
 
 def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, batch_size: int, workers: int,
-               device: torch.device, seed: int, freeze_backbone: bool, desc: str, ignore_index: int = 255) -> None:
+               device: torch.device, seed: int, freeze_backbone: bool, desc: str, ignore_index: int = 255,
+               clip_grad: float = 0.0) -> None:
     """SGD (momentum 0.9) with a short warmup and cosine decay; DDP + DistributedSampler under torchrun.
 
     `model(batch)` returns the scalar loss. A frozen backbone has no gradients
@@ -229,6 +230,8 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower transfer.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad > 0:
+                nn.utils.clip_grad_norm_(params, clip_grad)
             opt.step()
             sched.step()
             bar.update()
@@ -257,7 +260,8 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
     freeze = bool(src.freeze_backbone) and src.task != "cls"  # finetune trains everything by definition
     train_loop(model, Subset(train_ds, keep) if len(keep) < len(train_ds) else train_ds, src.task,
                epochs=src.epochs, lr=tc.lr, batch_size=src.batch_size, workers=tc.workers, device=device,
-               seed=seed, freeze_backbone=freeze, desc=f"{src.name} seed {seed}", ignore_index=src.ignore_index)
+               seed=seed, freeze_backbone=freeze, desc=f"{src.name} seed {seed}", ignore_index=src.ignore_index,
+               clip_grad=tc.clip_grad)
     loader = data.build_eval_loader(src, val_ds, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                     batch_size=src.batch_size, workers=tc.workers)
     return evaluate(model, src, loader, val_ds, device)
