@@ -216,3 +216,32 @@ def test_trained_protocols_smoke(demo_config, tmp_path):
     assert 0 <= r["novel-cls"]["top1"] <= 100
     assert set(r["novel-det"]) >= {"AP", "AP50", "AP75"} and 0 <= r["novel-det"]["AP50"] <= 100
     assert 0 <= r["novel-seg"]["mIoU"] <= 100 and len(r["novel-seg"]["per_class_iou"]) == 5
+
+
+class _HugeGradModel(torch.nn.Module):
+    """loss = 1e6 * w * mean(images): a gradient of ~1e6 on the single weight w."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Identity()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batch):
+        return 1e6 * self.w * batch["images"].mean().abs()
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_train_loop_clips_the_gradient_norm(tiny_cfg, clip):
+    from xlearner import data
+    src = tiny_cfg.transfer.datasets[0]
+    ds = data.build_dataset(src, "train", train=False)
+    model = _HugeGradModel()
+    # one epoch, one batch (12 images <= batch 16): one SGD step at the full lr (no warmup for 1 step)
+    transfer.train_loop(model, ds, "cls", epochs=1, lr=1.0, batch_size=16, workers=0, device=torch.device("cpu"),
+                        seed=0, freeze_backbone=False, desc="clip", clip_grad=clip)
+    step = 1.0 - model.w.item()
+    if clip:
+        # clipped gradient (norm 0.01) plus weight decay on w = 1
+        assert step == pytest.approx(clip + transfer.WEIGHT_DECAY, rel=1e-4)
+    else:
+        assert step > 1e3
