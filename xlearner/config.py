@@ -125,7 +125,7 @@ class TransferConfig:
     epochs: int = 10                    # finetune / det / seg epochs
     lr: float = 0.01
     clip_grad: float = 10.0             # max global grad norm in det / seg / finetune training (0 = off):
-    #                                     a det head on weak frozen features can blow up to nan without it
+    #                                     a det head on weak frozen features went to nan once without it
     batch_size: int = 32
     seeds: list[int] = field(default_factory=lambda: [0])
     l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])

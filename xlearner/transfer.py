@@ -194,7 +194,8 @@ class _HeadModel(nn.Module):
 def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, batch_size: int, workers: int,
                device: torch.device, seed: int, freeze_backbone: bool, desc: str, ignore_index: int = 255,
                clip_grad: float = 0.0) -> None:
-    """SGD (momentum 0.9) with a short warmup and cosine decay; DDP + DistributedSampler under torchrun.
+    """SGD (momentum 0.9), global grad norm clipped to `clip_grad` (0 = off), a short warmup and cosine
+    decay; DDP + DistributedSampler under torchrun.
 
     `model(batch)` returns the scalar loss. A frozen backbone has no gradients
     and stays in eval mode, so its BN statistics are the pre-trained ones.
@@ -227,7 +228,7 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
                 continue
             loss = ddp(data.move_to(batch, device))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower transfer.lr")
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower transfer.lr or transfer.clip_grad")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad > 0:
