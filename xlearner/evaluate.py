@@ -253,7 +253,8 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
     dist.all_reduce_sum_tensor(conf)
     conf = conf.cpu()
     miou, per_class = miou_from_confusion(conf)
+    per_class_pixels = conf.sum(1)
     majority = torch.zeros_like(conf)  # every labelled pixel predicted as the most frequent class
-    majority[:, conf.sum(1).argmax()] = conf.sum(1)
+    majority[:, per_class_pixels.argmax()] = per_class_pixels
     return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class],
             "mIoU_majority": miou_from_confusion(majority)[0]}

@@ -118,14 +118,12 @@ class HRNetReconcile(Reconcile):
         for t in tasks:
             for l in self.stages:
                 c_out = channels[f"layer{l}"]
+                m = max(8, int(round(c_out * width))) if self.narrow else c_out  # each path's output width
+                path = narrow_path if self.narrow else hrnet_path
+                paths = {f"{u}_layer{k}": path(channels[f"layer{k}"], m, k, l)
+                         for u in tasks if u != t for k in range(1, l + 1)}
                 if self.narrow:
-                    m = max(8, int(round(c_out * width)))
-                    paths = {f"{u}_layer{k}": narrow_path(channels[f"layer{k}"], m, k, l)
-                             for u in tasks if u != t for k in range(1, l + 1)}
                     paths["widen"] = nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
-                else:
-                    paths = {f"{u}_layer{k}": hrnet_path(channels[f"layer{k}"], c_out, k, l)
-                             for u in tasks if u != t for k in range(1, l + 1)}
                 self.into[t][f"layer{l}"] = nn.ModuleDict(paths)
 
     def forward(self, target, l, own, inputs):
