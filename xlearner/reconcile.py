@@ -115,11 +115,11 @@ class HRNetReconcile(Reconcile):
     def __init__(self, tasks, channels, stages, width=1.0):
         super().__init__(tasks, channels, stages)
         self.narrow = width < 1.0
+        path = narrow_path if self.narrow else hrnet_path
         for t in tasks:
             for l in self.stages:
                 c_out = channels[f"layer{l}"]
                 m = max(8, int(round(c_out * width))) if self.narrow else c_out  # each path's output width
-                path = narrow_path if self.narrow else hrnet_path
                 paths = {f"{u}_layer{k}": path(channels[f"layer{k}"], m, k, l)
                          for u in tasks if u != t for k in range(1, l + 1)}
                 if self.narrow:
