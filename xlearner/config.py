@@ -43,6 +43,7 @@ class ModelConfig:
     shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
+    compile: bool = False               # torch.compile the backbone stages (measured: see README)
     det_head: str = "faster_rcnn"       # faster_rcnn (FPN + RPN + RoIHeads)
     seg_head: str = "fpn"               # fpn | deeplab
     # Detection sizes. torchvision's defaults suit 800 px images on GPUs; the
