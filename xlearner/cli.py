@@ -62,14 +62,18 @@ def main():
 
 
 @main.command("demo-data")
-@click.option("--out", default="data/demo", type=click.Path(file_okay=False), help="Where to write the demo world.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write it (default: data/WORLD).")
 @click.option("--seed", default=0, help="Seed of the procedural generator (same seed = same bytes).")
 @click.option("--scale", default=1.0, help="Multiplier on the number of images per split.")
+@click.option("--world", default="demo", type=click.Choice(["demo", "standin"]),
+              help="demo: the small demo world; standin: configs/xlearner_r50.toml's six sources at full size "
+                   "(JPEG; configs/standin.sets points the recipe at it).")
 @_guard
-def demo_data(out, seed, scale):
+def demo_data(out, seed, scale, world):
     """Write the embedded demo world (shapes, textures, boxes, masks) in the real data formats."""
     from .demo import generate
-    summary = generate(out, seed=seed, scale=scale)
+    out = out or f"data/{world}"
+    summary = generate(out, seed=seed, scale=scale, world=world)
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"demo world written to {out}")
 

@@ -99,10 +99,10 @@ def _build_shapes() -> dict[str, list[tuple[np.ndarray, int]]]:
 SHAPES = _build_shapes()
 
 
-def _rasterise(shape: str, cx: float, cy: float, r: float, angle: float, size: int):
+def _rasterise(shape: str, cx: float, cy: float, r: float, angle: float, width: int, height: int):
     """Antialiased coverage in [0, 1] of one shape, on its bounding box only (cheap)."""
     x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
-    x1, y1 = min(size, int(math.ceil(cx + r)) + 1), min(size, int(math.ceil(cy + r)) + 1)
+    x1, y1 = min(width, int(math.ceil(cx + r)) + 1), min(height, int(math.ceil(cy + r)) + 1)
     canvas = Image.new("L", ((x1 - x0) * SS, (y1 - y0) * SS), 0)
     draw = ImageDraw.Draw(canvas)
     c, s = math.cos(angle), math.sin(angle)
@@ -114,21 +114,21 @@ def _rasterise(shape: str, cx: float, cy: float, r: float, angle: float, size: i
     return np.asarray(small, dtype=np.float32) / 255.0, (slice(y0, y1), slice(x0, x1))
 
 
-def _background(rng: np.random.Generator, pattern: str, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, pattern: str, width: int, height: int) -> np.ndarray:
     """A near-grey HxWx3 float background; two tones at least 45 levels apart."""
     lum = rng.uniform(50, 205)
     base = lum + rng.uniform(-10, 10, 3)  # a slight tint, never a saturated colour
     other = base + (-1 if lum > 128 else 1) * rng.uniform(45, 80)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     theta = rng.uniform(0, math.pi)
     proj = xx * math.cos(theta) + yy * math.sin(theta)
-    k = size / 64  # pattern scale follows the image size
+    k = min(width, height) / 64  # pattern scale follows the image size
     if pattern == "flat":
         t = np.zeros_like(xx)
     elif pattern == "gradient":
         t = (proj - proj.min()) / (proj.max() - proj.min())
     elif pattern == "noise":
-        t = np.clip(rng.normal(0.5, 0.3, (size, size)), 0, 1).astype(np.float32)
+        t = np.clip(rng.normal(0.5, 0.3, (height, width)), 0, 1).astype(np.float32)
     elif pattern == "stripes":
         t = ((proj / rng.uniform(6 * k, 14 * k)) % 1.0 < 0.5).astype(np.float32)
     elif pattern == "checker":
@@ -165,7 +165,7 @@ class Spec:
     name: str
     task: str
     fmt: str
-    size: int
+    size: int                    # image width (and height, unless `height` is set)
     shapes: tuple[str, ...]      # the shapes objects are drawn from
     label: str                   # shape | pattern | colour | count
     n_train: int                 # images at scale 1
@@ -177,11 +177,20 @@ class Spec:
     min_visible: float = 0.6     # share of an object that must stay visible under later ones
     first_id: int = 1            # det: COCO category id of class i = first_id + id_step * i
     id_step: int = 1
+    height: int = 0              # 0: square images
+    ext: str = ".png"            # ".png", or ".jpg" / ".JPEG" (JPEG; seg masks stay PNG)
+    num_categories: int = 0      # det/seg: pad the label space to the real dataset's size with
+    #                              classes that never occur (a detector's box predictor is sized by it)
+
+    @property
+    def shape_hw(self) -> tuple[int, int]:
+        return self.height or self.size, self.size
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return {"shape": self.shapes, "pattern": PATTERNS, "colour": COLOR_NAMES,
-                "count": tuple(str(n) for n in range(self.objects[0], self.objects[1] + 1))}[self.label]
+        drawn = {"shape": self.shapes, "pattern": PATTERNS, "colour": COLOR_NAMES,
+                 "count": tuple(str(n) for n in range(self.objects[0], self.objects[1] + 1))}[self.label]
+        return drawn + tuple(f"unused-{k}" for k in range(len(drawn), self.num_categories))
 
     @property
     def category_ids(self) -> list[int]:
@@ -207,6 +216,30 @@ SPECS = (
 UPSTREAM_SOURCES = tuple(s.name for s in SPECS[:5])
 DOWNSTREAM_DATASETS = tuple(s.name for s in SPECS[5:])
 
+# The full-size stand-in (`demo-data --world standin`): the six sources of configs/xlearner_r50.toml
+# at their real image sizes and file types (JPEG; PNG label maps), so that the recipe, its loader
+# and scripts/gpu_check.sh run end to end without the real datasets (configs/standin.sets points the
+# recipe at it). Three different cls label spaces (shape, background pattern, object count) and
+# boxes by shape and by colour, as ImageNet / Places / iNaturalist and COCO / Objects365 label the
+# same visual world differently. det and seg pad their label spaces to the real datasets' sizes
+# (COCO 80, Objects365 365, ADE20K 150 classes), which size the detector's box predictor and the
+# seg classifier; cls class counts come from configs/standin.sets (num_classes = 1000, 365, 10000).
+STANDIN_SPECS = (
+    Spec("imagenet", "cls", "imagefolder", 500, UPSTREAM, "shape", 320, 64, (1, 4), (0.2, 0.3), main=True,
+         height=375, ext=".JPEG"),
+    Spec("places365", "cls", "imagefolder", 500, UPSTREAM, "pattern", 320, 50, (1, 4), (0.08, 0.16),
+         height=375, ext=".jpg"),
+    Spec("inat2021", "cls", "imagefolder", 500, UPSTREAM, "count", 320, 50, (1, 5), (0.07, 0.11), min_visible=0.9,
+         height=375, ext=".jpg"),
+    Spec("coco", "det", "coco", 640, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
+         num_categories=80, height=480, ext=".jpg"),
+    Spec("objects365", "det", "coco", 640, UPSTREAM, "colour", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
+         num_categories=365, height=480, ext=".jpg"),
+    Spec("ade20k", "seg", "masks", 512, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.2), num_categories=149,
+         ext=".jpg"),
+)
+WORLDS = {"demo": SPECS, "standin": STANDIN_SPECS}
+
 
 def _count(spec: Spec, split: str, scale: float) -> int:
     n = round((spec.n_train if split == "train" else spec.n_val) * scale)
@@ -220,7 +253,7 @@ def _count(spec: Spec, split: str, scale: float) -> int:
 
 def _place(rng: np.random.Generator, spec: Spec, n: int, first: str | None):
     """Drop up to n objects; a candidate is redrawn if it would hide too much of another."""
-    size = spec.size
+    (h, w), size = spec.shape_hw, min(spec.shape_hw)  # sizes are fractions of the shorter side
     min_px = 12 * (size / 64) ** 2
     objs: list[dict] = []
     for k in range(n):
@@ -230,9 +263,9 @@ def _place(rng: np.random.Generator, spec: Spec, n: int, first: str | None):
             if spec.main and k > 0:  # distractors stay well below the main object's size
                 lo, hi = 0.08, 0.13
             r = rng.uniform(lo, hi) * size
-            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
-            alpha, region = _rasterise(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), size)
-            mask = np.zeros((size, size), bool)
+            cx, cy = rng.uniform((r + 1, r + 1), (w - r - 1, h - r - 1))
+            alpha, region = _rasterise(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), w, h)
+            mask = np.zeros((h, w), bool)
             mask[region] = alpha >= 0.5
             area = int(mask.sum())
             if area < min_px:
@@ -264,7 +297,7 @@ def render(spec: Spec, rng: np.random.Generator, index: int):
         objs = _place(rng, spec, n, first)
         if spec.label != "count" or len(objs) == n:
             break
-    img = _background(rng, pattern, spec.size)
+    img = _background(rng, pattern, spec.size, spec.shape_hw[0])
     for o in objs:  # later objects are painted over earlier ones
         rgb = np.array(COLORS[o["colour"]], np.float32) + rng.uniform(-15, 15, 3)
         a = o["alpha"][..., None]
@@ -280,7 +313,7 @@ def render(spec: Spec, rng: np.random.Generator, index: int):
         label = {"shape": first, "pattern": pattern, "count": str(len(objs))}[spec.label]
     labels = None
     if spec.task == "seg":
-        labels = np.zeros((spec.size, spec.size), np.uint8)
+        labels = np.zeros(spec.shape_hw, np.uint8)
         for o in objs:
             labels[o["mask"]] = 1 + cls_of(o)
     objects = [(cls_of(o), o["visible"]) for o in objs] if spec.task == "det" else []
@@ -291,28 +324,32 @@ def _image_rng(seed: int, spec_index: int, split: str, index: int) -> np.random.
     return np.random.default_rng([seed, spec_index, SPLITS.index(split), index])
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _save(image: Image.Image, path: Path) -> None:
+    """PNG, or JPEG (quality 90) for .jpg/.JPEG. PIL writes no timestamp in either: byte-identical reruns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")  # PIL writes no timestamp chunk: byte-identical reruns
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        image.save(path, format="JPEG", quality=90)
+    else:
+        image.save(path, format="PNG")
 
 
 def _work(job) -> list:
     """Render and write images [start, stop) of one split; return their label records."""
-    out, spec_index, split, start, stop, seed = job
-    spec = SPECS[spec_index]
+    out, world, spec_index, split, start, stop, seed = job
+    spec = WORLDS[world][spec_index]
     root = Path(out) / spec.name
     records = []
     for i in range(start, stop):
         image, labels, label, objects = render(spec, _image_rng(seed, spec_index, split, i), i)
-        stem = f"{i:05d}.png"
+        stem = f"{i:05d}{spec.ext}"
         if spec.fmt == "imagefolder":
-            _save_png(image, root / split / label / stem)
+            _save(image, root / split / label / stem)
             records.append(label)
         elif spec.fmt == "csv":
-            _save_png(image, root / "images" / split / stem)
+            _save(image, root / "images" / split / stem)
             records.append((f"images/{split}/{stem}", label))
         elif spec.fmt == "coco":
-            _save_png(image, root / split / stem)
+            _save(image, root / split / stem)
             boxes = []
             for c, vis in objects:
                 ys, xs = np.nonzero(vis)
@@ -320,17 +357,17 @@ def _work(job) -> list:
                 boxes.append((c, [x0, y0, x1 - x0, y1 - y0], int(vis.sum())))  # w, h >= 1
             records.append(boxes)
         else:  # masks
-            _save_png(image, root / split / "images" / stem)
-            _save_png(Image.fromarray(labels, "L"), root / split / "masks" / stem)
+            _save(image, root / split / "images" / stem)
+            _save(Image.fromarray(labels, "L"), root / split / "masks" / f"{i:05d}.png")
             records.append(None)
     return records
 
 
 def _coco_json(spec: Spec, split: str, records: list) -> dict:
-    ids = spec.category_ids
+    ids, (height, width) = spec.category_ids, spec.shape_hw
     images, anns = [], []
     for i, boxes in enumerate(records):
-        images.append({"id": i + 1, "file_name": f"{i:05d}.png", "width": spec.size, "height": spec.size})
+        images.append({"id": i + 1, "file_name": f"{i:05d}{spec.ext}", "width": width, "height": height})
         for c, bbox, area in boxes:
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ids[c], "bbox": bbox,
                          "area": area, "iscrowd": 0})
@@ -342,24 +379,29 @@ def _coco_json(spec: Spec, split: str, records: list) -> dict:
 # ----------------------------------------------------------------------------
 # the world
 
-def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2) -> dict:
-    """Write the demo world under `out`; return {source: {task, format, classes, train, val, ...}}.
+def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2, world: str = "demo") -> dict:
+    """Write a world under `out`; return {source: {task, format, classes, train, val, ...}}.
 
-    `scale` multiplies the number of images of every split (each class keeps at
-    least 3). Any previous world under `out` is replaced, source by source, and
-    `out/.complete` is written last, so an interrupted run leaves no marker.
+    `world` is "demo" (SPECS: the small demo world) or "standin" (STANDIN_SPECS:
+    the recipe's six sources at full size). `scale` multiplies the number of
+    images of every split (each class keeps at least 3). Any previous world
+    under `out` is replaced, source by source, and `out/.complete` is written
+    last, so an interrupted run leaves no marker.
     """
+    if world not in WORLDS:
+        raise ValueError(f"world: expected one of {sorted(WORLDS)}, got {world!r}")
+    specs = WORLDS[world]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
-    for spec in SPECS:
+    for spec in specs:
         shutil.rmtree(out / spec.name, ignore_errors=True)
 
-    jobs, chunk = [], 50
-    for k, spec in enumerate(SPECS):
+    jobs, chunk = [], 50 if world == "demo" else 10  # full-size images: smaller chunks balance the workers
+    for k, spec in enumerate(specs):
         for split in SPLITS:
             n = _count(spec, split, scale)
-            jobs += [(str(out), k, split, a, min(a + chunk, n), seed) for a in range(0, n, chunk)]
+            jobs += [(str(out), world, k, split, a, min(a + chunk, n), seed) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: the caller may hold threads (torch), and fork would copy their locks.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -368,13 +410,14 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
         results = [_work(j) for j in jobs]
     records: dict[tuple[str, str], list] = {}
     for job, recs in zip(jobs, results):  # jobs are in order, so records are too
-        records.setdefault((SPECS[job[1]].name, job[2]), []).extend(recs)
+        records.setdefault((specs[job[2]].name, job[3]), []).extend(recs)
 
     summary: dict = {}
-    for spec in SPECS:
+    for spec in specs:
+        height, width = spec.shape_hw
         info = {"task": spec.task, "format": spec.fmt,
-                "image_size": spec.size, "classes": list(spec.classes),
-                "role": "upstream" if spec.name in UPSTREAM_SOURCES else "downstream"}
+                "image_size": spec.size if height == width else f"{width}x{height}", "classes": list(spec.classes),
+                "role": "upstream" if world == "standin" or spec.name in UPSTREAM_SOURCES else "downstream"}
         for split in SPLITS:
             recs = records[(spec.name, split)]
             info[split] = len(recs)
@@ -393,7 +436,8 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
 
     (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "sources": summary},
                                                sort_keys=True, indent=1) + "\n")
-    (out / "README.txt").write_text(_readme(summary, seed, scale))
+    (out / "README.txt").write_text(_readme(summary, seed, scale) if world == "demo" else
+                                    _standin_readme(summary, seed, scale))
     (out / ".complete").write_text(f"seed={seed} scale={scale}\n")
     return summary
 
@@ -428,6 +472,32 @@ def _readme(summary: dict, seed: int, scale: float) -> str:
         "    About 5% of det images have no object (no annotations).",
         "  masks: <split>/images/<idx>.png + <split>/masks/<idx>.png, uint8 label maps:",
         "    0 = background, i = the i-th class listed above (1-based). No ignore (255) pixels.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _standin_readme(summary: dict, seed: int, scale: float) -> str:
+    lines = [
+        "X-Learner full-size stand-in world (`python cli.py demo-data --world standin`, xlearner/demo.py).",
+        f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
+        "The six sources of configs/xlearner_r50.toml at their real image sizes and file types, drawn by",
+        "the demo world's painter; configs/standin.sets points the recipe at them. Not for accuracy:",
+        "for running the recipe, its loader and scripts/gpu_check.sh end to end.",
+        "",
+        "source       task format       size     train  val  classes",
+    ]
+    for name, s in summary.items():
+        shown = s["classes"][:8] + (["..."] if len(s["classes"]) > 8 else [])
+        count = s.get("num_classes", len(s["classes"]))  # seg: with the background class
+        lines.append(f"{name:<12} {s['task']:<4} {s['format']:<12} {str(s['image_size']):<8} {s['train']:>5} "
+                     f"{s['val']:>4}  {count}: {' '.join(shown)}")
+    lines += [
+        "",
+        "Layout: imagefolder <source>/<split>/<class>/<idx>.(JPEG|jpg); coco <source>/<split>/<idx>.jpg +",
+        "<source>/<split>.json (categories padded with never-drawn 'unused-k' to 80 / 365);",
+        "masks <source>/<split>/images/<idx>.jpg + <source>/<split>/masks/<idx>.png (0 = background,",
+        "1..8 = shape; the config's num_classes = 150 covers them).",
         "",
     ]
     return "\n".join(lines)
