@@ -36,6 +36,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from . import dist
 from .config import ModelConfig, SourceConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -250,10 +251,11 @@ class SegHead(Head):
     """A shared decoder (`seg_head`: fpn | deeplab) + a 1x1 classifier per source.
 
     Logits are upsampled (bilinear) to the input size; the loss is cross-entropy
-    with the source's ignore_index, averaged over the non-ignored pixels. A batch
-    where every pixel is ignored gives a loss of exactly 0 (torch's mean
-    reduction would give nan), still connected to the graph so that DDP sees
-    every parameter used."""
+    with the source's ignore_index, averaged over the non-ignored pixels of the
+    *global* batch (all ranks), so that N processes x B equal 1 process x NB
+    whatever each rank's share of ignored pixels. A batch where every pixel is
+    ignored gives a loss of exactly 0 (torch's mean reduction would give nan),
+    still connected to the graph so that DDP sees every parameter used."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
@@ -278,7 +280,10 @@ class SegHead(Head):
         masks = ctx["masks"]
         # sum / count instead of reduction="mean": identical when some pixel is labelled, 0 (not nan) otherwise
         total = F.cross_entropy(logits, masks, ignore_index=src.ignore_index, reduction="sum")
-        return total / (masks != src.ignore_index).sum().clamp(min=1), None
+        # divide by (all ranks' labelled pixels) / world size: DDP averages the ranks' gradients, so this is the
+        # gradient of the global pixel mean (a rank's own count would weight its pixels by 1 / that count)
+        labelled = dist.all_reduce_sum_tensor((masks != src.ignore_index).sum())  # an integer: no gradient
+        return total * dist.get_world_size() / labelled.clamp(min=1), None
 
     def predict(self, feats: dict, ctx: dict, source: str) -> torch.Tensor:
         self._source(source)
