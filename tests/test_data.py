@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from xlearner.bench import bench_loader
 from xlearner.config import Config, SourceConfig
-from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DataWarning, MultiSourceLoader, bench_loader,
+from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DataWarning, MultiSourceLoader,
                            build_dataset, build_eval_loader, check_data, collate_fn, move_to, prepare_mnist_like)
 
 RNG = np.random.default_rng(0)

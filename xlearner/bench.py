@@ -12,21 +12,29 @@ torchvision modules on the very same (pre-loaded) batches.
 
 Steps alternate between the stage and its floor, and the medians are compared,
 so a noisy neighbour slows both alike. Data loading is excluded from both
-(it is `bench loader`'s business).
+(it is `bench loader`'s business: the multi-source loader against plain
+DataLoaders over the same files, DESIGN.md §7: >= 0.9x). `bench backbone` times
+one bare torchvision classification step, the yardstick of scripts/gpu_check.sh.
+With `model.compile = true` the stage and its floor are both compiled
+(expand.compile_stages), so the ratio stays like for like.
 """
 from __future__ import annotations
 
 import copy
+import math
+import os
 import statistics
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchvision.models import _utils as tv_utils
 
 from . import data, dist, engine
-from .config import Config
-from .expand import build_train_datasets
+from .config import Config, ConfigError
+from .expand import build_train_datasets, compile_stages, images_per_step
 from .model import BACKBONES, SqueezedModel, XLearnerModel
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
@@ -104,6 +112,9 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
     floor_heads = copy.deepcopy(model.heads)
     if cfg.model.channels_last:
         model, floor_bb, floor_heads = (m.to(memory_format=torch.channels_last) for m in (model, floor_bb, floor_heads))
+    if cfg.model.compile:
+        compile_stages(model)
+        compile_stages(floor_bb)
     fns = {
         "stage": _train_step(model, lambda m, b: m.total_loss(m(b)), engine.build_optimizer(model, tc), tc, device),
         "floor": _train_step(None, _floor_loss(floor_bb, floor_heads, cfg.sources,
@@ -111,8 +122,9 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
                              engine.build_optimizer(nn.ModuleList([floor_bb, floor_heads]), tc), tc, device),
     }
     times = _alternate(fns, batches, steps, device)
-    return _result("expand", times, images_per_s=sum(s.batch_size for s in cfg.sources) / times["stage"],
-                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=cfg.model.arch, amp=tc.amp)
+    return _result("expand", times, images_per_s=images_per_step(cfg.sources) / times["stage"],
+                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=cfg.model.arch, amp=tc.amp,
+                   compile=cfg.model.compile)
 
 
 def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
@@ -134,10 +146,114 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
     floor_bb = nn.ModuleDict({t: student_bb for t in tasks}).to(device)
     teacher_bbs = nn.ModuleList(teacher_bbs).to(device)
     floor_heads = copy.deepcopy(student.heads).to(device)
+    if cfg.model.compile:
+        compile_stages(distiller)
+        compile_stages(distiller.teacher)
+        compile_stages(floor_bb)
+        compile_stages(teacher_bbs)
     floor_loss = _floor_loss(floor_bb, floor_heads, cfg.sources, lambda t: list(teacher_bbs))
     fns = {
         "stage": _train_step(distiller, lambda m, b: m.total_loss(m(b)), engine.build_optimizer(distiller, sq), sq, device),
         "floor": _train_step(None, floor_loss, engine.build_optimizer(nn.ModuleList([student_bb, floor_heads]), sq), sq, device),
     }
     times = _alternate(fns, batches, steps, device)
-    return _result("squeeze", times, max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=teacher.mcfg.arch)
+    return _result("squeeze", times, images_per_s=images_per_step(cfg.sources) / times["stage"],
+                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=teacher.mcfg.arch,
+                   amp=sq.amp, compile=cfg.model.compile)
+
+
+def bench_backbone(cfg: Config, steps: int = 20) -> dict:
+    """One bare torchvision classifier training step (fc + cross-entropy, the expand optimiser) in images/s.
+
+    The yardstick of the GPU check: what the device does on the simplest ResNet step, at the first
+    cls source's image_size and batch_size, with expand.amp, model.channels_last and model.compile.
+    Random images on the device: no loader, no heads, no reconciliation.
+    """
+    device = dist.init_distributed()
+    tc = cfg.expand
+    src = next((s for s in cfg.sources if s.task == "cls"), None)
+    if src is None:
+        raise ConfigError("bench backbone: needs a cls source (its image_size and batch_size set the step)")
+    engine.seed_everything(tc.seed)
+    classes = src.num_classes or 1000
+    model = BACKBONES[cfg.model.arch](num_classes=classes).to(device).train()
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        compile_stages(model)
+    x = torch.randn(src.batch_size, 3, src.image_size, src.image_size, device=device)
+    if cfg.model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (src.batch_size,), device=device)
+    step = _train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), engine.build_optimizer(model, tc), tc,
+                       device)
+    step_s = _alternate({"stage": step}, [(x, y)], steps, device)["stage"]
+    return {"bench": "backbone", "arch": cfg.model.arch, "batch_size": src.batch_size, "image_size": src.image_size,
+            "step_s": step_s, "images_per_s": src.batch_size / step_s, "amp": tc.amp,
+            "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
+            "max_mem_mb": engine.max_memory_mb(device), "device": str(device)}
+
+
+# ----------------------------------------------------------------------------
+# the loader (DESIGN.md §7: >= 0.9x a plain DataLoader)
+
+def _plain_stream(cfg: Config, datasets: dict):
+    """The baseline: one plain shuffled DataLoader per source, cycled. Persistent workers make it the
+    strongest plain loader (no restart at epoch ends), so the ratio measures our own overhead."""
+    workers = cfg.expand.workers
+    loaders = {s.name: DataLoader(datasets[s.name], batch_size=s.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=workers, persistent_workers=workers > 0,
+                                  collate_fn=data.collate_fn(s.task, s.ignore_index),
+                                  pin_memory=torch.cuda.is_available())
+               for s in cfg.sources}
+    iters = {n: iter(dl) for n, dl in loaders.items()}
+    while True:
+        out = {}
+        for n in loaders:
+            try:
+                out[n] = next(iters[n])
+            except StopIteration:
+                iters[n] = iter(loaders[n])
+                out[n] = next(iters[n])
+        yield out
+
+
+def _images_per_s(stream, steps: int, warmup: int) -> float:
+    for _ in range(warmup):  # worker start-up and first decodes are not throughput
+        next(stream)
+    images, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        images += sum(len(b["images"]) for b in next(stream).values())
+    return images / (time.perf_counter() - t0)
+
+
+def bench_loader(cfg: Config, steps: int = 50, rounds: int = 3) -> dict:
+    """Images/s of MultiSourceLoader vs plain DataLoaders over the same train datasets, workers and batches.
+
+    Rounds alternate which loader goes first, and the best round of each counts:
+    on a shared machine, noise only ever slows a round down. Besides the ratio it
+    reports images/s per worker process (`expand.workers` per source) and
+    `loader_step_s`, the shortest training step this loader can feed with these
+    workers: a GPU step faster than that waits for data (more workers, or faster decoding).
+    """
+    datasets = {s.name: data.build_dataset(s, "train", train=True) for s in cfg.sources}
+    warmup = max(3, steps // 10)
+    rates: dict[str, list[float]] = {"multi": [], "plain": []}
+    for r in range(rounds):
+        for kind in (("multi", "plain") if r % 2 == 0 else ("plain", "multi")):
+            if kind == "multi":
+                stream = data.MultiSourceLoader(cfg.sources, datasets, seed=cfg.expand.seed,
+                                                workers=cfg.expand.workers)
+            else:
+                stream = _plain_stream(cfg, datasets)
+            rates[kind].append(_images_per_s(stream, steps, warmup))
+            stream.close()
+    m, p = max(rates["multi"]), max(rates["plain"])
+    procs = max(1, cfg.expand.workers) * len(cfg.sources)  # workers = 0: the main process decodes
+    per_step = images_per_step(cfg.sources)
+    return {"bench": "loader", "steps": steps, "rounds": rounds, "workers": cfg.expand.workers,
+            "sources": len(cfg.sources), "worker_processes": procs, "cpus": len(os.sched_getaffinity(0)),
+            "multi_images_per_s": round(m, 1), "plain_images_per_s": round(p, 1),
+            "ratio": round(m / p, 3) if p > 0 else math.nan,
+            "multi_images_per_s_per_worker": round(m / procs, 1), "plain_images_per_s_per_worker": round(p / procs, 1),
+            "images_per_step": per_step, "loader_step_s": round(per_step / m, 3) if m > 0 else math.nan}

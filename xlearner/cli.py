@@ -177,7 +177,7 @@ def bench(what, config, sets, steps, teacher, backbone, out):
     """Measure a stage against its floor and print one JSON line with the ratio (DESIGN.md §7)."""
     cfg = _load(config, sets)
     if what == "loader":
-        from .data import bench_loader
+        from .bench import bench_loader
         result = bench_loader(cfg, steps=steps)
     elif what == "transfer":
         from .transfer import bench_transfer

@@ -63,6 +63,27 @@ def images_per_step(sources: list[SourceConfig]) -> int:
     return sum(s.batch_size for s in sources)
 
 
+def compile_stages(model: nn.Module) -> int:
+    """torch.compile, in place, the four stages of every ResNet trunk in `model` (`model.compile = true`).
+
+    ExpandedNet runs its branches stage by stage (`branch.stage(l, x)` calls
+    `layer{l}(x)`), never a branch's forward, so the stages are the unit to
+    compile: they hold almost all of the compute. `nn.Module.compile()` compiles
+    a module's call in place, without the `_orig_mod.` wrapper of
+    `torch.compile(module)`, so state_dict keys, checkpoints and exact resume do
+    not change. The stem (one conv) and the heads (detection shapes change every
+    batch) stay eager. Any module with layer1..layer4 counts as a trunk: our
+    Backbone, a torchvision ResNet, or bench.py's plain floors. Returns the number
+    of stages compiled.
+    """
+    trunks = [m for m in model.modules() if all(isinstance(getattr(m, f"layer{l}", None), nn.Module)
+                                                for l in range(1, 5))]
+    for trunk in trunks:
+        for l in range(1, 5):
+            getattr(trunk, f"layer{l}").compile()
+    return 4 * len(trunks)
+
+
 def run(cfg: Config) -> Path:
     """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path."""
     missing = [t for t in cfg.model.tasks if not any(s.task == t for s in cfg.sources)]
@@ -76,6 +97,8 @@ def run(cfg: Config) -> Path:
     model = XLearnerModel(cfg.model, cfg.sources, num_classes)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        compile_stages(model)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                     seed=tc.seed, workers=tc.workers)
     meta = {"kind": "expanded", "num_classes": num_classes, "arch": cfg.model.arch,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import data, dist, engine
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import Config, SourceConfig, SqueezeConfig, config_from_dict
-from .expand import build_train_datasets, images_per_step, make_evaluator
+from .expand import build_train_datasets, compile_stages, images_per_step, make_evaluator
 from .model import SqueezedModel, XLearnerModel, backbone_state_dict, model_from_checkpoint
 
 
@@ -149,6 +149,9 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
     init = sq.student_init or f"task:{teacher.tasks[0]}"
     student = SqueezedModel.from_expanded(teacher, init, sq.distill_stages)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device)
+    if cfg.model.compile:  # the student's stages and the frozen teacher's (not a submodule of the distiller)
+        compile_stages(student)
+        compile_stages(teacher)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                     seed=sq.seed, workers=sq.workers)
     out = Path(sq.out)
