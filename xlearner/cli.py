@@ -6,7 +6,7 @@
     python cli.py squeeze --config C --teacher RUN/checkpoint.pt
     python cli.py transfer --config C --backbone P [--backbone P2 ...]
     python cli.py export --checkpoint RUN/checkpoint.pt --out backbone.pth [--branch cls]
-    python cli.py bench {loader,expand,squeeze,transfer} --config C
+    python cli.py bench {loader,expand,squeeze,transfer,backbone} --config C
     python cli.py ablate --config configs/ablate.toml
 
 Commands only parse options, load the config and call the stage's `run()`;
@@ -165,7 +165,7 @@ def export(checkpoint, out, branch, sets):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["loader", "expand", "squeeze", "transfer"]))
+@click.argument("what", type=click.Choice(["loader", "expand", "squeeze", "transfer", "backbone"]))
 @config_opt
 @set_opt
 @click.option("--steps", default=20, help="Timed steps (loader: batches per source).")
@@ -182,6 +182,9 @@ def bench(what, config, sets, steps, teacher, backbone, out):
     elif what == "transfer":
         from .transfer import bench_transfer
         result = bench_transfer(cfg, backbone)
+    elif what == "backbone":
+        from .bench import bench_backbone
+        result = bench_backbone(cfg, steps)
     else:
         from . import bench as b
         result = b.bench_expand(cfg, steps) if what == "expand" else b.bench_squeeze(cfg, steps, teacher)
