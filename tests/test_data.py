@@ -212,6 +212,22 @@ def test_val_class_set_must_match_train(tmp_path):
     assert any("extra ['zebra']" in p for p in check_data([src]))
 
 
+def test_coco_val_categories_must_match_train(tmp_path):
+    src = coco_source(tmp_path, [("a.png", 20, 20)], [(0, 3, [2, 2, 5, 5], 0)])
+    assert build_dataset(src, "val", train=False).cat_ids == [3, 7, 42]  # same file for both splits: fine
+    # val: same ids, but 7 is renamed and 42 is replaced by 43
+    val = coco_json(tmp_path, [("a.png", 20, 20)], [(0, 3, [2, 2, 5, 5], 0)],
+                    cats=((3, "circle"), (7, "star"), (43, "triangle")), name="val.json")
+    src.val_ann = str(val)
+    with pytest.raises(DataError) as e:
+        build_dataset(src, "val", train=False)
+    msg = str(e.value)
+    assert f"{val}: categories differ from the train split's {src.train_ann}" in msg
+    assert "missing [(7, 'square'), (42, 'triangle')], extra [(7, 'star'), (43, 'triangle')]" in msg
+    assert build_dataset(src, "train", train=True).cat_ids == [3, 7, 42]  # the train split alone is fine
+    assert [p for p in check_data([src]) if "categories differ" in p] == [msg.split("\n  ")[1]]
+
+
 def test_undecodable_image_is_skipped_and_counted(tmp_path):
     src = imagefolder(tmp_path, per_class=4)  # 8 train images, batch 4
     (tmp_path / "train/a/1.png").write_bytes(b"\x89PNG garbage")

@@ -13,12 +13,15 @@ Formats (`SourceConfig.format`):
 - `imagefolder`: `<split>/<class>/<image>`; classes sorted by name; val must
   have the train class set.
 - `csv`: header `path,label`, paths relative to the CSV; multi-label sources
-  separate labels with ';'.
+  separate labels with ';'. Classes are the train CSV's labels; a val label
+  outside them is a problem.
 - `coco`: an image dir plus an instances JSON (pycocotools.COCO). Category ids
-  may be non-contiguous: label i+1 is category `cat_ids[i]`.
+  may be non-contiguous: label i+1 is category `cat_ids[i]`; val must have the
+  train JSON's categories (ids and names).
 - `masks`: `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`,
   uint8 values in [0, num_classes) or ignore_index. Without `num_classes` in
-  the config it is read from the train masks (a full scan: set it for big sets).
+  the config it is read from the train masks (a full scan: set it for big sets),
+  for both splits: a val mask value beyond it is a bad sample.
 - `torchvision` (tvdatasets.py): `name` is a `torchvision.datasets` class ("FashionMNIST",
   "CIFAR10", "VOCDetection", ...); a suffix after '@' is a tag so two sources
   can share a class, and is the `year` for VOC ("VOCSegmentation@2007").
@@ -218,12 +221,42 @@ def _box_problem(bbox, width, height) -> str | None:
     return None
 
 
+def _categories(data: dict) -> list[tuple[int, str]]:
+    """A COCO dict's categories as (id, name) pairs sorted by id: label i+1 is the i-th pair."""
+    return [(c["id"], str(c.get("name", c["id"]))) for c in sorted(data["categories"], key=lambda c: c["id"])]
+
+
+# (path, size, mtime) -> its categories: the val reader compares with the train JSON's, which the train
+# reader has usually just parsed (a full COCO train JSON is ~0.5 GB: parse it once, not twice)
+_CATEGORIES: dict[tuple, list[tuple[int, str]]] = {}
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def coco_categories(ann_path: str) -> list[tuple[int, str]] | None:
+    """The (id, name) categories of a COCO JSON, or None if it cannot be read (its own reader says why)."""
+    try:
+        key = _file_key(ann_path)
+        if key not in _CATEGORIES:
+            with open(ann_path) as f:
+                _CATEGORIES[key] = _categories(json.load(f))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return _CATEGORIES[key]
+
+
 class CocoReader(Reader):
-    """COCO detection JSON. `coco` is the pycocotools.COCO of the split (for COCOeval)."""
+    """COCO detection JSON. `coco` is the pycocotools.COCO of the split (for COCOeval).
+
+    With `train_ann` (a val split), the categories must be the train JSON's,
+    ids and names: label i+1 must mean the same category in both splits."""
 
     task = "det"
 
-    def __init__(self, image_dir: str, ann_path: str):
+    def __init__(self, image_dir: str, ann_path: str, train_ann: str = ""):
         super().__init__()
         self.ann_path, self.coco, self.cat_ids = ann_path, None, []
         if not os.path.isfile(ann_path):
@@ -237,17 +270,20 @@ class CocoReader(Reader):
                                                   for k in ("images", "annotations", "categories")):
             return self.problem(ann_path, "expected a COCO dict with 'images', 'annotations', 'categories' lists")
         try:
-            cats = sorted(data["categories"], key=lambda c: c["id"])
+            cats = _categories(data)
             images = {img["id"]: img for img in data["images"]}
             anns = [(a["id"], a["image_id"], a["category_id"], a.get("bbox"), a.get("iscrowd", 0))
                     for a in data["annotations"]]
         except (KeyError, TypeError) as e:
             return self.problem(ann_path, f"malformed COCO entry (missing key {e})")
-        self.cat_ids = [c["id"] for c in cats]
-        self.classes = [str(c.get("name", c["id"])) for c in cats]
+        self.cat_ids = [cid for cid, _ in cats]
+        self.classes = [name for _, name in cats]
+        _CATEGORIES[_file_key(ann_path)] = cats
         label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         if len(label) != len(cats):
             self.problem(ann_path, "duplicate category ids")
+        if train_ann and os.path.abspath(train_ann) != os.path.abspath(ann_path):
+            self._same_categories_as(train_ann, cats)
         boxes = {img_id: [] for img_id in images}
         for aid, img_id, cid, bbox, crowd in anns:
             img = images.get(img_id)
@@ -278,6 +314,14 @@ class CocoReader(Reader):
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
+
+    def _same_categories_as(self, train_ann: str, cats: list[tuple[int, str]]) -> None:
+        train = coco_categories(train_ann)
+        if train is not None and train != cats:  # an unreadable train JSON is reported by the train reader
+            missing, extra = [c for c in train if c not in cats], [c for c in cats if c not in train]
+            self.problem(self.ann_path, f"categories differ from the train split's {train_ann} "
+                                        f"(labels would mean different classes): (id, name) missing {missing}, "
+                                        f"extra {extra}")
 
     def load(self, i):
         path, img_id, W, H, anns = self.items[i]
@@ -389,7 +433,7 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
             reader = Reader()
             reader.problem(f"sources.{src.name}.{split}_ann", "coco sources need an instances JSON")
             return reader
-        return CocoReader(path, ann)
+        return CocoReader(path, ann, train_ann=src.train_ann)
     if src.format == "masks":
         return MaskReader(path, src.num_classes, src.ignore_index, train_dir=src.train)
     raise DataError(f"sources.{src.name}.format: unknown format {src.format!r}")
