@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -447,6 +448,33 @@ def test_voc_from_torchvision(tmp_path):
     seg = SourceConfig(name="VOCSegmentation", task="seg", format="torchvision", root=str(tmp_path), image_size=10)
     img, m = build_dataset(seg, "train", train=False)[0]
     assert img.shape == (3, 10, 10) and set(m.unique().tolist()) <= {0, 15, 255} and (m == 15).any()
+
+
+def test_voc_segmentation_has_background_and_checks_mask_values(tmp_path):
+    """VOC masks are palette PNGs: 0 background, 1..20 the VOC classes, 255 boundary (ignored)."""
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    palette = RNG.integers(0, 256, 768, dtype=np.uint8).tolist()
+    for k, value in (("a", 20), ("b", 22)):  # 20 = tvmonitor, the last class; 22 is no class
+        Image.fromarray(RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(voc / f"JPEGImages/{k}.jpg")
+        m = np.zeros((20, 30), np.uint8)
+        m[2:6, 3:9], m[0] = value, 255
+        mask = Image.fromarray(m, "P")
+        mask.putpalette(palette)
+        mask.save(voc / f"SegmentationClass/{k}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("a\nb\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("a\n")
+    seg = SourceConfig(name="VOCSegmentation", task="seg", format="torchvision", root=str(tmp_path),
+                       val_split="val", image_size=10)
+    ds = build_dataset(seg, "train", train=False)
+    assert ds.num_classes == 21 and ds.classes[0] == "background" and ds.classes[20] == "tvmonitor"
+    assert set(ds[0][1].unique().tolist()) == {0, 20, 255}
+    bad = (f"VOCSegmentation[1] under {tmp_path} ({voc}/SegmentationClass/b.png): "
+           "mask values [22] are outside [0, 21) and not ignore_index 255")
+    with pytest.warns(DataWarning, match=re.escape(bad)):
+        assert ds[1] is None
+    assert check_data([seg]) == [bad]
 
 
 # ----------------------------------------------------------------------------

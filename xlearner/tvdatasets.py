@@ -107,7 +107,8 @@ class TorchvisionReader(Reader):
             return self.problem(src.root, f"{cls.__name__}({split!r}) could not be opened: {e}")
         self.items = range(len(self.ds))
         if cls_name.startswith("VOC"):
-            self.classes = VOC_CLASSES
+            # det labels 1..20 (0 is the detector's background); seg maps hold 0 = background, 1..20, 255
+            self.classes = VOC_CLASSES if self.task == "det" else ["background"] + VOC_CLASSES
         elif getattr(self.ds, "classes", None):
             self.classes = [str(c) for c in self.ds.classes]
         elif src.num_classes:
@@ -118,6 +119,7 @@ class TorchvisionReader(Reader):
             self.problem(f"sources.{src.name}", "det sources from torchvision must be VOCDetection "
                                                 "(use format = 'coco' for COCO)")
         self.cat_ids = list(range(1, len(self.classes) + 1))
+        self.ignore_index = src.ignore_index
         self._coco = None
 
     def load(self, i):
@@ -129,8 +131,20 @@ class TorchvisionReader(Reader):
         if self.task == "det":
             return img, self._voc_target(target, i)
         if self.task == "seg":
-            return img, np.array(target)
+            return img, self._seg_target(target, i)
         return img, int(target)
+
+    def _seg_target(self, target, i) -> np.ndarray:
+        """The label map (a palette image's indices are its labels), every value a class or ignore_index."""
+        mask = np.array(target)
+        bad = (mask >= len(self.classes)) & (mask != self.ignore_index)
+        if bad.any():
+            files = getattr(self.ds, "masks", None)  # VOCSegmentation's mask paths, in index order
+            where = f"{self.cls_name}[{i}] under {self.ds.root}" + (f" ({files[i]})" if isinstance(files, list) else "")
+            raise BadSample(where,
+                            f"mask values {np.unique(mask[bad])[:8].tolist()} are outside "
+                            f"[0, {len(self.classes)}) and not ignore_index {self.ignore_index}")
+        return mask
 
     def _voc_target(self, target, image_id):
         boxes, labels = [], []
