@@ -6,21 +6,26 @@ A run checkpoint (DESIGN.md §5) is one `torch.save`d dict with `model`,
 can be rebuilt without the code that wrote it. It holds only tensors and
 plain Python values, so every load uses `weights_only=True`.
 
-Writes go to a temporary file in the same directory and are then renamed over
-`checkpoint.pt`, so a crash mid-write never leaves a half-written checkpoint
-under the real name. The previous checkpoint is kept as `checkpoint_prev.pt`.
+Writes go to a temporary file in the same directory; only once that file is
+complete and fsynced is it renamed over `checkpoint.pt` (the previous one
+becomes `checkpoint_prev.pt`). So a crash or a full disk mid-write never costs
+the last good checkpoint: a failed write removes its temp file, leaves
+`checkpoint.pt` as it was and raises a `CheckpointError` that says how much
+space there is and how much a checkpoint needs, on every rank at once.
+Temp files of a writer that was killed are removed when the next run starts.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .dist import is_main_process
+from .dist import broadcast_object, is_main_process
 
 CKPT = "checkpoint.pt"
 PREV = "checkpoint_prev.pt"
@@ -30,30 +35,91 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_complete(obj, path: Path) -> Path:
+    """torch.save `obj` to a temp file next to `path`, fsynced; returns the temp path.
+
+    On any write error the temp file is removed and the error re-raised, so a full
+    disk never leaves a half-written orphan behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:  # make sure the bytes are on disk before a rename publishes them
+            os.fsync(f.fileno())
+    except BaseException:  # also a KeyboardInterrupt mid-write: never leave the temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to `path` via a temp file + rename (rank 0 only)."""
+    """torch.save to `path` via a complete, fsynced temp file + rename (rank 0 only)."""
     if not is_main_process():
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:  # make sure the bytes are on disk before the rename publishes them
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(_write_complete(obj, path), path)
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _write_error(path: Path, state: dict, e: Exception) -> str:
+    """The one-line message for a checkpoint that could not be written: path, free space, size needed."""
+    free = shutil.disk_usage(path.parent).free
+    need = path.stat().st_size if path.is_file() else _tensor_bytes(state)  # the last one's size is the best guess
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    kept = f"the last good checkpoint {path} is untouched" if path.is_file() else "no earlier checkpoint exists"
+    return (f"{path}: could not write the checkpoint ({detail}): {free / 2**20:.0f} MB free on that disk, "
+            f"a checkpoint needs about {need / 2**20:.0f} MB; {kept}. Free some space and run the same command "
+            "again to resume.")
 
 
 def save_run_checkpoint(state: dict, out: str | Path) -> Path:
-    """Write `out/checkpoint.pt`, keeping the previous one as `checkpoint_prev.pt`."""
+    """Write `out/checkpoint.pt`, keeping the previous one as `checkpoint_prev.pt`.
+
+    Called on every rank; rank 0 writes. The new file is complete on disk before
+    the old one is rotated. If the write fails, every rank raises the same
+    CheckpointError (rank 0 broadcasts the outcome), so no rank is left waiting
+    in a collective for one that has stopped.
+    """
     out = Path(out)
     path = out / CKPT
+    error = None
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            os.replace(path, out / PREV)
-        save_atomic(state, path)
-        (out / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
+        try:
+            tmp = _write_complete(state, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            error = _write_error(path, state, e)
+        else:
+            if path.exists():
+                os.replace(path, out / PREV)
+            os.replace(tmp, path)
+            (out / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     return path
+
+
+def remove_stale_tmp(out: str | Path) -> list[Path]:
+    """Delete temp files left by a checkpoint writer that was killed mid-write (rank 0; at the start of a run)."""
+    if not is_main_process():
+        return []
+    stale = sorted(Path(out).glob(f".{CKPT}.tmp*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

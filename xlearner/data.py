@@ -23,10 +23,13 @@ which `collate_fn` drops and counts (`batch["skipped"]`, `loader.skipped`).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import math
 import random
+import signal
+import sys
 import time
 import warnings
 
@@ -36,11 +39,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from . import dist
 from .config import Config, SourceConfig
 from .datasets import BadSample, DataError, check_data, make_reader, prepare_mnist_like  # noqa: F401 (API)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DataWarning(UserWarning):
@@ -187,11 +194,21 @@ def move_to(batch, device):
 
 
 def _worker_init(worker_id: int) -> None:
+    """Seeding and signals of a loader worker (train and eval loaders)."""
     # torch already seeds each worker (base_seed + id); give `random` and numpy the
     # same seed so third-party code that uses them is reproducible too
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # A cluster signals the whole process group. A worker that died of that SIGTERM/SIGINT would
+    # make the main process fail ("DataLoader worker ... is killed by signal") before it could
+    # checkpoint; so workers ignore them and exit when the main process shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        # ...and die with the main process if it exits without shutting them down (a second
+        # signal, or the grace period for a hung step, ends it with os._exit): PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------
@@ -298,9 +315,30 @@ class MultiSourceLoader:
         self._iters.clear()  # dropping a DataLoader iterator shuts its workers down
 
 
+class EvalLoader(DataLoader):
+    """A DataLoader that ends early once this process has been asked to stop (`dist.stop_requested`).
+
+    A stop signal during a long evaluation must not wait for its end: the batches
+    stop coming, evaluate() scores what it has on every rank (its collectives
+    stay matched), and the engine, which sees the stop, throws the result away,
+    checkpoints and exits (engine.train)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while not dist.stop_requested():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+
+
 def build_eval_loader(src: SourceConfig, dataset, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
                       workers: int = 2) -> DataLoader:
     """This rank's shard `range(rank, N, world_size)` in order: no shuffle, no padding duplicates."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world_size)),
+    return EvalLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world_size)),
                       num_workers=workers, collate_fn=collate_fn(src.task, src.ignore_index),
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                      # the workers' base seed comes from here: evaluating never draws from the global
+                      # RNG, so a run that skips an evaluation trains on the same random numbers
+                      generator=torch.Generator().manual_seed(0))

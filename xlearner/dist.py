@@ -8,6 +8,13 @@ One code path serves a laptop CPU, one GPU and N GPUs on M nodes:
 - `get_rank`/`get_world_size`/`is_main_process` work with or without a group.
 - `log()` prints on rank 0 only; every file write in the project is guarded by
   `is_main_process()`.
+- Stopping: the engine's signal handler calls `request_stop(signum)`;
+  `stop_requested()` is this process's flag (checked between evaluation
+  batches), `agree_on_stop()` the collective that makes every rank stop after
+  the same step.
+- `python -m xlearner.dist ARGS` is `torchrun ARGS`, except that a SIGTERM or
+  SIGINT to the launcher ends it with exit 128+signal and one line, where
+  torchrun's elastic agent prints a traceback and exits 1 (see `torchrun`).
 """
 from __future__ import annotations
 
@@ -55,8 +62,12 @@ def _slurm_to_torchrun_env() -> None:
             os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
 
 
+_DEVICE: torch.device | None = None  # this rank's device: where collectives put their tensors
+
+
 def init_distributed(device: str = "auto") -> torch.device:
     """Start the process group if launched by torchrun/SLURM and return this rank's device."""
+    global _DEVICE
     _slurm_to_torchrun_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
@@ -69,6 +80,7 @@ def init_distributed(device: str = "auto") -> torch.device:
             timeout=datetime.timedelta(minutes=30),
             device_id=dev if use_cuda else None,
         )
+    _DEVICE = dev
     return dev
 
 
@@ -114,3 +126,56 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ----------------------------------------------------------------------------
+# stopping: a signal seen by any rank stops every rank after the same step
+
+_stop_signal = 0
+
+
+def request_stop(signum: int) -> None:
+    """Record that this process was asked to stop (0 clears it). Called from a signal handler."""
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_requested() -> int:
+    """The signal that asked this process to stop, or 0. Local: no collective."""
+    return _stop_signal
+
+
+def agree_on_stop() -> int:
+    """Collective: the stop signal of any rank (max over ranks), so that all ranks stop together.
+
+    Every rank must call it at the same point of the loop (the end of each step)."""
+    if not is_dist():
+        return _stop_signal
+    flag = torch.tensor([_stop_signal], device=_DEVICE)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def torchrun(argv: list[str] | None = None) -> None:
+    """`torchrun` with a clean exit when the launcher itself is signalled (Kubernetes, SLURM, Ctrl-C).
+
+    On SIGTERM/SIGINT torchrun's elastic agent forwards the signal to its workers
+    and waits for them (up to --shutdown-timeout, default 30 s), which is what
+    lets every rank finish its step and checkpoint; but then it re-raises a
+    SignalException from its signal handler, which prints a traceback and exits
+    1 whatever the workers did. Here that exception becomes one line and exit
+    128+signal, the code the workers exit with.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except SignalException as e:
+        print(f"torchrun: {e.sigval.name}: sent to the workers, which checkpoint and exit; "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(e.sigval)) from None
+
+
+if __name__ == "__main__":
+    torchrun()

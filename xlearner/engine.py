@@ -9,22 +9,31 @@ squeeze. Everything else is the same and lives here, once:
   parameter received a gradient and names those that did not);
 - gradient accumulation with `no_sync()` on the micro-steps that do not sync;
 - AMP: bf16 autocast, or fp16 autocast with a GradScaler;
-- SGD or AdamW, no weight decay on norms and biases; linear warmup then cosine;
+- SGD or AdamW, no weight decay on norms, biases and RL mixing coefficients;
+  linear warmup then cosine;
 - a stop on a non-finite loss that names the source and the step;
 - rank-0 logging: a tqdm bar, one JSON line per event in `out/log.jsonl`;
 - evaluation every `eval_every` steps and at the end, `out/metrics.json`;
 - atomic checkpoints every `ckpt_every` steps, at the end and on SIGTERM/SIGINT,
-  and an exact resume when the same command is run again on the same `out`.
+  and an exact resume when the same command is run again on the same `out`
+  (evaluation never draws from the training RNG, so a resumed run that skips
+  or repeats an evaluation trains on the same random numbers);
+- stops that a cluster can rely on (`_Stop`): a signal to the whole process
+  group finishes the step, checkpoints and exits 128+signal; a second signal,
+  or a step that cannot finish within the grace period, exits at once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import random
 import resource
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import latest_checkpoint, load_checkpoint, save_run_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
 from .config import Config, TrainConfig
 from .data import move_to
 
@@ -53,12 +62,26 @@ class UnusedParametersError(RuntimeError):
 # ----------------------------------------------------------------------------
 # optimiser and schedule
 
+# Parameters of these modules are scales and shifts of normalised features, not weights to shrink.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)  # _NormBase: BN, SyncBN, IN
+
+
+def no_weight_decay(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s own parameter `name` is exempt from weight decay: by what it is, not its shape.
+
+    Every norm parameter, every bias, and what a module lists in `no_weight_decay`
+    (the RL's mixing coefficients, reconcile.py: the cross-stitch matrix is 2-D,
+    yet decaying it pulls the identity coefficient towards 0)."""
+    return isinstance(module, NORM_TYPES) or name == "bias" or name in getattr(module, "no_weight_decay", ())
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; norms and biases (every parameter with ndim <= 1) get no weight decay."""
+    """SGD or AdamW; norms, biases and mixing coefficients (`no_weight_decay`) get no weight decay."""
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if no_weight_decay(module, name) else decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernels update every tensor in one pass instead of a loop of foreach ops: for the
     # demo's 3 x ResNet-18 on 2 CPU cores an AdamW step drops from 92 ms to 15 ms (measured).
@@ -147,11 +170,27 @@ class Run:
     stage: str = "expand"
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+GRACE_ENV = "XLEARNER_STOP_GRACE_S"  # seconds a stopped run waits for its step to finish (default 30)
+SAME_STOP_S = 2.0  # signals this close to the first are the same stop (a group signal plus torchrun's forward)
 
-    def __init__(self):
-        self.signum = 0
+
+class _Stop:
+    """How a run ends on SIGTERM/SIGINT: a cluster's preemption, Ctrl-C, `kill -TERM -- -PGID`.
+
+    First signal: `dist.request_stop`; the loop finishes the current step, every
+    rank agrees on the stop (`dist.agree_on_stop`), one checkpoint is written and
+    the run exits 128+signal. An evaluation in progress ends at its next batch
+    (data.EvalLoader). A step that cannot finish (a hung loader, a rank waiting on
+    a hung one) is ended by a timer thread `grace_s` seconds after the signal
+    (env XLEARNER_STOP_GRACE_S, default 30), without a checkpoint. A second
+    signal, SAME_STOP_S or more after the first, ends the run at once.
+    """
+
+    def __init__(self, stage: str, last_ckpt: int | None):
+        self.stage, self.last_ckpt = stage, last_ckpt
+        self.grace_s = float(os.environ.get(GRACE_ENV, "30"))
+        self._first: float | None = None
+        self._timer: threading.Timer | None = None
         self._old = {}
 
     def __enter__(self):
@@ -159,12 +198,38 @@ class _StopFlag:
             self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum, frame):
-        self.signum = signum
-
     def __exit__(self, *exc):
+        self.step_finished()
         for s, h in self._old.items():
             signal.signal(s, h)
+        dist.request_stop(0)
+
+    def _handle(self, signum, frame):
+        if self._first is None:
+            self._first = time.monotonic()
+            dist.request_stop(signum)
+            self._timer = threading.Timer(self.grace_s, self._exit_now, (signum, f"the step did not finish within "
+                                          f"{self.grace_s:g} s of signal {signum}"))
+            self._timer.daemon = True
+            self._timer.start()
+        elif time.monotonic() - self._first >= SAME_STOP_S:
+            self._exit_now(signum, f"second signal {signum}: stopping at once")
+
+    def step_finished(self) -> None:
+        """The step is over: no need to end it by force (the checkpoint write that follows may take long)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _exit_now(self, signum: int, why: str) -> None:
+        # os._exit: no unwinding through a hung loader or collective, no traceback; loader workers
+        # die with this process (data._worker_init). os.write: safe inside a signal handler.
+        last = f"step {self.last_ckpt}" if self.last_ckpt is not None else "none yet"
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # a reentrant flush: lose the buffer, not the exit
+            sys.stdout.flush()
+        if dist.is_main_process():
+            os.write(2, f"[{self.stage}] {why}: no checkpoint written for the unfinished step (last checkpoint: "
+                        f"{last}); run the same command again to resume\n".encode())
+        os._exit(128 + signum)
 
 
 def _log_event(out: Path, record: dict) -> None:
@@ -201,6 +266,8 @@ def train(run: Run) -> nn.Module:
     out = Path(tc.out)
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        for tmp in remove_stale_tmp(out):
+            dist.log(f"[{run.stage}] removed {tmp}, left by a checkpoint write that was killed")
     model = run.model.to(device)
     ckpt_module = run.ckpt_module or model
     if tc.sync_bn and device.type == "cuda" and dist.is_dist():
@@ -209,7 +276,7 @@ def train(run: Run) -> nn.Module:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
 
-    step = 0
+    step, eval_pending = 0, False
     resume = latest_checkpoint(out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -221,6 +288,7 @@ def train(run: Run) -> nn.Module:
         rngs = ckpt["rng"]
         set_rng_state(rngs[dist.get_rank()] if len(rngs) == dist.get_world_size() else rngs[0])
         step = ckpt["step"]
+        eval_pending = bool(ckpt.get("eval_pending", False))  # stopped before or during that step's evaluation
         _truncate_log(out, step)
         dist.log(f"[{run.stage}] resumed from {resume} at step {step}")
     else:
@@ -241,34 +309,60 @@ def train(run: Run) -> nn.Module:
         _log_event(out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
                          "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
-    def save(step: int) -> None:
+    stop = _Stop(run.stage, last_ckpt=step if resume is not None else None)
+
+    def save(step: int, eval_pending: bool = False) -> None:
         rngs = dist.all_gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
         save_run_checkpoint({
             "model": ckpt_module.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "config": run.config.to_dict(), "loader": run.loader.state_dict(), "rng": rngs,
-            "meta": run.meta, "stage": run.stage}, out)
+            "meta": run.meta, "stage": run.stage, "eval_pending": eval_pending}, out)
+        stop.last_ckpt = step
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> int:
+        """Evaluate and log; returns 0, or the stop signal that cut the evaluation short (nothing logged then)."""
         if run.evaluate is None:
-            return
+            return 0
         if ddp:  # DDP syncs BN running stats at the start of a forward: after the last step each rank
             for b in model.buffers():  # still has its own, so evaluate rank 0's (the checkpointed) ones
                 torch.distributed.broadcast(b, src=0)
+        dist.log(f"[{run.stage}] step {step}: evaluating")
+        rng = rng_state()  # evaluation must leave the training RNG (RPN/RoI samplers) exactly as it was
         model.eval()
-        metrics = run.evaluate(step)
-        model.train()
+        try:
+            metrics = run.evaluate(step)
+        finally:
+            model.train()
+            set_rng_state(rng)
+        signalled = dist.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
+        if signalled:
+            return signalled
         dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
             f"{s}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float)) for s, m in metrics.items()))
         _log_event(out, {"event": "eval", "step": step, "metrics": metrics})
         if dist.is_main_process():
             (out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+        return 0
+
+    def stop_run(step: int, signum: int, eval_pending: bool) -> None:
+        """Checkpoint the last finished step (unless it already is), say so in one line, exit 128+signal."""
+        stop.step_finished()
+        if stop.last_ckpt != step:
+            save(step, eval_pending)
+        _log_event(out, {"event": "interrupted", "step": step, "signal": signum})
+        dist.log(f"[{run.stage}] signal {signum}: checkpoint written at step {step}; "
+                 "run the same command again to resume")
+        bar.close()
+        raise SystemExit(128 + signum)
 
     model.train()
     bar = tqdm(total=tc.steps, initial=step, desc=run.stage, disable=not dist.is_main_process(), dynamic_ncols=True)
     window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
     checked_grads = False
-    with _StopFlag() as stop:
+    with stop:
+        if eval_pending and (signalled := evaluate(step)):
+            stop_run(step, signalled, eval_pending=True)
         while step < tc.steps:
             losses_sum: dict[str, float] = {}
             for micro in range(tc.grad_accum):
@@ -326,24 +420,16 @@ def train(run: Run) -> nn.Module:
                 window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
 
             # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = stop.signum
-            if ddp:
-                flag = torch.tensor([signalled], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                signalled = int(flag.item())
-            if signalled:
-                save(step)
-                _log_event(out, {"event": "interrupted", "step": step, "signal": signalled})
-                dist.log(f"[{run.stage}] signal {signalled}: checkpoint written at step {step}; "
-                         "run the same command again to resume")
-                bar.close()
-                raise SystemExit(128 + signalled)
-            if _every(step, tc.eval_every) and step < tc.steps:
-                evaluate(step)
+            signalled = dist.agree_on_stop()
+            eval_step = _every(step, tc.eval_every) and step < tc.steps
+            if not signalled and eval_step:
+                signalled = evaluate(step)
+            if signalled:  # checkpointed with eval_pending: a resumed run evaluates this step first
+                stop_run(step, signalled, eval_pending=eval_step)
             if _every(step, tc.ckpt_every) or step == tc.steps:
                 save(step)
+        if (resume is None or step > 0) and (signalled := evaluate(step)):
+            stop_run(step, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
     bar.close()
-    if resume is None or step > 0:
-        evaluate(step)
     _log_event(out, {"event": "end", "step": step})
     return model

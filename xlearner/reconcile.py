@@ -136,6 +136,8 @@ class HRNetReconcile(Reconcile):
 class ScalarPath(nn.Module):
     """alpha * conv1x1(x), alpha a learnable scalar that starts at 0 (zero output at init)."""
 
+    no_weight_decay = ("alpha",)  # a mixing coefficient, not a weight: engine.build_optimizer skips it
+
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 1, bias=False)
@@ -166,6 +168,10 @@ class CrossStitchUnit(nn.Module):
     weight[i, c] is the coefficient of task i's channel c; it starts as the
     identity (own row 1, others 0), so at init the branch sees only itself.
     Needs equal channels across branches, which holds: they share the arch."""
+
+    # Mixing coefficients get no weight decay (engine.build_optimizer): decay would pull the
+    # identity coefficient towards 0, i.e. pull each branch away from its own features.
+    no_weight_decay = ("weight",)
 
     def __init__(self, tasks: list[str], target: str, c: int):
         super().__init__()

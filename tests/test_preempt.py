@@ -1,0 +1,310 @@
+"""Stops the way clusters stop a run: a signal to the whole process group, torchrun, a stop during
+evaluation, a step that never finishes, a second signal. Every stop must end with exit 128+signal,
+one message and no traceback; a stop that could checkpoint must resume to the same weights, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import REPO, assert_same_state, cli, env, model_state, run, train_steps
+from xlearner import data, expand
+from xlearner.checkpoint import load_checkpoint
+from xlearner.demo import generate
+
+CONFIG = """
+[model]
+arch = "resnet18"
+tasks = {tasks}
+reconcile = "hrnet"
+reconcile_stages = [1, 2]
+reconcile_width = 0.125
+fpn_channels = 32
+rpn_pre_nms_top_n = 100
+rpn_post_nms_top_n = 50
+box_batch_size_per_image = 32
+box_head_dim = 64
+
+[[sources]]
+name = "shapes-cls"
+task = "cls"
+format = "imagefolder"
+train = "{world}/shapes-cls/train"
+val = "{world}/shapes-cls/val"
+image_size = 32
+batch_size = 4
+
+[[sources]]
+name = "texture-cls"
+task = "cls"
+format = "csv"
+train = "{world}/texture-cls/train.csv"
+val = "{world}/texture-cls/val.csv"
+image_size = 32
+batch_size = 4
+{det}
+[expand]
+steps = {steps}
+lr = 0.003
+optimizer = "adamw"
+weight_decay = 0.05
+warmup_steps = 2
+eval_every = {eval_every}
+ckpt_every = 100
+log_every = 1
+workers = 1
+seed = 0
+out = "{out}"
+"""
+
+DET = """
+[[sources]]
+name = "shapes-det"
+task = "det"
+format = "coco"
+train = "{world}/shapes-det/train"
+train_ann = "{world}/shapes-det/train.json"
+val = "{world}/shapes-det/val"
+val_ann = "{world}/shapes-det/val.json"
+image_size = 64
+batch_size = 1
+"""
+
+STEP_LINE = re.compile(r"\[expand\] step (\d+)/\d+ loss")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate(out, seed=0, scale=0.2)
+    return out
+
+
+def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False) -> Path:
+    p = tmp_path / f"{name}.toml"
+    tasks = '["cls", "det"]' if det else '["cls"]'
+    p.write_text(CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every, tasks=tasks,
+                               det=DET.format(world=world) if det else ""))
+    return p
+
+
+class Proc:
+    """A command in its own session (its own process group, as under a cluster's job step); output read by a thread."""
+
+    def __init__(self, cmd: list[str], extra_env: dict | None = None):
+        self.p = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.p.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 240) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.p.poll() is None, f"exited {self.p.returncode} before {pattern.pattern!r}:\n{self.output}"
+                continue
+            self.seen.append(line)
+            if m := pattern.search(line):
+                return m
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout} s:\n{self.output}")
+
+    def signal_group(self, sig=signal.SIGTERM) -> None:
+        os.killpg(self.p.pid, sig)
+
+    def finish(self, timeout: float = 240) -> int:
+        try:
+            code = self.p.wait(timeout=timeout)
+        finally:
+            if self.p.poll() is None:
+                os.killpg(self.p.pid, signal.SIGKILL)
+        time.sleep(0.2)  # let the reader thread drain the pipe
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)
+
+
+def assert_clean_stop(proc: Proc, code: int, sig=signal.SIGTERM) -> None:
+    assert code == 128 + sig, f"exit {code}:\n{proc.output}"
+    assert "Traceback" not in proc.output, proc.output
+    assert "checkpoint written at step" in proc.output, proc.output
+
+
+# ----------------------------------------------------------------------------
+# (a) one process, loader workers, SIGTERM to the whole group at a random step
+
+def test_group_sigterm_at_a_random_step_resumes_exactly(tmp_path, world):
+    full = write_config(tmp_path, world, "full", steps=6)
+    cut = write_config(tmp_path, world, "cut", steps=6)
+    run("expand", "--config", str(full))
+    at = random.randint(1, 4)
+    proc = Proc(cli("expand", "--config", str(cut)))
+    proc.wait_for(re.compile(rf"\[expand\] step {at}/6 loss"))
+    proc.signal_group()  # main process and its DataLoader worker alike
+    assert_clean_stop(proc, proc.finish())
+    stopped = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"]
+    assert at <= stopped < 6, (at, stopped)
+    resumed = run("expand", "--config", str(cut))
+    assert f"resumed from {tmp_path / 'cut' / 'checkpoint.pt'} at step {stopped}" in resumed.stdout
+    assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
+    assert train_steps(tmp_path / "cut" / "log.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------
+# (b) torchrun, 2 processes (gloo), SIGTERM to the launcher's group: the launcher forwards it too,
+# so each rank gets it twice within milliseconds (one stop, not a "second signal")
+
+def test_torchrun_group_sigterm_resumes_exactly(tmp_path, world):
+    full = write_config(tmp_path, world, "full", steps=5)
+    cut = write_config(tmp_path, world, "cut", steps=5)
+    launcher = [sys.executable, "-m", "xlearner.dist", "--standalone", "--nproc_per_node=2", str(REPO / "cli.py")]
+    run_full = subprocess.run([*launcher, "expand", "--config", str(full)], cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=600)
+    assert run_full.returncode == 0, run_full.stderr[-3000:]
+    proc = Proc([*launcher, "expand", "--config", str(cut)])
+    proc.wait_for(re.compile(r"\[expand\] step 2/5 loss"))
+    proc.signal_group()
+    assert_clean_stop(proc, proc.finish())
+    assert "torchrun: SIGTERM" in proc.output
+    resumed = subprocess.run([*launcher, "expand", "--config", str(cut)], cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
+    assert train_steps(tmp_path / "cut" / "log.jsonl") == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------
+# (c) a stop during a long evaluation (a det source, one image per eval batch)
+
+def test_sigterm_during_evaluation_stops_it_and_resumes_exactly(tmp_path, world):
+    full = write_config(tmp_path, world, "full", steps=4, eval_every=2, det=True)
+    cut = write_config(tmp_path, world, "cut", steps=4, eval_every=2, det=True)
+    run("expand", "--config", str(full))
+    proc = Proc(cli("expand", "--config", str(cut)))
+    proc.wait_for(re.compile(r"\[expand\] step 2: evaluating"))
+    proc.signal_group()
+    assert_clean_stop(proc, proc.finish())
+    assert "step 2 eval:" not in proc.output  # the evaluation was cut short, not finished
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["eval_pending"] is True
+    resumed = run("expand", "--config", str(cut))
+    assert "step 2 eval:" in resumed.stdout  # the evaluation that was cut runs again first
+    assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
+    evals = [json.loads(l)["step"] for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+             if json.loads(l)["event"] == "eval"]
+    assert evals == [2, 4]
+
+
+# ----------------------------------------------------------------------------
+# (d) a det source, eval_every > 0, stopped exactly at an eval step: evaluation must not move the
+# training RNG (the RPN/RoI samplers draw from it), so skipping that evaluation changes nothing
+
+def test_stop_at_an_eval_step_with_det_source_resumes_exactly(tmp_path, world, monkeypatch):
+    from xlearner.config import load_config
+    expand.run(load_config(write_config(tmp_path, world, "full", steps=4, eval_every=2, det=True)))
+
+    next_batch = data.MultiSourceLoader.__next__
+    calls = []
+
+    def signal_in_step_2(self):
+        calls.append(1)
+        if len(calls) == 2:  # while step 2 loads its batch: the stop lands after step 2, an eval step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next_batch(self)
+
+    cut = load_config(write_config(tmp_path, world, "cut", steps=4, eval_every=2, det=True))
+    monkeypatch.setattr(data.MultiSourceLoader, "__next__", signal_in_step_2)
+    with pytest.raises(SystemExit) as stopped:
+        expand.run(cut)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 2
+    monkeypatch.setattr(data.MultiSourceLoader, "__next__", next_batch)
+    torch.manual_seed(1234)  # a fresh process would not share this one's RNG state
+    expand.run(cut)
+    assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
+
+
+# ----------------------------------------------------------------------------
+# (e) a step that never finishes: a second signal, or the grace period, ends the run
+
+HUNG = """
+import time
+import torch
+import torch.nn as nn
+from xlearner import engine
+from xlearner.config import Config, TrainConfig
+
+class Hangs:
+    skipped = {}
+    def __init__(self):
+        self.pos = 0
+    def __next__(self):
+        self.pos += 1
+        if self.pos == 3:
+            print("hanging", flush=True)
+            while True:
+                time.sleep(1)
+        return {"x": torch.randn(4, 3)}
+    def state_dict(self):
+        return {"pos": self.pos}
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+    def forward(self, batch):
+        return {"a": self.lin(batch["x"]).pow(2).mean()}
+    def total_loss(self, losses):
+        return sum(losses.values())
+
+tc = TrainConfig(out=OUT, steps=10, workers=0, log_every=1, ckpt_every=1, warmup_steps=1)
+engine.train(engine.Run(model=Toy(), loader=Hangs(), tc=tc, config=Config(expand=tc), device=torch.device("cpu")))
+"""
+
+
+def start_hung(tmp_path: Path, grace: str) -> Proc:
+    script = tmp_path / "hung.py"
+    script.write_text(f"OUT = {str(tmp_path / 'run')!r}\n" + HUNG)
+    proc = Proc([sys.executable, str(script)], extra_env={"XLEARNER_STOP_GRACE_S": grace})
+    proc.wait_for(re.compile(r"hanging"), timeout=120)
+    return proc
+
+
+def test_second_sigterm_ends_a_hung_step_at_once(tmp_path):
+    proc = start_hung(tmp_path, grace="600")
+    proc.signal_group()
+    time.sleep(3)  # a second signal within 2 s of the first is the same stop (torchrun forwarding a group signal)
+    assert proc.p.poll() is None, proc.output  # the first signal waits for the step
+    proc.signal_group()
+    code = proc.finish(timeout=30)  # far less than the 600 s grace period
+    assert code == 128 + signal.SIGTERM and "Traceback" not in proc.output, proc.output
+    assert "second signal 15: stopping at once: no checkpoint written for the unfinished step " \
+           "(last checkpoint: step 2)" in proc.output, proc.output
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+
+
+def test_a_hung_step_ends_after_the_grace_period(tmp_path):
+    proc = start_hung(tmp_path, grace="1")
+    proc.signal_group()
+    code = proc.finish(timeout=30)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in proc.output, proc.output
+    assert "the step did not finish within 1 s of signal 15: no checkpoint written for the unfinished step " \
+           "(last checkpoint: step 2)" in proc.output, proc.output
