@@ -87,13 +87,14 @@ def test_malformed_toml_names_the_file(tmp_path):
 
 
 def test_semantic_validation(tmp_path):
-    with pytest.raises(ConfigError, match=r"sources\.b\.task: 'seg' is not in model\.tasks"):
+    with pytest.raises(ConfigError, match=r"c\.toml: sources\.b\.task: must be in model\.tasks \['cls'\], got 'seg'$"):
         load_config(write(tmp_path, GOOD), ['model.tasks=["cls"]'])
     with pytest.raises(ConfigError, match=r"expand\.amp: expected off\|bf16\|fp16"):
         load_config(write(tmp_path, GOOD), ['expand.amp="fp8"'])
     with pytest.raises(ConfigError, match=r"model\.reconcile_width: must be in \(0, 1\], got 0\.0"):
         load_config(write(tmp_path, GOOD), ["model.reconcile_width=0.0"])
-    with pytest.raises(ConfigError, match=r"format: unknown format 'parquet'"):
+    with pytest.raises(ConfigError, match=r"sources\.b\.format: expected imagefolder\|csv\|coco\|masks\|torchvision, "
+                                         r"got 'parquet'$"):
         load_config(write(tmp_path, GOOD.replace('format = "masks"', 'format = "parquet"')))
 
 

@@ -11,24 +11,31 @@
 
 Commands only parse options, load the config and call the stage's `run()`;
 every engine takes objects, never this module's arguments. Expected failures
-(bad config, bad data, bad checkpoint) print one clear line and exit 1.
+print one clear line, no traceback: exit 2 for a bad config (checked when it
+loads, before torch is imported), 1 for bad data or a bad checkpoint;
+`--debug` (or XLEARNER_DEBUG=1) shows their traceback too.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import click
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config  # no torch: a bad config is refused in a fraction of a second
 
 SET_HELP = "Override a config key, e.g. --set expand.steps=50 (repeatable; sources.NAME.key for a source)."
+# --debug or XLEARNER_DEBUG=1: show the traceback of expected errors too (set by main())
+_debug = False
 
 
-def _expected_errors():
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix, besides ConfigError. Anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
     from .data import DataError
-    return (ConfigError, CheckpointError, DataError, FileNotFoundError)
+    return (CheckpointError, DataError, FileNotFoundError)
 
 
 def _load(config: str | None, sets: tuple[str, ...], out_key: str | None = None, out: str | None = None):
@@ -39,16 +46,62 @@ def _load(config: str | None, sets: tuple[str, ...], out_key: str | None = None,
 
 
 def _guard(fn):
-    """Turn the errors a user can fix into one readable line (and exit 1), not a traceback."""
-    import functools
+    """Turn the errors a user can fix into one line on stderr, not a traceback: exit 2 for a
+    config error (like click's own usage errors), 1 for bad data or a bad checkpoint."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ConfigError as e:
+            _fail(e, exit_code=2)
         except _expected_errors() as e:
-            raise click.ClickException(str(e)) from None
+            _fail(e, exit_code=1)
     return wrapper
+
+
+def _fail(e: Exception, exit_code: int):
+    if _debug:
+        raise e
+    error = click.ClickException(str(e))
+    error.exit_code = exit_code
+    raise error from None
+
+
+def _check_weights(spec: str, arch: str, key: str) -> None:
+    """Fail fast on model.pretrained / squeeze.student_init: a torchvision weights name of `arch`, or a
+    file holding a torchvision-format state_dict of `arch` (otherwise the model build fails later)."""
+    from .backbone import build_backbone
+    if not os.path.exists(spec) and "_Weights." in spec:
+        import torchvision
+        try:  # resolving the name downloads nothing
+            torchvision.models.get_weight(spec)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{key} = {spec!r}: not a torchvision weights name ({e})") from None
+        if spec.split("_Weights.")[0].lower() != arch:
+            raise ConfigError(f"{key} = {spec!r}: weights of another architecture than model.arch = {arch!r}")
+        return
+    if not os.path.isfile(spec):
+        raise ConfigError(f"{key} = {spec!r}: no such file (nor a torchvision weights name "
+                          "such as 'ResNet50_Weights.IMAGENET1K_V2')")
+    try:
+        build_backbone(arch, spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (model.arch = {arch!r})") from None
+
+
+def _preflight(cfg) -> None:
+    """What expand / squeeze would otherwise find late: a bad pretrained or student_init file when the
+    model is built, a bad val split at the first evaluation (often the end of the run)."""
+    from .data import build_dataset
+    if cfg.model.pretrained:
+        _check_weights(cfg.model.pretrained, cfg.model.arch, "model.pretrained")
+    init = cfg.squeeze.student_init
+    if init not in ("", "mean", "scratch") and not init.startswith("task:"):
+        _check_weights(init, cfg.model.arch, "squeeze.student_init")
+    for s in cfg.sources:
+        if s.val or s.format == "torchvision":
+            build_dataset(s, "val", train=False)  # DataError naming the source, the file and the reason
 
 
 config_opt = click.option("--config", "config", type=click.Path(dir_okay=False), required=True,
@@ -57,8 +110,12 @@ set_opt = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def main():
+@click.option("--debug", is_flag=True, envvar="XLEARNER_DEBUG",
+              help="Show the Python traceback of expected errors too (or set XLEARNER_DEBUG=1).")
+def main(debug):
     """X-Learner: learn one universal backbone across sources and tasks (expand -> squeeze -> transfer)."""
+    global _debug
+    _debug = debug
 
 
 @main.command("demo-data")
@@ -81,9 +138,8 @@ def demo_data(out, seed, scale, world):
 @main.command("check-data")
 @config_opt
 @set_opt
-@click.option("--out", default=None, help="Unused; accepted for uniformity with the other commands.")
 @_guard
-def check_data_cmd(config, sets, out):
+def check_data_cmd(config, sets):
     """Validate every upstream source and transfer dataset of a config; list every problem; exit 1 if any."""
     from .data import check_data
     cfg = _load(config, sets)
@@ -103,10 +159,12 @@ def check_data_cmd(config, sets, out):
 @_guard
 def expand(config, sets, out):
     """Expansion stage: task-specific backbones + reconciliation layers (python or torchrun)."""
+    cfg = _load(config, sets, "expand.out", out)  # before importing torch: a bad config fails at once
     from . import expand as stage
     from .dist import cleanup
+    _preflight(cfg)
     try:
-        stage.run(_load(config, sets, "expand.out", out))
+        stage.run(cfg)
     finally:
         cleanup()
 
@@ -119,10 +177,12 @@ def expand(config, sets, out):
 @_guard
 def squeeze(config, sets, teacher, out):
     """Squeeze stage: distil the expanded teacher into one standard backbone (python or torchrun)."""
+    cfg = _load(config, sets, "squeeze.out", out)  # before importing torch: a bad config fails at once
     from . import squeeze as stage
     from .dist import cleanup
+    _preflight(cfg)
     try:
-        stage.run(_load(config, sets, "squeeze.out", out), teacher)
+        stage.run(cfg, teacher)
     finally:
         cleanup()
 
@@ -138,11 +198,11 @@ def squeeze(config, sets, teacher, out):
 @_guard
 def transfer(config, sets, backbones, names, branch, out):
     """Transfer evaluation on [[transfer.datasets]]: writes results.json and results.md."""
+    cfg = _load(config, sets, "transfer.out", out)  # before importing torch: a bad config fails at once
     from . import transfer as stage
     from .dist import cleanup
-    cfg = _load(config, sets, "transfer.out", out)
     if names and len(names) != len(backbones):
-        raise click.ClickException(f"got {len(names)} --name for {len(backbones)} --backbone")
+        raise click.UsageError(f"got {len(names)} --name for {len(backbones)} --backbone")
     try:
         stage.run(cfg, list(backbones), list(names) or None, branch, cfg.transfer.out)
     finally:
@@ -153,14 +213,16 @@ def transfer(config, sets, backbones, names, branch, out):
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="An expand or squeeze run checkpoint.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the torchvision state_dict.")
 @click.option("--branch", default=None, help="Branch of an expand checkpoint (default: first task).")
-@set_opt
 @_guard
-def export(checkpoint, out, branch, sets):
+def export(checkpoint, out, branch):
     """Write a torchvision-format backbone state_dict (loads into torchvision.models.<arch>(), fc.* missing)."""
-    from .checkpoint import load_checkpoint, save_atomic
+    from .checkpoint import CheckpointError, load_checkpoint, save_atomic
     from .model import backbone_state_dict, model_from_checkpoint
-    model = model_from_checkpoint(load_checkpoint(checkpoint))
-    save_atomic(backbone_state_dict(model, branch), out)
+    try:  # not a run checkpoint, or no such branch: model.py says which, as a ValueError
+        state = backbone_state_dict(model_from_checkpoint(load_checkpoint(checkpoint)), branch)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: {e}") from None
+    save_atomic(state, out)
     click.echo(f"wrote {out}")
 
 
@@ -204,8 +266,9 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 @_guard
 def ablate(config, sets, out, quick, seeds):
     """Train and transfer SSST / SSMT / expand / X-Learner variants on one data budget (the paper's table)."""
+    cfg = _load(config, sets)
     from .ablate import run
-    run(_load(config, sets), Path(out) if out else None, quick_mode=quick, n_seeds=seeds)
+    run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds)
 
 
 if __name__ == "__main__":

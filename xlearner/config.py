@@ -6,14 +6,20 @@ The file has a `[model]` table, one `[[sources]]` table per upstream source,
 with the standard library's `tomllib` into the dataclasses below, so every
 key, its type and its default is written down in exactly one place.
 
-Unknown keys and wrong types fail at load time with the dotted key named;
-`--set expand.steps=50` overrides any key with the same type checks. The
-resolved config is saved as JSON next to every checkpoint (`to_dict`).
+Unknown keys, wrong types and bad values (out of range, not an allowed name,
+inconsistent with another key: the `_validate_*` functions below) fail at
+load time, before any torch import, with the file, the dotted key, the value
+and what is allowed. A legal but probably unintended value (a warmup as long
+as the run) prints one warning line. `--set expand.steps=50` overrides any
+key with the same checks. The resolved config is saved as JSON next to every
+checkpoint (`to_dict`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import tomllib
 import types
 import typing
@@ -217,36 +223,173 @@ def _from_dict(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    for t in cfg.model.tasks:
-        if t not in TASKS:
-            raise ConfigError(f"model.tasks: unknown task {t!r} (choose from {TASKS})")
-    if not 0 < cfg.model.reconcile_width <= 1:
-        raise ConfigError(f"model.reconcile_width: must be in (0, 1], got {cfg.model.reconcile_width}")
-    seen = set()
-    all_sources = [("sources", s) for s in cfg.sources] + [("transfer.datasets", s) for s in cfg.transfer.datasets]
-    for where, s in all_sources:
-        if not s.name:
-            raise ConfigError(f"{where}: every source needs a name")
-        if s.task not in TASKS:
-            raise ConfigError(f"{where}.{s.name}.task: unknown task {s.task!r} (choose from {TASKS})")
-        if s.format not in FORMATS:
-            raise ConfigError(f"{where}.{s.name}.format: unknown format {s.format!r} (choose from {FORMATS})")
-        if where == "sources":
-            if s.name in seen:
-                raise ConfigError(f"sources: duplicate source name {s.name!r}")
-            seen.add(s.name)
-            if s.task not in cfg.model.tasks:
-                raise ConfigError(f"sources.{s.name}.task: {s.task!r} is not in model.tasks {cfg.model.tasks}")
-    for amp_key in ("expand", "squeeze"):
-        tc = getattr(cfg, amp_key)
-        if tc.amp not in ("off", "bf16", "fp16"):
-            raise ConfigError(f"{amp_key}.amp: expected off|bf16|fp16, got {tc.amp!r}")
-        if tc.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"{amp_key}.optimizer: expected sgd|adamw, got {tc.optimizer!r}")
-        if tc.grad_accum < 1:
-            raise ConfigError(f"{amp_key}.grad_accum: must be >= 1, got {tc.grad_accum}")
+# ----------------------------------------------------------------------------
+# value checks: ranges, allowed names, cross-field rules (load time, no torch, no disk)
 
+# The names the code accepts. config.py imports no torch, so these mirror the registries
+# (backbone.BACKBONES, reconcile.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS);
+# tests/test_bad_values.py checks that they agree.
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
+DET_HEADS = ("faster_rcnn",)
+SEG_HEADS = ("fpn", "deeplab")
+DISTILL_LOSSES = ("l2", "cka")
+PROTOCOLS = ("linear", "finetune")
+ABLATE_VARIANTS = ("ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl")
+FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "torchvision": TASKS}
+# Measured on CPU (ResNet-18/50, every task): any image_size >= 1 trains with 2+ images per batch; 0
+# crashes in the resize. With ONE image per batch, training BatchNorm needs more than one value per
+# channel, and layer4 (stride 32) is a single pixel up to 32 px; DeepLab's image-pooling BN always is.
+MIN_IMAGE_SIZE = 1
+MIN_IMAGE_SIZE_BATCH1 = 33
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+def _one_of(value: Any, key: str, allowed) -> None:
+    _check(value in allowed, key, f"expected {'|'.join(allowed)}", value)
+
+
+def _at_least(obj, prefix: str, low: int | float, *names: str) -> None:
+    for n in names:
+        _check(getattr(obj, n) >= low, f"{prefix}.{n}", f"must be >= {low}", getattr(obj, n))
+
+
+def _positive(obj, prefix: str, *names: str) -> None:
+    for n in names:
+        _check(getattr(obj, n) > 0, f"{prefix}.{n}", "must be > 0", getattr(obj, n))
+
+
+def _stages(stages: list[int], key: str, allow_empty: bool) -> None:
+    _check(allow_empty or bool(stages), key, "needs at least one stage", stages)
+    for l in stages:
+        _check(1 <= l <= 4, key, "stages are 1..4 (layer1..layer4)", stages)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _one_of(m.arch, "model.arch", ARCHS)
+    _check(bool(m.tasks) and len(set(m.tasks)) == len(m.tasks), "model.tasks", "expected distinct tasks", m.tasks)
+    for t in m.tasks:
+        _one_of(t, "model.tasks", TASKS)
+    _one_of(m.reconcile, "model.reconcile", RECONCILES)
+    _stages(m.reconcile_stages, "model.reconcile_stages", allow_empty=True)
+    _check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
+    _one_of(m.det_head, "model.det_head", DET_HEADS)
+    _one_of(m.seg_head, "model.seg_head", SEG_HEADS)
+    _at_least(m, "model", 1, "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_batch_size_per_image",
+              "box_batch_size_per_image", "box_head_dim", "box_detections_per_img", "seg_channels")
+
+
+def _metrics(s: SourceConfig) -> tuple[str, ...]:
+    """What evaluate.primary_metric can report for this source ("top1", the default, means the task's own)."""
+    if s.task == "cls":
+        return ("top1", "mAP") if s.multi_label else ("top1", "mean_per_class")
+    return ("top1", "AP") if s.task == "det" else ("top1", "mIoU")
+
+
+def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) -> None:
+    """One [[sources]] or [[transfer.datasets]] entry; `trains`: its batches train BatchNorm layers."""
+    _one_of(s.task, f"{key}.task", TASKS)
+    _one_of(s.format, f"{key}.format", FORMATS)
+    _check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
+           f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
+    _at_least(s, key, 0, "num_classes", "weight")
+    _at_least(s, key, 1, "batch_size")
+    _at_least(s, key, MIN_IMAGE_SIZE, "image_size")
+    _check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
+           s.ignore_index)
+    _one_of(s.metric, f"{key}.metric", _metrics(s))
+    _one_of(s.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
+    if s.train_fraction is not None:
+        _check(0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]", s.train_fraction)
+    if s.epochs is not None:
+        _at_least(s, key, 1, "epochs")
+    if trains and s.batch_size == 1:
+        _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
+               "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
+        _check(not (s.task == "seg" and m.seg_head == "deeplab"), f"{key}.batch_size",
+               "must be >= 2 with model.seg_head = 'deeplab' (its image-pooling BatchNorm sees one value per image)", 1)
+
+
+def _validate_sources(cfg: Config) -> None:
+    seen: set[tuple[str, str]] = set()
+    for where, entries in (("sources", cfg.sources), ("transfer.datasets", cfg.transfer.datasets)):
+        for s in entries:
+            _check(bool(s.name) and "." not in s.name, f"{where}.name", "every entry needs a name without '.'", s.name)
+            _check((where, s.name) not in seen, f"{where}.{s.name}", "duplicate name", s.name)
+            seen.add((where, s.name))
+            key = f"{where}.{s.name}"
+            # upstream sources always train; a transfer dataset trains unless it is a linear probe
+            trains = where == "sources" or s.task != "cls" or (s.protocol or cfg.transfer.protocol) == "finetune"
+            _validate_source(s, key, trains, cfg.model)
+            if where == "sources":
+                _check(s.task in cfg.model.tasks, f"{key}.task", f"must be in model.tasks {cfg.model.tasks}", s.task)
+    _check(not cfg.sources or any(s.weight > 0 for s in cfg.sources), "sources.weight",
+           "at least one source needs a weight > 0", [s.weight for s in cfg.sources])
+
+
+def _validate_train(tc: TrainConfig, key: str) -> list[str]:
+    """expand / squeeze; returns warnings (values that run but are probably not meant)."""
+    _at_least(tc, key, 1, "steps", "grad_accum")
+    _positive(tc, key, "lr")
+    _one_of(tc.optimizer, f"{key}.optimizer", ("sgd", "adamw"))
+    _check(0 <= tc.momentum < 1, f"{key}.momentum", "must be in [0, 1)", tc.momentum)
+    _one_of(tc.amp, f"{key}.amp", ("off", "bf16", "fp16"))
+    _at_least(tc, key, 0, "weight_decay", "warmup_steps", "clip_grad", "eval_every", "ckpt_every", "log_every",
+              "workers", "seed")
+    _check(bool(tc.out), f"{key}.out", "needs a directory", tc.out)
+    if tc.warmup_steps >= tc.steps:
+        return [f"{key}.warmup_steps = {tc.warmup_steps} >= {key}.steps = {tc.steps}: "
+                "the whole run is warmup (no cosine decay)"]
+    return []
+
+
+def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
+    if sq.student_init.startswith("task:"):
+        _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
+    # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
+    _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
+    _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
+    _at_least(sq, "squeeze", 0, "lambda_task", "lambda_feat", "lambda_kd")
+    _check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
+           "at least one must be > 0", [sq.lambda_task, sq.lambda_feat, sq.lambda_kd])
+    _positive(sq, "squeeze", "kd_temperature")
+
+
+def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> None:
+    _one_of(tc.protocol, "transfer.protocol", PROTOCOLS)
+    _check(0 < tc.train_fraction <= 1, "transfer.train_fraction", "must be in (0, 1]", tc.train_fraction)
+    _at_least(tc, "transfer", 1, "epochs", "batch_size")
+    _positive(tc, "transfer", "lr")
+    _at_least(tc, "transfer", 0, "clip_grad", "workers")
+    _check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
+    _check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
+    for key, seeds in (("transfer.seeds", tc.seeds), ("ablate.seeds", ab.seeds)):
+        _check(bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key,
+               "needs distinct seeds >= 0", seeds)
+    for v in ab.variants:
+        _one_of(v, "ablate.variants", ABLATE_VARIANTS)
+    cls = [s.name for s in cfg.sources if s.task == "cls"]
+    _check(not ab.ssst_source or ab.ssst_source in cls, "ablate.ssst_source", f"must name a cls source {cls}",
+           ab.ssst_source)
+    _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
+
+
+def _validate(cfg: Config) -> list[str]:
+    """Raise ConfigError naming the first bad key (what it is, what is allowed); return the warnings."""
+    _validate_model(cfg.model)
+    _validate_sources(cfg)
+    warnings = _validate_train(cfg.expand, "expand") + _validate_train(cfg.squeeze, "squeeze")
+    _validate_squeeze(cfg.squeeze, cfg.model)
+    _validate_transfer(cfg.transfer, cfg.ablate, cfg)
+    return warnings
+
+
+# ----------------------------------------------------------------------------
+# --set overrides and loading
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
@@ -291,10 +434,22 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] 
         apply_override(data, o)
     try:
         cfg = _from_dict(Config, data, "")
-        _validate(cfg)
+        warnings = _validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for w in warnings:
+        _warn(f"{path}: {w}" if path else w)
     return cfg
+
+
+_warned: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, once per process, from rank 0 only (torchrun sets RANK; no torch import here)."""
+    if message not in _warned and os.environ.get("RANK", "0") == "0":
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,0 +1,179 @@
+"""Bad config values are refused at load time: one clean line naming the file, the key, the value
+and what is allowed, exit code 2, no traceback, before any torch work (so each case below is one
+short `python cli.py expand ...` subprocess)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from runner import REPO, cli, env
+from xlearner import config
+from xlearner.config import load_config
+
+TOML = """
+[model]
+tasks = ["cls"]
+
+[[sources]]
+name = "a"
+task = "cls"
+format = "imagefolder"
+train = "data/train"
+val = "data/val"
+image_size = 32
+batch_size = 2
+
+[expand]
+steps = 1
+warmup_steps = 0
+workers = 0
+out = "run"
+"""
+
+# (--set override, the exact error after "c.toml: ")
+BAD = [
+    # the values of the issue: a hang, raw tracebacks, or silently accepted
+    ("sources.a.batch_size=-3", "sources.a.batch_size: must be >= 1, got -3"),
+    ("sources.a.image_size=0", "sources.a.image_size: must be >= 1, got 0"),
+    ("expand.lr=-0.1", "expand.lr: must be > 0, got -0.1"),
+    ("expand.workers=-1", "expand.workers: must be >= 0, got -1"),
+    ('model.arch="resnet9"', "model.arch: expected resnet18|resnet34|resnet50|resnet101|resnet152, got 'resnet9'"),
+    ("model.reconcile_stages=[5]", "model.reconcile_stages: stages are 1..4 (layer1..layer4), got [5]"),
+    ("expand.steps=-3", "expand.steps: must be >= 1, got -3"),
+    ("expand.ckpt_every=-5", "expand.ckpt_every: must be >= 0, got -5"),
+    ("expand.clip_grad=-1.0", "expand.clip_grad: must be >= 0, got -1.0"),
+    ("sources.a.ignore_index=-7", "sources.a.ignore_index: must be in [0, 255] (a label value of a uint8 mask), got -7"),
+    ("sources.a.weight=-1.0", "sources.a.weight: must be >= 0, got -1.0"),
+    ("expand.grad_accum=0", "expand.grad_accum: must be >= 1, got 0"),
+    ('expand.amp="fp8"', "expand.amp: expected off|bf16|fp16, got 'fp8'"),
+    # the other numeric keys and named choices
+    ("sources.a.weight=0.0", "sources.weight: at least one source needs a weight > 0, got [0.0]"),
+    ("sources.a.num_classes=-1", "sources.a.num_classes: must be >= 0, got -1"),
+    ('sources.a.metric="top5"', "sources.a.metric: expected top1|mean_per_class, got 'top5'"),
+    ('sources.a.format="coco"', "sources.a.format: format 'coco' holds det data, not task 'cls', got 'coco'"),
+    ("sources.a.batch_size=1", "sources.a.image_size: must be >= 33 with batch_size = 1 (training BatchNorm "
+                               "needs more than one value per channel at layer4), got 32"),
+    ("expand.eval_every=-1", "expand.eval_every: must be >= 0, got -1"),
+    ("expand.log_every=-1", "expand.log_every: must be >= 0, got -1"),
+    ("expand.warmup_steps=-1", "expand.warmup_steps: must be >= 0, got -1"),
+    ("expand.weight_decay=-0.1", "expand.weight_decay: must be >= 0, got -0.1"),
+    ("expand.momentum=1.0", "expand.momentum: must be in [0, 1), got 1.0"),
+    ("expand.seed=-1", "expand.seed: must be >= 0, got -1"),
+    ('expand.optimizer="lamb"', "expand.optimizer: expected sgd|adamw, got 'lamb'"),
+    ('expand.out=""', "expand.out: needs a directory, got ''"),
+    ("model.tasks=[]", "model.tasks: expected distinct tasks, got []"),
+    ('model.reconcile="attention"', "model.reconcile: expected hrnet|scalar|cross_stitch|none, got 'attention'"),
+    ("model.reconcile_width=1.5", "model.reconcile_width: must be in (0, 1], got 1.5"),
+    ('model.det_head="retinanet"', "model.det_head: expected faster_rcnn, got 'retinanet'"),
+    ('model.seg_head="unet"', "model.seg_head: expected fpn|deeplab, got 'unet'"),
+    ("model.fpn_channels=0", "model.fpn_channels: must be >= 1, got 0"),
+    ("model.rpn_post_nms_top_n=0", "model.rpn_post_nms_top_n: must be >= 1, got 0"),
+    ("model.box_detections_per_img=-1", "model.box_detections_per_img: must be >= 1, got -1"),
+    ("model.seg_channels=0", "model.seg_channels: must be >= 1, got 0"),
+    ("squeeze.steps=0", "squeeze.steps: must be >= 1, got 0"),
+    ("squeeze.lr=0", "squeeze.lr: must be > 0, got 0.0"),
+    ('squeeze.student_init="task:det"', "squeeze.student_init (task:<name>): expected cls, got 'det'"),
+    ("squeeze.distill_stages=[0, 2]", "squeeze.distill_stages: stages are 1..4 (layer1..layer4), got [0, 2]"),
+    ("squeeze.distill_stages=[]", "squeeze.distill_stages: needs at least one stage, got []"),
+    ('squeeze.distill_loss="l1"', "squeeze.distill_loss: expected l2|cka, got 'l1'"),
+    ("squeeze.lambda_kd=-1", "squeeze.lambda_kd: must be >= 0, got -1.0"),
+    ("squeeze.kd_temperature=0", "squeeze.kd_temperature: must be > 0, got 0.0"),
+    ('transfer.protocol="knn"', "transfer.protocol: expected linear|finetune, got 'knn'"),
+    ("transfer.train_fraction=1.5", "transfer.train_fraction: must be in (0, 1], got 1.5"),
+    ("transfer.train_fraction=0", "transfer.train_fraction: must be in (0, 1], got 0.0"),
+    ("transfer.epochs=0", "transfer.epochs: must be >= 1, got 0"),
+    ("transfer.lr=-1", "transfer.lr: must be > 0, got -1.0"),
+    ("transfer.batch_size=0", "transfer.batch_size: must be >= 1, got 0"),
+    ("transfer.clip_grad=-1", "transfer.clip_grad: must be >= 0, got -1.0"),
+    ("transfer.workers=-2", "transfer.workers: must be >= 0, got -2"),
+    ("transfer.seeds=[]", "transfer.seeds: needs distinct seeds >= 0, got []"),
+    ("transfer.l2_grid=[-1.0]", "transfer.l2_grid: needs values >= 0, got [-1.0]"),
+    ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
+    ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|ssmt|expand_norl|expand_rl|xlearner|"
+                                        "squeeze_norl, got 'mtl'"),
+    ('ablate.ssst_source="b"', "ablate.ssst_source: must name a cls source ['a'], got 'b'"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A one-source cls config over 2 classes x 2 images of 32 px (train and val)."""
+    root = tmp_path_factory.mktemp("bad_values")
+    for split in ("train", "val"):
+        for c, rgb in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (root / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), rgb).save(root / "data" / split / c / f"{i}.png")
+    (root / "c.toml").write_text(TOML)
+    return root
+
+
+def expand(root, *args: str, debug: bool = False, timeout: int = 60) -> subprocess.CompletedProcess:
+    cmd = cli(*(["--debug"] if debug else []), "expand", "--config", "c.toml", *args)
+    return subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_value_is_one_clean_line(tiny, override, message):
+    p = expand(tiny, "--set", override)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == f"Error: c.toml: {message}\n"  # one line: no traceback, nothing else
+    assert not (tiny / "run").exists()  # refused before anything ran
+
+
+def test_the_cli_loads_a_config_without_torch():
+    """Why the cases above are fast: the config is checked before the command imports torch."""
+    code = "import sys, xlearner.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), timeout=60).returncode == 0
+
+
+def test_debug_shows_the_traceback(tiny):
+    for p in (expand(tiny, "--set", "expand.lr=-0.1", debug=True),
+              subprocess.run(cli("expand", "--config", "c.toml", "--set", "expand.lr=-0.1"), cwd=tiny,
+                             env={**env(), "XLEARNER_DEBUG": "1"}, capture_output=True, text=True, timeout=60)):
+        assert p.returncode == 1
+        assert p.stderr.startswith("Traceback (most recent call last):")
+        assert p.stderr.endswith("xlearner.config.ConfigError: c.toml: expand.lr: must be > 0, got -0.1\n")
+
+
+def test_long_warmup_warns_once_and_runs(tiny):
+    p = expand(tiny, "--set", "expand.warmup_steps=5", "--set", 'expand.out="run-warmup"', timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: c.toml: expand.warmup_steps = 5 >= expand.steps = 1: "
+                        "the whole run is warmup (no cosine decay)"]
+    assert (tiny / "run-warmup" / "checkpoint.pt").is_file()
+
+
+def test_warning_is_printed_once_per_process(tiny, capsys):
+    for _ in range(2):
+        load_config(tiny / "c.toml", ["squeeze.steps=7", "squeeze.warmup_steps=7"])
+    assert capsys.readouterr().err == (f"warning: {tiny / 'c.toml'}: squeeze.warmup_steps = 7 >= squeeze.steps = 7: "
+                                       "the whole run is warmup (no cosine decay)\n")
+
+
+def test_bad_files_fail_before_training(tiny):
+    """Paths the config names are opened before the first step: each error is one line, exit 1 or 2."""
+    cases = [(["--set", 'model.pretrained="c.toml"'], 2, "model.pretrained: c.toml: cannot load a state_dict"),
+             (["--set", 'model.pretrained="ResNet50_Weights.IMAGENET1K_V2"'], 2,
+              "model.pretrained = 'ResNet50_Weights.IMAGENET1K_V2': weights of another architecture than "
+              "model.arch = 'resnet18'"),
+             (["--set", 'sources.a.val="data/nowhere"'], 1, "source 'a' (val)")]
+    for args, code, message in cases:
+        p = expand(tiny, *args, timeout=120)
+        assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.startswith("Error: ") and message in p.stderr, p.stderr
+        assert not (tiny / "run").exists()
+
+
+def test_allowed_names_match_the_code():
+    """config.py imports no torch, so it lists the names the registries accept; they must agree."""
+    from xlearner import ablate, backbone, heads, reconcile, squeeze
+    assert config.ARCHS == tuple(backbone.BACKBONES)
+    assert config.RECONCILES == tuple(reconcile.RECONCILE)
+    assert config.SEG_HEADS == tuple(heads.SEG_DECODERS)
+    assert config.DISTILL_LOSSES == tuple(squeeze.FEATURE_LOSSES)
+    assert config.ABLATE_VARIANTS == tuple(ablate.VARIANTS)
