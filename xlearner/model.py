@@ -24,6 +24,7 @@ standard ResNet.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -52,10 +53,12 @@ class ExpandedNet(nn.Module):
     no backward through them), and the other branches stop after the last
     reconciled stage since nothing downstream reads them.
 
-    In train mode the other branches' BatchNorms normalise with the batch's
-    statistics and update their running statistics with it, as any module in
-    train mode does: a branch's running statistics therefore cover the images
-    of every task, which is also what it sees as the squeeze teacher."""
+    BN statistics are per task: the other branches (and the RLs feeding them)
+    run in eval mode, so a task-t batch leaves their running statistics as they
+    were, and branch u's statistics describe task u's images only, which is what
+    it normalises when it is evaluated, exported, or seeds the squeeze student.
+    Eval mode also means an RL sees in training what it sees at test time:
+    branch u's features of task t's images under u's own statistics."""
 
     def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
                  detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0):
@@ -107,10 +110,24 @@ class ExpandedNet(nn.Module):
                 feats[u][l] = h[u] = new
         return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
 
+    @contextlib.contextmanager
+    def _others_in_eval(self, task: str):
+        """The branches other than `task`, and the RLs feeding them, in eval mode for one forward."""
+        others = [m for u in self.tasks if u != task for m in (self.branches[u], self.reconcile.into[u])]
+        modes = [(m, m.training) for other in others for m in other.modules()]
+        for other in others:
+            other.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
         if task not in self.branches:
             raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
-        return self._run(x, {task})[task]
+        with self._others_in_eval(task):  # their BN statistics stay their own task's (class doc)
+            return self._run(x, {task})[task]
 
     def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Every branch's features (the squeeze teacher; usually called under no_grad)."""
