@@ -102,3 +102,15 @@ def test_json_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), ["expand.steps=7"])
     again = config_from_dict(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+def test_stored_configs_are_type_checked_not_value_checked(tmp_path):
+    """A checkpoint's config still loads if a value check added later refuses it; load_config refuses it."""
+    data = json.loads(load_config(write(tmp_path, GOOD)).to_json())
+    data["expand"]["steps"] = 0
+    assert config_from_dict(data).expand.steps == 0
+    with pytest.raises(ConfigError, match=r"c\.toml: expand\.steps: must be >= 1, got 0$"):
+        load_config(write(tmp_path, GOOD), ["expand.steps=0"])
+    data["expand"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"expand\.steps: expected an integer, got 'many'"):
+        config_from_dict(data)

@@ -1,5 +1,6 @@
 """Transfer evaluator: the linear probe, the feature cache, train_fraction subsets and the results table."""
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -8,7 +9,11 @@ import torchvision
 from PIL import Image
 
 from xlearner import probe, transfer
+from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, SourceConfig, TransferConfig
+from xlearner.data import DataError
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -176,9 +181,15 @@ def test_load_backbone_specs(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), pth)  # with fc.*: ignored
     bb, info = transfer.load_backbone(str(pth), "resnet18")
     assert len(info["hash"]) == 64 and info["hash"] == info["file_sha256"]
+    # a plain state_dict says its own arch (block layout), whatever model.arch is
+    assert transfer.load_backbone(str(pth), "resnet34")[1]["arch"] == "resnet18"
+    for arch in ("resnet34", "resnet50"):  # the same block counts: told apart by the block type
+        assert transfer.infer_arch(getattr(torchvision.models, arch)().state_dict()) == arch
+    other = tmp_path / "other.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, other)  # not a ResNet: model.arch is tried, and named
     from xlearner.config import ConfigError
-    with pytest.raises(ConfigError, match="resnet34"):
-        transfer.load_backbone(str(pth), "resnet34")
+    with pytest.raises(ConfigError, match=r"other\.pth: not a state_dict of this architecture.*model\.arch is 'resnet34'"):
+        transfer.load_backbone(str(other), "resnet34")
 
 
 def test_load_backbone_from_expand_checkpoint(tmp_path):
@@ -245,3 +256,86 @@ def test_train_loop_clips_the_gradient_norm(tiny_cfg, clip):
         assert step == pytest.approx(clip + transfer.WEIGHT_DECAY, rel=1e-4)
     else:
         assert step > 1e3
+
+
+# ----------------------------------------------------------------------------- fail fast, resume
+
+def _r18(path, seed=0):
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return str(path)
+
+
+def test_bad_backbone_or_dataset_fails_before_any_work(tiny_cfg, tmp_path, monkeypatch):
+    calls = _count_extractions(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"README\.md: corrupt or truncated checkpoint"):
+        transfer.run(tiny_cfg, [_r18(tmp_path / "r18.pth"), README], ["good", "bad"], None, str(out))
+    broken = SourceConfig(**{**vars(tiny_cfg.transfer.datasets[0]), "name": "broken", "val": str(tmp_path / "nowhere")})
+    tiny_cfg.transfer.datasets.append(broken)
+    with pytest.raises(DataError, match=r"source 'broken' \(val\)"):
+        transfer.run(tiny_cfg, [_r18(tmp_path / "r18.pth")], ["good"], None, str(out))
+    assert calls == [] and not out.exists()  # no feature extracted, no record, no results file
+
+
+def _without_seconds(res):
+    return {d: {n: [{k: v for k, v in r.items() if k != "seconds"} for r in row[n]["per_seed"]] for n in row}
+            for d, row in res["results"].items()}
+
+
+def test_rerun_reuses_finished_results(tiny_cfg, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    specs, names = ["random", _r18(tmp_path / "r18.pth")], ["rnd", "r18"]
+    first = transfer.run(tiny_cfg, specs, names, None, str(out))
+    records = sorted((out / "records").glob("*.json"))
+    assert len(records) == 4  # 2 backbones x 1 dataset x 2 seeds
+    capsys.readouterr()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished result was computed again")
+
+    monkeypatch.setattr(transfer, "transfer_one", must_not_run)
+    second = transfer.run(tiny_cfg, specs, names, None, str(out))
+    assert f"[transfer] reusing 4 of 4 finished results from {out / 'records'}" in capsys.readouterr().out
+    assert second["results"] == first["results"]  # the same numbers, seconds included
+    assert json.loads((out / "results.json").read_text())["results"] == first["results"]
+
+    # a suite killed after 3 results: only the missing one is computed
+    lost = json.loads(records[1].read_text())["key"]
+    records[1].unlink()
+    computed = []
+    monkeypatch.undo()
+    real = transfer.transfer_one
+
+    def counting(backbone, info, cfg, src, seed, *args):
+        computed.append((info["hash"], src.name, seed))
+        return real(backbone, info, cfg, src, seed, *args)
+
+    monkeypatch.setattr(transfer, "transfer_one", counting)
+    third = transfer.run(tiny_cfg, specs, names, None, str(out))
+    assert computed == [(lost["backbone_hash"], "colors", lost["seed"])]
+    assert "reusing 3 of 4 finished results" in capsys.readouterr().out
+    assert _without_seconds(third) == _without_seconds(first) and records[1].is_file()
+
+    # a changed value that changes the result (the probe's L2 grid) is a new result, not a reused one
+    tiny_cfg.transfer.l2_grid = [1e-3]
+    computed.clear()
+    transfer.run(tiny_cfg, specs, names, None, str(out))
+    assert len(computed) == 4 and len(list((out / "records").glob("*.json"))) == 8
+
+
+def test_det_seg_heads_use_the_backbones_arch(demo_config, tmp_path):
+    """A ResNet-50 state_dict on det and seg with a config whose model.arch is resnet18."""
+    cfg = demo_config
+    assert cfg.model.arch == "resnet18"
+    cfg.transfer.epochs, cfg.transfer.workers, cfg.transfer.seeds, cfg.transfer.train_fraction = 1, 0, [0], 0.25
+    cfg.transfer.datasets = [d for d in cfg.transfer.datasets if d.task in ("det", "seg")]
+    for d in cfg.transfer.datasets:
+        d.image_size, d.batch_size = 64, 2
+    pth = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), pth)
+    res = transfer.run(cfg, [str(pth)], ["r50"], None, str(tmp_path / "out"))
+    assert res["backbones"][0]["arch"] == "resnet50"
+    r = {name: row["r50"]["per_seed"][0] for name, row in res["results"].items()}
+    assert set(r) == {"novel-det", "novel-seg"}
+    assert 0 <= r["novel-det"]["AP50"] <= 100 and 0 <= r["novel-seg"]["mIoU"] <= 100

@@ -20,12 +20,20 @@ torchvision weights name, or `random`) into those numbers:
 `run()` evaluates every backbone on every `[[transfer.datasets]]` entry for
 every seed and writes results.json and results.md: datasets as rows, backbones
 as columns, per-task means and the gain of each backbone over the first, the
-shape of the paper's headline. The style follows DINO's eval_linear.py: one
-file, plain loops, no framework.
+shape of the paper's headline. It loads every backbone and opens every dataset
+before it trains anything, so a bad path fails in seconds, not after hours. The
+style follows DINO's eval_linear.py: one file, plain loops, no framework.
 
 Details a user may need:
 - Features are cached at <out>/cache/<backbone hash[:16]>_<dataset hash[:16]>_<split>.pt;
   the cache holds the full train split, so train_fraction and seeds reuse it.
+- Each finished (backbone, dataset, seed) is recorded atomically at
+  <out>/records/<backbone hash[:16]>_<dataset key[:16]>_<protocol>_seed<N>.json.
+  A re-run on the same out reuses every record whose key matches (the backbone's
+  weights; the dataset entry, [transfer] values and head sizes that change the
+  result; the splits' sizes and classes) and computes only the rest, so a killed
+  suite loses at most the result in progress. Images changed in place are not
+  detected: delete <out>/records (and <out>/cache) then.
 - train_fraction keeps a seeded, class-stratified subset (cls) or a seeded
   random image subset (det/seg); each seed of `transfer.seeds` draws its own.
 - Batch size: the dataset's `batch_size` for training and evaluation; the
@@ -64,10 +72,23 @@ from .probe import (FEATURE_RECIPE, PROBE_MAX_ITER, PROBE_SWEEP_ITER, _collate_i
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
 RANDOM_SEED = 0                    # "random" = "random:0"
+RECORD_VERSION = 1                 # part of each result record's key: bump it if a protocol changes
 
 
 # ----------------------------------------------------------------------------
 # backbones
+
+# blocks per stage (layer1..layer4) of torchvision's ResNets, and whether the block is a Bottleneck
+RESNET_LAYOUTS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+                  ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+                  ((3, 8, 36, 3), True): "resnet152"}
+
+
+def infer_arch(state: dict) -> str | None:
+    """The torchvision ResNet a state_dict belongs to (from its block counts and block type), or None."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{l}.")}) for l in range(1, 5))
+    return RESNET_LAYOUTS.get((blocks, "layer1.0.conv3.weight" in state))
+
 
 def load_backbone(spec: str, arch: str, branch: str | None = None):
     """Build a model.Backbone from `spec`; returns (backbone, info).
@@ -77,8 +98,10 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
     expand branch, default the first task), a torchvision weights name such as
     "ResNet18_Weights.IMAGENET1K_V1" (downloaded only in that case), or
     "random" / "random:SEED". info["hash"] identifies the weights and keys the
-    feature cache: the file's sha256 (with the branch for checkpoints), the
-    weights name's, or the seed's.
+    feature cache and the finished results: the file's sha256 (with the branch
+    for checkpoints), the weights name's, or the seed's. `arch` (model.arch)
+    builds "random"; the other specs say their own architecture (a plain
+    state_dict by its block layout), so any ResNet can be evaluated with one config.
     """
     from .model import backbone_state_dict, build_backbone, load_torchvision_state_dict, model_from_checkpoint
 
@@ -113,7 +136,8 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
                         hash=_sha256_text(f"{info['file_sha256']}:{branch}"))
         else:
             state = ckpt
-            info["hash"] = info["file_sha256"]
+            arch = infer_arch(state) or arch
+            info.update(arch=arch, hash=info["file_sha256"])
     backbone = build_backbone(arch)
     try:  # strict except fc.* (and num_batches_tracked), with an error that names the file
         load_torchvision_state_dict(backbone, state, spec)
@@ -125,11 +149,15 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
 # ----------------------------------------------------------------------------
 # linear probe (probe.py) on one dataset
 
+def _check_single_label(src: SourceConfig) -> None:
+    if src.multi_label:
+        raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
+
+
 def linear_transfer(backbone, info: dict, src: SourceConfig, tc: TransferConfig, seed: int,
                     device: torch.device, cache_dir: str | Path) -> dict:
     """The `linear` protocol on one cls dataset for one seed (features from the cache when possible)."""
-    if src.multi_label:
-        raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
+    _check_single_label(src)
     backbone.to(device).eval()
     splits = {}
     for split in ("train", "val"):
@@ -165,24 +193,28 @@ class _Classifier(nn.Module):
         return F.cross_entropy(logits, batch["labels"])
 
 
-class _HeadModel(nn.Module):
-    """model.py's det/seg head over one backbone (an XLearnerModel with a shared backbone), loss as a scalar."""
+HEAD_KEYS = ("det_head", "seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
+             "rpn_batch_size_per_image", "box_batch_size_per_image", "box_head_dim", "box_detections_per_img",
+             "seg_channels")  # the [model] keys that size the det / seg heads trained here
 
-    def __init__(self, cfg: Config, src: SourceConfig, backbone_state: dict, num_classes: int):
+
+class _HeadModel(nn.Module):
+    """model.py's det/seg head over one backbone (an XLearnerModel with a shared backbone), loss as a scalar.
+
+    Built on the backbone's own arch, not model.arch: a ResNet-50 is evaluated with any config."""
+
+    def __init__(self, cfg: Config, src: SourceConfig, backbone, num_classes: int):
         super().__init__()
         from .model import XLearnerModel, load_torchvision_state_dict
-        sizes = {k: getattr(cfg.model, k) for k in ("det_head", "seg_head", "fpn_channels", "rpn_pre_nms_top_n",
-                                                    "rpn_post_nms_top_n", "rpn_batch_size_per_image",
-                                                    "box_batch_size_per_image", "box_head_dim",
-                                                    "box_detections_per_img", "seg_channels")}
+        sizes = {k: getattr(cfg.model, k) for k in HEAD_KEYS}
         # detection practice: BN frozen (small per-GPU batches); seg keeps BN trainable when fine-tuned
         frozen_bn = src.task == "det" or bool(src.freeze_backbone)
-        mcfg = ModelConfig(arch=cfg.model.arch, tasks=[src.task], shared_backbone=True, reconcile="none",
+        mcfg = ModelConfig(arch=backbone.arch, tasks=[src.task], shared_backbone=True, reconcile="none",
                            frozen_bn=frozen_bn, **sizes)
         self.name = src.name
         self.model = XLearnerModel(mcfg, [src], {src.name: num_classes})
         self.backbone = self.model.backbone
-        load_torchvision_state_dict(self.backbone, backbone_state, f"backbone for {src.name}")
+        load_torchvision_state_dict(self.backbone, backbone.state_dict(), f"backbone for {src.name}")
 
     def predict(self, images, source=None):
         return self.model.predict(images, self.name)
@@ -256,7 +288,7 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
         keep = (stratified_subset(dataset_labels(train_ds), src.train_fraction, seed) if single
                 else random_subset(len(train_ds), src.train_fraction, seed))
     else:
-        model = _HeadModel(cfg, src, backbone.state_dict(), num_classes)
+        model = _HeadModel(cfg, src, backbone, num_classes)
         keep = random_subset(len(train_ds), src.train_fraction, seed)
     freeze = bool(src.freeze_backbone) and src.task != "cls"  # finetune trains everything by definition
     train_loop(model, Subset(train_ds, keep) if len(keep) < len(train_ds) else train_ds, src.task,
@@ -307,9 +339,67 @@ def _default_names(backbones: list[str]) -> list[str]:
     return names
 
 
+def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
+    """Open every (resolved) transfer dataset before any training, DataError / ConfigError naming the
+    first bad one; returns each one's result key (`dataset_key`)."""
+    keys = {}
+    for src in datasets:
+        if src.task == "cls" and src.protocol == "linear":
+            _check_single_label(src)
+        splits = {split: dataset_hash(src, split, data.build_dataset(src, split, train=False))
+                  for split in ("train", "val")}
+        keys[src.name] = dataset_key(src, cfg, splits)
+    return keys
+
+
+def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
+    """What a result on `src` depends on besides the backbone and the seed: the resolved dataset entry,
+    the [transfer] values its protocol reads, the det/seg head sizes, and each split as the feature cache
+    keys it (size and classes as read from disk; probe.dataset_hash)."""
+    tc = cfg.transfer
+    key = {"dataset": dataclasses.asdict(src), "splits": splits, "version": RECORD_VERSION,
+           "transfer": {"lr": tc.lr, "clip_grad": tc.clip_grad, "l2_grid": tc.l2_grid, "batch_size": tc.batch_size},
+           "heads": {k: getattr(cfg.model, k) for k in HEAD_KEYS} if src.task != "cls" else {}}
+    return _sha256_text(json.dumps(key, sort_keys=True))
+
+
+def record_path(out: Path, backbone_hash: str, dataset_key: str, src: SourceConfig, seed: int) -> Path:
+    """out/records/<backbone>_<dataset>_<protocol>_seed<N>.json: one finished (backbone, dataset, seed)."""
+    protocol = src.protocol if src.task == "cls" else ("frozen" if src.freeze_backbone else "finetune")
+    return out / "records" / f"{backbone_hash[:16]}_{dataset_key[:16]}_{protocol}_seed{seed}.json"
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())["result"]
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, KeyError) as e:  # written atomically, so only a hand edit gets here
+        dist.log(f"{path}: unusable result record ({e!r}); computing it again")
+        return None
+
+
+def _write_record(path: Path, key: dict, result: dict) -> None:
+    """Atomically (temp file + rename, rank 0): a killed suite never leaves a half-written record."""
+    if not dist.is_main_process():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"key": key, "result": result}, indent=1, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branch: str | None = None,
         out: str | None = None) -> dict:
-    """Every backbone on every transfer dataset for every seed; writes results.json and results.md."""
+    """Every backbone on every transfer dataset for every seed; writes results.json and results.md.
+
+    Fails fast: every backbone is loaded and every dataset opened before the first training step.
+    Resumable: each finished (backbone, dataset, seed) is recorded under out/records (`record_path`),
+    and a re-run on the same `out` reuses those and computes only the rest.
+    """
     device = dist.init_distributed()
     out = Path(out or cfg.transfer.out)
     names = list(names) if names else _default_names(backbones)
@@ -318,21 +408,34 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
     if not cfg.transfer.datasets:
         raise ConfigError("transfer.datasets is empty: add [[transfer.datasets]] tables to the config")
     datasets = [resolve(d, cfg.transfer) for d in cfg.transfer.datasets]
+    loaded = [load_backbone(spec, cfg.model.arch, branch) for spec in backbones]
+    data_keys = open_datasets(datasets, cfg)
+    paths = {(name, d.name, seed): record_path(out, info["hash"], data_keys[d.name], d, seed)
+             for name, (_, info) in zip(names, loaded) for d in datasets for seed in cfg.transfer.seeds}
+    done = {k: r for k, p in paths.items() if (r := _read_record(p)) is not None}
+    done = dist.all_gather_object(done)[0]  # rank 0's view: every rank skips the same work
+    if done:
+        dist.log(f"[transfer] reusing {len(done)} of {len(paths)} finished results from {out / 'records'}")
     results = {"config": cfg.to_dict(), "backbones": [],
                "datasets": [{"name": d.name, "task": d.task, "metric": primary_metric(d), "protocol": d.protocol,
                              "train_fraction": d.train_fraction, "freeze_backbone": d.freeze_backbone,
                              "epochs": d.epochs} for d in datasets],
                "results": {d.name: {} for d in datasets}}
-    for spec, name in zip(backbones, names):
-        backbone, info = load_backbone(spec, cfg.model.arch, branch)
+    for (backbone, info), name in zip(loaded, names):
         results["backbones"].append({"name": name, **info})
         for d in datasets:
             per_seed = []
             for seed in cfg.transfer.seeds:
-                t0 = time.perf_counter()
-                metrics = transfer_one(backbone, info, cfg, d, seed, device, out / "cache")
-                per_seed.append({"seed": seed, "seconds": round(time.perf_counter() - t0, 2), **metrics})
-                dist.log(f"[{name}] {d.name} seed {seed}: {primary_metric(d)} = {metrics[primary_metric(d)]:.2f}")
+                result = done.get((name, d.name, seed))
+                if result is None:
+                    t0 = time.perf_counter()
+                    metrics = transfer_one(backbone, info, cfg, d, seed, device, out / "cache")
+                    result = {"seed": seed, "seconds": round(time.perf_counter() - t0, 2), **metrics}
+                    key = {"backbone": info["spec"], "backbone_hash": info["hash"], "dataset": d.name,
+                           "dataset_key": data_keys[d.name], "seed": seed}
+                    _write_record(paths[(name, d.name, seed)], key, result)
+                per_seed.append(result)
+                dist.log(f"[{name}] {d.name} seed {seed}: {primary_metric(d)} = {result[primary_metric(d)]:.2f}")
             mean, std = mean_std([r[primary_metric(d)] for r in per_seed])
             results["results"][d.name][name] = {"mean": mean, "std": std, "per_seed": per_seed}
             _write(results, out)  # after every dataset: a long suite keeps what it has measured
