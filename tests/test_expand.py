@@ -133,3 +133,41 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, world):
     p = run("expand", "--config", str(cls_config(tmp_path, world, "broken", bs=4)), check=False)
     assert p.returncode == 1
     assert "checkpoint.pt: corrupt or truncated checkpoint" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_compile_stages_in_place_keeps_keys_loss_and_grads():
+    """model.compile = true compiles every trunk's layer1..4 in place: same state_dict keys (so
+    checkpoints and exact resume are unchanged), same loss and gradients. backend aot_eager traces
+    exactly what inductor would compile (dynamo + AOTAutograd) without the C++ build, which takes
+    minutes on a CPU (README, "Full scale")."""
+    import torch
+
+    from xlearner.config import ModelConfig, SourceConfig
+    from xlearner.expand import compile_stages
+    from xlearner.model import XLearnerModel
+
+    src = [SourceConfig(name="a", task="cls", image_size=64, batch_size=2)]
+
+    def build(tasks=("cls",), sources=src):
+        torch.manual_seed(0)
+        return XLearnerModel(ModelConfig(arch="resnet18", tasks=list(tasks), reconcile="none"), sources,
+                             {s.name: 5 for s in sources})
+
+    eager, compiled = build(), build()
+    assert compile_stages(compiled, backend="aot_eager") == 4
+    assert all(getattr(compiled.backbone.branches["cls"], f"layer{l}")._compiled_call_impl is not None
+               for l in range(1, 5))
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batch = {"a": {"images": torch.randn(2, 3, 64, 64, generator=g), "labels": torch.tensor([1, 3])}}
+    losses = [m.total_loss(m(batch)) for m in (eager, compiled)]
+    assert abs(losses[0].item() - losses[1].item()) < 1e-4
+    for loss in losses:
+        loss.backward()
+    grads = [m.backbone.branches["cls"].layer1[0].conv1.weight.grad for m in (eager, compiled)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # three branches: twelve stages, keys still unchanged
+    three = [SourceConfig(name=t, task=t) for t in ("cls", "det", "seg")]
+    plain, model = build(("cls", "det", "seg"), three), build(("cls", "det", "seg"), three)
+    assert compile_stages(model) == 12
+    assert list(model.state_dict()) == list(plain.state_dict())

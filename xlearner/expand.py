@@ -63,7 +63,7 @@ def images_per_step(sources: list[SourceConfig]) -> int:
     return sum(s.batch_size for s in sources)
 
 
-def compile_stages(model: nn.Module) -> int:
+def compile_stages(model: nn.Module, **options) -> int:
     """torch.compile, in place, the four stages of every ResNet trunk in `model` (`model.compile = true`).
 
     ExpandedNet runs its branches stage by stage (`branch.stage(l, x)` calls
@@ -73,14 +73,14 @@ def compile_stages(model: nn.Module) -> int:
     `torch.compile(module)`, so state_dict keys, checkpoints and exact resume do
     not change. The stem (one conv) and the heads (detection shapes change every
     batch) stay eager. Any module with layer1..layer4 counts as a trunk: our
-    Backbone, a torchvision ResNet, or bench.py's plain floors. Returns the number
-    of stages compiled.
+    Backbone, a torchvision ResNet, or bench.py's plain floors. `options` go to
+    torch.compile (default: inductor). Returns the number of stages compiled.
     """
     trunks = [m for m in model.modules() if all(isinstance(getattr(m, f"layer{l}", None), nn.Module)
                                                 for l in range(1, 5))]
     for trunk in trunks:
         for l in range(1, 5):
-            getattr(trunk, f"layer{l}").compile()
+            getattr(trunk, f"layer{l}").compile(**options)
     return 4 * len(trunks)
 
 
