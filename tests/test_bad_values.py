@@ -156,17 +156,34 @@ def test_warning_is_printed_once_per_process(tiny, capsys):
 
 
 def test_bad_files_fail_before_training(tiny):
-    """Paths the config names are opened before the first step: each error is one line, exit 1 or 2."""
-    cases = [(["--set", 'model.pretrained="c.toml"'], 2, "model.pretrained: c.toml: cannot load a state_dict"),
+    """Files the config names are opened before the first step: one message, no traceback, exit 2 or 1."""
+    cases = [(["--set", 'model.pretrained="data/val/red/0.png"'], 2,
+              "Error: c.toml: model.pretrained: data/val/red/0.png: cannot load a state_dict with weights_only=True"),
              (["--set", 'model.pretrained="ResNet50_Weights.IMAGENET1K_V2"'], 2,
-              "model.pretrained = 'ResNet50_Weights.IMAGENET1K_V2': weights of another architecture than "
-              "model.arch = 'resnet18'"),
-             (["--set", 'sources.a.val="data/nowhere"'], 1, "source 'a' (val)")]
+              "Error: c.toml: model.pretrained = 'ResNet50_Weights.IMAGENET1K_V2': weights of another "
+              "architecture than model.arch = 'resnet18'\n"),
+             (["--set", 'sources.a.val="data/nowhere"'], 1, "Error: source 'a' (val): 1 problem(s) (`cli.py "
+              "check-data` lists them all):\n  data/nowhere: split directory not found\n")]
     for args, code, message in cases:
         p = expand(tiny, *args, timeout=120)
         assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
-        assert p.stderr.startswith("Error: ") and message in p.stderr, p.stderr
+        assert p.stderr.startswith(message), p.stderr
         assert not (tiny / "run").exists()
+
+
+def test_bad_teacher_or_student_init_fails_before_training(tiny):
+    """squeeze: a student_init file is checked before the teacher is read; a bad teacher is one message."""
+    cases = [(["--teacher", "c.toml"], 1, "Error: c.toml: corrupt or truncated checkpoint (not a complete "
+                                          "torch.save archive)\n"),
+             (["--teacher", "missing.pt"], 1, "Error: missing.pt: checkpoint not found\n"),
+             (["--teacher", "missing.pt", "--set", 'squeeze.student_init="nowhere.pth"'], 2,
+              "Error: c.toml: squeeze.student_init = 'nowhere.pth': no such file (nor a torchvision weights name "
+              "such as 'ResNet50_Weights.IMAGENET1K_V2')\n")]
+    for args, code, message in cases:
+        p = subprocess.run(cli("squeeze", "--config", "c.toml", *args), cwd=tiny, env=env(), capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == code and p.stderr.endswith(message), p.stderr
+        assert "Traceback" not in p.stderr and not (tiny / "runs").exists()
 
 
 def test_allowed_names_match_the_code():

@@ -90,15 +90,18 @@ def _check_weights(spec: str, arch: str, key: str) -> None:
         raise ConfigError(f"{key}: {e} (model.arch = {arch!r})") from None
 
 
-def _preflight(cfg) -> None:
+def _preflight(cfg, stage: str, config: str) -> None:
     """What expand / squeeze would otherwise find late: a bad pretrained or student_init file when the
     model is built, a bad val split at the first evaluation (often the end of the run)."""
     from .data import build_dataset
-    if cfg.model.pretrained:
-        _check_weights(cfg.model.pretrained, cfg.model.arch, "model.pretrained")
     init = cfg.squeeze.student_init
-    if init not in ("", "mean", "scratch") and not init.startswith("task:"):
-        _check_weights(init, cfg.model.arch, "squeeze.student_init")
+    try:
+        if cfg.model.pretrained and stage == "expand":
+            _check_weights(cfg.model.pretrained, cfg.model.arch, "model.pretrained")
+        if stage == "squeeze" and init not in ("", "mean", "scratch") and not init.startswith("task:"):
+            _check_weights(init, cfg.model.arch, "squeeze.student_init")
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
     for s in cfg.sources:
         if s.val or s.format == "torchvision":
             build_dataset(s, "val", train=False)  # DataError naming the source, the file and the reason
@@ -162,7 +165,7 @@ def expand(config, sets, out):
     cfg = _load(config, sets, "expand.out", out)  # before importing torch: a bad config fails at once
     from . import expand as stage
     from .dist import cleanup
-    _preflight(cfg)
+    _preflight(cfg, "expand", config)
     try:
         stage.run(cfg)
     finally:
@@ -180,7 +183,7 @@ def squeeze(config, sets, teacher, out):
     cfg = _load(config, sets, "squeeze.out", out)  # before importing torch: a bad config fails at once
     from . import squeeze as stage
     from .dist import cleanup
-    _preflight(cfg)
+    _preflight(cfg, "squeeze", config)
     try:
         stage.run(cfg, teacher)
     finally:
