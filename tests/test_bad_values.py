@@ -157,7 +157,12 @@ def test_warning_is_printed_once_per_process(tiny, capsys):
 
 def test_bad_files_fail_before_training(tiny):
     """Files the config names are opened before the first step: one message, no traceback, exit 2 or 1."""
-    cases = [(["--set", 'model.pretrained="data/val/red/0.png"'], 2,
+    import torch
+    import torchvision
+    torch.save(torchvision.models.resnet34().state_dict(), tiny / "r34.pth")
+    cases = [(["--set", 'model.pretrained="r34.pth"'], 2,
+              "Error: c.toml: model.pretrained: r34.pth holds a resnet34 state_dict, but model.arch = 'resnet18'\n"),
+             (["--set", 'model.pretrained="data/val/red/0.png"'], 2,
               "Error: c.toml: model.pretrained: data/val/red/0.png: cannot load a state_dict with weights_only=True"),
              (["--set", 'model.pretrained="ResNet50_Weights.IMAGENET1K_V2"'], 2,
               "Error: c.toml: model.pretrained = 'ResNet50_Weights.IMAGENET1K_V2': weights of another "

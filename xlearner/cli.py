@@ -71,7 +71,8 @@ def _fail(e: Exception, exit_code: int):
 def _check_weights(spec: str, arch: str, key: str) -> None:
     """Fail fast on model.pretrained / squeeze.student_init: a torchvision weights name of `arch`, or a
     file holding a torchvision-format state_dict of `arch` (otherwise the model build fails later)."""
-    from .backbone import build_backbone
+    from .backbone import _build_backbone, _pretrained_state_dict
+    from .transfer import infer_arch
     if not os.path.exists(spec) and "_Weights." in spec:
         import torchvision
         try:  # resolving the name downloads nothing
@@ -85,9 +86,13 @@ def _check_weights(spec: str, arch: str, key: str) -> None:
         raise ConfigError(f"{key} = {spec!r}: no such file (nor a torchvision weights name "
                           "such as 'ResNet50_Weights.IMAGENET1K_V2')")
     try:
-        build_backbone(arch, spec)
+        state = _pretrained_state_dict(spec)  # ValueError naming the file
+        found = infer_arch(state)
+        if found not in (None, arch):
+            raise ValueError(f"{spec} holds a {found} state_dict, but model.arch = {arch!r}")
+        _build_backbone(arch, state, False, spec)  # any other missing or unexpected key
     except ValueError as e:
-        raise ConfigError(f"{key}: {e} (model.arch = {arch!r})") from None
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _preflight(cfg, stage: str, config: str) -> None:

@@ -141,7 +141,7 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
     backbone = build_backbone(arch)
     try:  # strict except fc.* (and num_batches_tracked), with an error that names the file
         load_torchvision_state_dict(backbone, state, spec)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
         raise ConfigError(f"{e} (model.arch is {arch!r}: set it to the backbone's architecture)") from None
     return backbone, info
 
