@@ -21,10 +21,12 @@ With `model.compile = true` the stage and its floor are both compiled
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -192,6 +194,26 @@ def bench_backbone(cfg: Config, steps: int = 20) -> dict:
             "step_s": step_s, "images_per_s": src.batch_size / step_s, "amp": tc.amp,
             "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
             "max_mem_mb": engine.max_memory_mb(device), "device": str(device)}
+
+
+def summarise_run(out: str) -> dict:
+    """A training run's last logged window (`out/log.jsonl`) as one line: the GPU check's recipe case.
+
+    Step time, images/s in all and per source (its batch over the step time),
+    the fraction of the window spent waiting for data, and peak memory. The last
+    window, because the first one includes start-up (workers, cudnn autotuning).
+    """
+    records = [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines() if ln.strip()]
+    start = next(r for r in records if r["event"] == "start")
+    last = [r for r in records if r["event"] == "train"][-1]
+    scale = start["config"][start["stage"]]["grad_accum"] * start["world_size"]  # images a step, per batch image
+    batches = {s["name"]: s["batch_size"] * scale for s in start["config"]["sources"]}
+    step_s = sum(batches.values()) / last["images_per_s"]
+    return {"case": "recipe", "stage": start["stage"], "step": last["step"], "step_s": round(step_s, 4),
+            "images_per_s": round(last["images_per_s"], 1),
+            "images_per_s_per_source": {n: round(b / step_s, 1) for n, b in batches.items()},
+            "data_wait": round(last["data_wait"], 4), "max_mem_mb": round(last["max_mem_mb"]),
+            "workers_per_source": start["config"][start["stage"]]["workers"]}
 
 
 # ----------------------------------------------------------------------------
