@@ -113,7 +113,8 @@ def test_expand_export_and_bench(tiny, tmp_path):
     bad = run("export", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt"), "--branch", "depth",
               "--out", str(tmp_path / "x.pth"), check=False)
     assert bad.returncode == 1
-    assert bad.stderr == f"Error: {tmp_path / 'exp' / 'checkpoint.pt'}: branch 'depth': tasks are ['cls', 'det', 'seg']\n"
+    assert bad.stderr == (f"Error: {tmp_path / 'exp' / 'checkpoint.pt'}: branch 'depth': the expanded model's branches are "
+                          "['cls', 'det', 'seg']\n")
     # each bench's ratio is its two reported times divided (rounded like them where they are rounded)
     times = {"loader": ("multi_images_per_s", "plain_images_per_s"), "expand": ("step_s", "floor_s"),
              "squeeze": ("step_s", "floor_s"), "transfer": ("transfer_s", "extract_s")}
