@@ -164,3 +164,42 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": ToyModel()}, path)  # a whole module needs pickled code
     with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load"):
         load_checkpoint(path)
+
+
+def test_weight_decay_by_parameter_role_with_cross_stitch(demo_config):
+    """Cross-stitch mixing matrices [T, C] are mixing coefficients, not weights: no decay, like every norm
+    parameter and every bias; conv and linear weights decay."""
+    from xlearner.model import XLearnerModel
+    from xlearner.reconcile import CrossStitchUnit
+
+    demo_config.model.reconcile = "cross_stitch"
+    model = XLearnerModel(demo_config.model, demo_config.sources, {s.name: 5 for s in demo_config.sources})
+    opt = engine.build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    exempt = {id(p) for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    mixing, norms, biases, weights = set(), set(), set(), set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, CrossStitchUnit):
+                mixing.add(id(p))
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                norms.add(id(p))
+            elif name == "bias":
+                biases.add(id(p))
+            elif isinstance(module, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)) and name == "weight":
+                weights.add(id(p))
+    assert len(mixing) == 3 * len(demo_config.model.reconcile_stages)  # one [T, C] matrix per task and stage
+    assert mixing and norms and biases and weights
+    assert mixing | norms | biases == exempt
+    assert weights == decayed
+
+
+def test_scalar_reconcile_alpha_gets_no_weight_decay():
+    from xlearner.reconcile import ScalarReconcile
+
+    rl = ScalarReconcile(["a", "b"], {"layer1": 8}, [1])
+    opt = engine.build_optimizer(rl, TrainConfig(weight_decay=0.1))
+    alphas = {id(m.alpha) for m in rl.modules() if hasattr(m, "alpha")}
+    assert len(alphas) == 2 and {id(p) for p in opt.param_groups[1]["params"]} == alphas
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(m.conv.weight) for m in rl.modules() if hasattr(m, "alpha")}

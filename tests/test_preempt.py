@@ -121,6 +121,7 @@ class Proc:
             self.seen.append(line)
             if m := pattern.search(line):
                 return m
+        os.killpg(self.p.pid, signal.SIGKILL)
         raise AssertionError(f"no {pattern.pattern!r} within {timeout} s:\n{self.output}")
 
     def signal_group(self, sig=signal.SIGTERM) -> None:

@@ -23,10 +23,12 @@ which `collate_fn` drops and counts (`batch["skipped"]`, `loader.skipped`).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import math
+import multiprocessing
 import random
 import signal
 import sys
@@ -191,6 +193,19 @@ def move_to(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
+
+
+def _kill_workers_at_exit() -> None:
+    # At exit, multiprocessing terminate()s (SIGTERM) the daemon children still alive, then joins
+    # them. Loader workers ignore SIGTERM (below), so that join would wait forever for a loader
+    # still referenced at exit (a traceback keeps it alive): end them first, with SIGKILL.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
+atexit.register(_kill_workers_at_exit)  # after multiprocessing's own hook (imported by torch): runs before it
 
 
 def _worker_init(worker_id: int) -> None:
