@@ -53,7 +53,8 @@ class ToyModel(nn.Module):
 
 
 def make_run(tmp_path, model=None, **tc):
-    tcfg = TrainConfig(out=str(tmp_path / "run"), workers=0, log_every=1, ckpt_every=100, warmup_steps=2, **tc)
+    tcfg = TrainConfig(**{"out": str(tmp_path / "run"), "workers": 0, "log_every": 1, "ckpt_every": 100,
+                          "warmup_steps": 2, **tc})
     cfg = Config(expand=tcfg)
     torch.manual_seed(0)
     return engine.Run(model=model or ToyModel(), loader=ToyLoader(), tc=tcfg, config=cfg,
