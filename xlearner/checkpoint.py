@@ -74,11 +74,10 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _write_error(path: Path, state: dict, e: Exception) -> str:
+def _write_error(path: Path, state: dict, detail: str) -> str:
     """The one-line message for a checkpoint that could not be written: path, free space, size needed."""
     free = shutil.disk_usage(path.parent).free
     need = path.stat().st_size if path.is_file() else _tensor_bytes(state)  # the last one's size is the best guess
-    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
     kept = f"the last good checkpoint {path} is untouched" if path.is_file() else "no earlier checkpoint exists"
     return (f"{path}: could not write the checkpoint ({detail}): {free / 2**20:.0f} MB free on that disk, "
             f"a checkpoint needs about {need / 2**20:.0f} MB; {kept}. Free some space and run the same command "
@@ -97,10 +96,15 @@ def save_run_checkpoint(state: dict, out: str | Path) -> Path:
     path = out / CKPT
     error = None
     if is_main_process():
+        failed = None
         try:
             tmp = _write_complete(state, path)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            error = _write_error(path, state, e)
+        except OSError as e:
+            failed = e.strerror or str(e)
+        except RuntimeError as e:  # torch.save's zip writer reports a short write (ENOSPC) as a RuntimeError
+            failed = f"torch.save: {str(e).splitlines()[0]}"
+        if failed:  # measured once the exception is gone: its frames hold the deleted temp file open
+            error = _write_error(path, state, failed)
         else:
             if path.exists():
                 os.replace(path, out / PREV)
