@@ -145,13 +145,14 @@ def stop_requested() -> int:
     return _stop_signal
 
 
-def agree_on_stop() -> int:
+def agree_on_stop(device: torch.device | None = None) -> int:
     """Collective: the stop signal of any rank (max over ranks), so that all ranks stop together.
 
-    Every rank must call it at the same point of the loop (the end of each step)."""
+    Every rank must call it at the same point of the loop (the end of each step).
+    `device`: where the flag lives for the backend (default: this rank's device)."""
     if not is_dist():
         return _stop_signal
-    flag = torch.tensor([_stop_signal], device=_DEVICE)
+    flag = torch.tensor([_stop_signal], device=device or _DEVICE)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 

@@ -188,7 +188,11 @@ class _Stop:
 
     def __init__(self, stage: str, last_ckpt: int | None):
         self.stage, self.last_ckpt = stage, last_ckpt
-        self.grace_s = float(os.environ.get(GRACE_ENV, "30"))
+        grace = os.environ.get(GRACE_ENV, "30")
+        try:
+            self.grace_s = float(grace)
+        except ValueError:
+            raise ValueError(f"{GRACE_ENV}={grace!r}: expected a number of seconds, e.g. 30") from None
         self._first: float | None = None
         self._timer: threading.Timer | None = None
         self._old = {}
@@ -335,7 +339,7 @@ def train(run: Run) -> nn.Module:
         finally:
             model.train()
             set_rng_state(rng)
-        signalled = dist.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
+        signalled = dist.agree_on_stop(device)  # a stopped rank's evaluation is partial: discard it on all ranks
         if signalled:
             return signalled
         dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
@@ -420,7 +424,7 @@ def train(run: Run) -> nn.Module:
                 window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
 
             # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = dist.agree_on_stop()
+            signalled = dist.agree_on_stop(device)
             eval_step = _every(step, tc.eval_every) and step < tc.steps
             if not signalled and eval_step:
                 signalled = evaluate(step)
