@@ -74,13 +74,26 @@ def compile_stages(model: nn.Module, **options) -> int:
     not change. The stem (one conv) and the heads (detection shapes change every
     batch) stay eager. Any module with layer1..layer4 counts as a trunk: our
     Backbone, a torchvision ResNet, or bench.py's plain floors. `options` go to
-    torch.compile (default: inductor). Returns the number of stages compiled.
+    torch.compile (default: inductor, static shapes). Returns the number of stages compiled.
+
+    Every compiled stage runs through the one code object of nn.Module._call_impl,
+    so to dynamo each stage (and each input shape) is a recompile of the same
+    frame: dynamo would soon mark the channel and size dims dynamic (on torch
+    2.14.1 inductor then fails on the CPU: "Cannot convert expression to float",
+    measured) and stop compiling after `recompile_limit` (8) variants. Hence static
+    shapes, and a limit that leaves room for 8 variants per stage. Detection
+    inputs change size every batch and recompile per shape: compile suits
+    fixed-size inputs (README, "Full scale").
     """
+    import torch._dynamo
+
     trunks = [m for m in model.modules() if all(isinstance(getattr(m, f"layer{l}", None), nn.Module)
                                                 for l in range(1, 5))]
+    options = {"dynamic": False, **options}
     for trunk in trunks:
         for l in range(1, 5):
             getattr(trunk, f"layer{l}").compile(**options)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * 4 * len(trunks))
     return 4 * len(trunks)
 
 
