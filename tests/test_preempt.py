@@ -218,8 +218,9 @@ def test_sigterm_during_evaluation_stops_it_and_resumes_exactly(tmp_path, world)
 # (d) a det source, eval_every > 0, stopped exactly at an eval step: evaluation must not move the
 # training RNG (the RPN/RoI samplers draw from it), so skipping that evaluation changes nothing
 
-def test_stop_at_an_eval_step_with_det_source_resumes_exactly(tmp_path, world, monkeypatch):
+def test_stop_at_an_eval_step_with_det_source_resumes_exactly(tmp_path, demo_world, monkeypatch):
     from xlearner.config import load_config
+    world = demo_world  # the small one: this test needs evaluations, not long ones
     expand.run(load_config(write_config(tmp_path, world, "full", steps=4, eval_every=2, det=True)))
 
     next_batch = data.MultiSourceLoader.__next__
