@@ -46,6 +46,9 @@ class ModelConfig:
     reconcile_width: float = 1.0        # hrnet: 1.0 = HRNet's full-width fuse paths; < 1 runs every path
                                         # at width * C_l channels, summed, then one shared 1x1 widening
                                         # (1/16 cuts the ResNet-50 RL from 6.8 to 0.63 GMACs; recipes use it)
+    other_branches_bn: str = "batch"    # BN of the branches an image's task does not own (they feed the RLs):
+                                        # "batch" = the batch's statistics, "running" = their own running
+                                        # statistics; neither updates their buffers (measured: see README)
     shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs

@@ -53,22 +53,28 @@ class ExpandedNet(nn.Module):
     no backward through them), and the other branches stop after the last
     reconciled stage since nothing downstream reads them.
 
-    BN statistics are per task: the other branches (and the RLs feeding them)
-    run in eval mode, so a task-t batch leaves their running statistics as they
-    were, and branch u's statistics describe task u's images only, which is what
-    it normalises when it is evaluated, exported, or seeds the squeeze student.
-    Eval mode also means an RL sees in training what it sees at test time:
-    branch u's features of task t's images under u's own statistics."""
+    BN statistics are per task: a task-t batch leaves the running statistics of
+    the other branches (and of the RLs feeding them) as they were, so branch u's
+    statistics describe task u's images only, which is what it normalises when
+    it is evaluated, exported, or seeds the squeeze student. How those branches
+    normalise task t's images in training is `other_bn`: "batch" (default) with
+    the batch's statistics, as a train-mode branch would, or "running" with
+    their own running statistics (eval mode), which is what an RL reads at test
+    time. The demo measured both (README): "running" gave the better teacher,
+    "batch" the better squeezed student."""
 
     def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
-                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0):
+                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
+                 other_bn: str = "batch"):
         super().__init__()
         if reconcile not in RECONCILE:
             raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
+        if other_bn not in ("batch", "running"):
+            raise ValueError(f"model.other_branches_bn: expected 'batch' or 'running', got {other_bn!r}")
         bad = [l for l in stages if l not in (1, 2, 3, 4)]
         if bad:
             raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
-        self.tasks, self.detach = list(tasks), detach
+        self.tasks, self.detach, self.other_bn = list(tasks), detach, other_bn
         sd = _pretrained_state_dict(pretrained)  # read (or download) once for all branches
         self.branches = nn.ModuleDict({t: _build_backbone(arch, sd, frozen_bn, pretrained) for t in tasks})
         self.channels = self.branches[self.tasks[0]].channels
@@ -111,22 +117,24 @@ class ExpandedNet(nn.Module):
         return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
 
     @contextlib.contextmanager
-    def _others_in_eval(self, task: str):
-        """The branches other than `task`, and the RLs feeding them, in eval mode for one forward."""
+    def _others_keep_stats(self, task: str):
+        """For one train-mode forward: the BNs of the branches other than `task` (and of the RLs feeding them)
+        use batch statistics without tracking them ("batch"), or run in eval mode ("running")."""
         others = [m for u in self.tasks if u != task for m in (self.branches[u], self.reconcile.into[u])]
-        modes = [(m, m.training) for other in others for m in other.modules()]
-        for other in others:
-            other.eval()
+        bns = [m for other in others for m in other.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        for m in bns:  # in train mode, track_running_stats=False is torch's "batch statistics, buffers untouched"
+            m.track_running_stats, m.training = self.other_bn == "running", self.other_bn == "batch"
         try:
             yield
         finally:
-            for m, mode in modes:
-                m.training = mode
+            for m in bns:
+                m.track_running_stats, m.training = True, True
 
     def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
         if task not in self.branches:
             raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
-        with self._others_in_eval(task):  # their BN statistics stay their own task's (class doc)
+        with self._others_keep_stats(task):  # their BN statistics stay their own task's (class doc)
             return self._run(x, {task})[task]
 
     def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -227,7 +235,8 @@ class XLearnerModel(_MultiSourceModel):
             backbone = build_backbone(mcfg.arch, mcfg.pretrained, mcfg.frozen_bn)
         else:
             backbone = ExpandedNet(mcfg.arch, mcfg.tasks, mcfg.reconcile, mcfg.reconcile_stages,
-                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn, mcfg.reconcile_width)
+                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn, mcfg.reconcile_width,
+                                   mcfg.other_branches_bn)
         super().__init__(mcfg, sources, num_classes, backbone.channels)
         self.backbone = backbone
         if mcfg.channels_last:
