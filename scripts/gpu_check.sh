@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the full-scale recipe (README, "Full scale"), on one H100/H200 in about 6 minutes.
+# GPU check of the full-scale recipe (README, "Full scale"), on one H100/H200: at most 385 s of cases
+# (their time limits; not yet run on a GPU) plus about 30 s to write the stand-in world if missing.
 # configs/xlearner_r50.toml runs unchanged but for configs/standin.sets, over the full-size stand-in
 # world (written first if missing). One JSON line per case:
 #   backbone          a bare torchvision ResNet-50 training step, bf16, channels_last, batch 256: images/s
