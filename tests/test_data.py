@@ -19,8 +19,10 @@ from PIL import Image
 
 from xlearner.bench import bench_loader
 from xlearner.config import Config, SourceConfig
-from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DataWarning, MultiSourceLoader,
-                           build_dataset, build_eval_loader, check_data, collate_fn, move_to, prepare_mnist_like)
+from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataWarning, MultiSourceLoader, build_dataset,
+                           build_eval_loader, collate_fn, move_to)
+from xlearner.datasets import DataError, check_data
+from xlearner.tvdatasets import prepare_mnist_like
 
 RNG = np.random.default_rng(0)
 

@@ -8,10 +8,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from xlearner import probe, transfer
+from xlearner import probe, results, transfer
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, SourceConfig, TransferConfig
-from xlearner.data import DataError
+from xlearner.datasets import DataError
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -31,8 +31,8 @@ def test_linear_probe_separable_and_deterministic():
     xva, yva = _clusters(n_per_class=30, seed=0)  # same centers (same seed), fresh noise below
     xva = xva + 0.1 * torch.randn(xva.shape, generator=torch.Generator().manual_seed(1))
     grid = [1e-5, 1e-3, 1e-1]
-    a = transfer.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
-    b = transfer.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
+    a = probe.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
+    b = probe.linear_probe(xtr, ytr, xva, yva, num_classes=4, l2_grid=grid, seed=3)
     assert a["top1"] >= 99.0
     assert a["l2"] in grid
     assert (a["l2"], a["top1"], a["sweep"]) == (b["l2"], b["top1"], b["sweep"])
@@ -40,7 +40,7 @@ def test_linear_probe_separable_and_deterministic():
 
 def test_linear_probe_mean_per_class_metric():
     xtr, ytr = _clusters(seed=1)
-    res = transfer.linear_probe(xtr, ytr, xtr, ytr, num_classes=4, l2_grid=[1e-3], metric="mean_per_class")
+    res = probe.linear_probe(xtr, ytr, xtr, ytr, num_classes=4, l2_grid=[1e-3], metric="mean_per_class")
     assert res["mean_per_class"] >= 99.0 and res["l2"] == 1e-3
 
 
@@ -48,15 +48,15 @@ def test_linear_probe_mean_per_class_metric():
 
 def test_stratified_subset():
     labels = [0] * 50 + [1] * 30 + [2] * 20 + [3] * 3
-    idx = transfer.stratified_subset(labels, 0.1, seed=7)
+    idx = probe.stratified_subset(labels, 0.1, seed=7)
     counts = Counter(labels[i] for i in idx)
     assert counts == {0: 5, 1: 3, 2: 2, 3: 1}  # at least one per class
     assert idx == sorted(idx) and len(set(idx)) == len(idx)
-    assert idx == transfer.stratified_subset(labels, 0.1, seed=7)
-    assert idx != transfer.stratified_subset(labels, 0.1, seed=8)
-    assert transfer.stratified_subset(labels, 1.0, seed=0) == list(range(len(labels)))
-    sub = transfer.random_subset(100, 0.25, seed=0)
-    assert len(sub) == 25 and sub == transfer.random_subset(100, 0.25, seed=0)
+    assert idx == probe.stratified_subset(labels, 0.1, seed=7)
+    assert idx != probe.stratified_subset(labels, 0.1, seed=8)
+    assert probe.stratified_subset(labels, 1.0, seed=0) == list(range(len(labels)))
+    sub = probe.random_subset(100, 0.25, seed=0)
+    assert len(sub) == 25 and sub == probe.random_subset(100, 0.25, seed=0)
 
 
 # ----------------------------------------------------------------------------- results table
@@ -74,7 +74,7 @@ def _fake_results(names, per_seed):
 
 
 def test_results_markdown_shape():
-    md = transfer.results_markdown(_fake_results(["base", "x", "y"], per_seed=2))
+    md = results.results_markdown(_fake_results(["base", "x", "y"], per_seed=2))
     rows = [r for r in md.strip().splitlines()]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     assert header == ["dataset", "metric", "base", "x", "y", "x gain over base", "y gain over base"]
@@ -86,7 +86,7 @@ def test_results_markdown_shape():
     cls_mean = body[4]
     assert cls_mean[2] == "15.50" and cls_mean[5] == "+1.00"  # mean of 10.5 and 20.5
     # one seed: no ± ; one backbone: no gain column
-    md1 = transfer.results_markdown(_fake_results(["only"], per_seed=1))
+    md1 = results.results_markdown(_fake_results(["only"], per_seed=1))
     assert "±" not in md1 and "gain" not in md1.splitlines()[0]
 
 
@@ -123,7 +123,7 @@ def _count_extractions(monkeypatch):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    # patched where the feature cache looks it up (probe.py; transfer.py re-exports it)
+    # patched where the feature cache looks it up
     monkeypatch.setattr(probe, "extract_features", counting)
     return calls
 

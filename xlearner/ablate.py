@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dist, expand, squeeze, transfer
-from .transfer import mean_std
 from .config import Config, ConfigError
+from .results import mean_std
 
 
 @dataclass

@@ -34,7 +34,7 @@ _debug = False
 def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix, besides ConfigError. Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
-    from .data import DataError
+    from .datasets import DataError
     return (CheckpointError, DataError, FileNotFoundError)
 
 
@@ -149,7 +149,7 @@ def demo_data(out, seed, scale, world):
 @_guard
 def check_data_cmd(config, sets):
     """Validate every upstream source and transfer dataset of a config; list every problem; exit 1 if any."""
-    from .data import check_data
+    from .datasets import check_data
     cfg = _load(config, sets)
     problems = check_data(cfg.sources + cfg.transfer.datasets)
     for p in problems:

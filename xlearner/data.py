@@ -1,7 +1,7 @@
 """The multi-source loader: one batch from every source at every step.
 
 X-Learner's loss is `L = sum_s w_s L_s` over sources of different tasks, each
-with its own labels (DESIGN.md §1), so one training step needs one batch from
+with its own labels (docs/DESIGN.md §1), so one training step needs one batch from
 *every* source, each at its own batch size and with its task's augmentation.
 This module turns `SourceConfig`s into that stream:
 
@@ -43,7 +43,7 @@ from torchvision.transforms import v2
 
 from . import dist
 from .config import Config, SourceConfig
-from .datasets import BadSample, DataError, check_data, make_reader, prepare_mnist_like  # noqa: F401 (API)
+from .datasets import BadSample, DataError, make_reader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ schedule to tune, so the score reflects the features.
 
 Also here: the seeded train_fraction subsets (class-stratified for cls, random
 for det/seg) and the dataset label reader, which the trained protocols of
-transfer.py share. Everything is re-exported by transfer.py.
+transfer.py share.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ PROBE_SWEEP_ITER = 40              # ... of each held-out fit of the sweep (it o
 # ----------------------------------------------------------------------------
 # hashing (the feature cache's keys) and the feature size
 
-def _sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -49,11 +49,11 @@ def _sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _sha256_text(text: str) -> str:
+def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _feature_dim(backbone: nn.Module) -> int:
+def feature_dim(backbone: nn.Module) -> int:
     return backbone.channels["layer4"]
 
 
@@ -132,7 +132,7 @@ def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_s
     rank, world = dist.get_rank(), dist.get_world_size()
     loader = DataLoader(_Indexed(dataset, list(range(rank, len(dataset), world))), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate_indexed, pin_memory=device.type == "cuda")
-    idx, feats, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, _feature_dim(backbone))], \
+    idx, feats, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, feature_dim(backbone))], \
         [torch.zeros(0, dtype=torch.long)]  # an empty shard still concatenates
     for batch in tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False):
         if batch is None:
@@ -162,7 +162,7 @@ def dataset_hash(src: SourceConfig, split: str, dataset) -> str:
            "ann": getattr(src, f"{split}_ann"), "root": os.path.abspath(src.root) if src.root else "",
            "split": getattr(src, f"{split}_split"), "len": len(dataset),
            "classes": [str(c) for c in getattr(dataset, "classes", [])]}
-    return _sha256_text(json.dumps(key, sort_keys=True))
+    return sha256_text(json.dumps(key, sort_keys=True))
 
 
 def cached_features(backbone, info: dict, src: SourceConfig, split: str, dataset, cache_dir: str | Path,

@@ -2,7 +2,7 @@
 
 X-Learner's claim is a representation that transfers: +3.0 (cls), +3.3 (det)
 and +1.8 (seg) points over existing pre-trained models on 12 downstream
-datasets (DESIGN.md §1, "Transfer"). This module turns any backbone (the
+datasets (docs/DESIGN.md §1, "Transfer"). This module turns any backbone (the
 squeezed student, one branch of an expanded model, a torchvision state_dict, a
 torchvision weights name, or `random`) into those numbers:
 
@@ -18,11 +18,11 @@ torchvision weights name, or `random`) into those numbers:
 - seg: model.py's seg head over the backbone, frozen or fine-tuned; mIoU.
 
 `run()` evaluates every backbone on every `[[transfer.datasets]]` entry for
-every seed and writes results.json and results.md: datasets as rows, backbones
-as columns, per-task means and the gain of each backbone over the first, the
-shape of the paper's headline. It loads every backbone and opens every dataset
-before it trains anything, so a bad path fails in seconds, not after hours. The
-style follows DINO's eval_linear.py: one file, plain loops, no framework.
+every seed and writes results.json and results.md (results.py): datasets as
+rows, backbones as columns, per-task means and the gain of each backbone over
+the first, the shape of the paper's headline. It loads every backbone and opens
+every dataset before it trains anything, so a bad path fails in seconds, not
+after hours. The style follows DINO's eval_linear.py: plain loops, no framework.
 
 Details a user may need:
 - Features are cached at <out>/cache/<backbone hash[:16]>_<dataset hash[:16]>_<split>.pt;
@@ -63,12 +63,9 @@ from . import data, dist
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
 from .evaluate import evaluate, primary_metric
-# the linear probe machinery (features, cache, logistic regression, subsets) lives in probe.py;
-# re-exported so `from xlearner.transfer import X` keeps working
-from .probe import (FEATURE_RECIPE, PROBE_MAX_ITER, PROBE_SWEEP_ITER, _collate_indexed,  # noqa: F401
-                    _feature_dim, _Indexed, _score, _sha256_file, _sha256_text, cached_features, dataset_hash,
-                    dataset_labels, extract_features, fit_logistic, linear_probe, random_subset,
-                    stratified_subset)
+from .probe import (feature_dim, sha256_file, sha256_text, cached_features, dataset_hash, dataset_labels,
+                    extract_features, linear_probe, random_subset, stratified_subset)
+from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
 RANDOM_SEED = 0                    # "random" = "random:0"
@@ -112,7 +109,7 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
             torch.manual_seed(seed)
             backbone = build_backbone(arch)
         # torch's init code is part of what "random" means: a new version is a new backbone
-        info.update(seed=seed, hash=_sha256_text(f"random:{arch}:{seed}:torch{torch.__version__}"))
+        info.update(seed=seed, hash=sha256_text(f"random:{arch}:{seed}:torch{torch.__version__}"))
         return backbone, info
     if not os.path.exists(spec) and "_Weights." in spec:
         import torchvision
@@ -122,10 +119,10 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
             if dist.is_main_process() == downloader:
                 state = weights.get_state_dict(progress=downloader)
             dist.barrier()
-        info.update(arch=arch, hash=_sha256_text(spec))
+        info.update(arch=arch, hash=sha256_text(spec))
     else:
         ckpt = load_checkpoint(spec)  # weights_only, with errors that name the file
-        info["file_sha256"] = _sha256_file(spec)
+        info["file_sha256"] = sha256_file(spec)
         if "model" in ckpt and "meta" in ckpt:
             model = model_from_checkpoint(ckpt)
             state = backbone_state_dict(model, branch)
@@ -133,7 +130,7 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
             if ckpt["meta"].get("kind") == "expanded" and not model.mcfg.shared_backbone:
                 branch = branch or model.tasks[0]  # the default branch, named so that the hash is the same
             info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch,
-                        hash=_sha256_text(f"{info['file_sha256']}:{branch}"))
+                        hash=sha256_text(f"{info['file_sha256']}:{branch}"))
         else:
             state = ckpt
             arch = infer_arch(state) or arch
@@ -181,7 +178,7 @@ class _Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, multi_label: bool):
         super().__init__()
         self.backbone, self.multi_label = backbone, multi_label
-        self.fc = nn.Linear(_feature_dim(backbone), num_classes)
+        self.fc = nn.Linear(feature_dim(backbone), num_classes)
 
     def predict(self, images, source=None):
         return self.fc(self.backbone(images)["layer4"].mean((2, 3)))
@@ -301,7 +298,7 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
 
 
 # ----------------------------------------------------------------------------
-# driver, results table, bench
+# the driver
 
 def _frac(src: SourceConfig, tc: TransferConfig) -> float:
     return src.train_fraction if src.train_fraction is not None else tc.train_fraction
@@ -324,11 +321,6 @@ def transfer_one(backbone, info: dict, cfg: Config, src: SourceConfig, seed: int
     if src.task == "cls" and src.protocol != "finetune":
         raise ConfigError(f"transfer.datasets.{src.name}.protocol: expected linear|finetune, got {src.protocol!r}")
     return trained_transfer(backbone, cfg, src, seed, device)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
 def _default_names(backbones: list[str]) -> list[str]:
@@ -360,36 +352,19 @@ def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
     key = {"dataset": dataclasses.asdict(src), "splits": splits, "version": RECORD_VERSION,
            "transfer": {"lr": tc.lr, "clip_grad": tc.clip_grad, "l2_grid": tc.l2_grid, "batch_size": tc.batch_size},
            "heads": {k: getattr(cfg.model, k) for k in HEAD_KEYS} if src.task != "cls" else {}}
-    return _sha256_text(json.dumps(key, sort_keys=True))
+    return sha256_text(json.dumps(key, sort_keys=True))
 
 
-def record_path(out: Path, backbone_hash: str, dataset_key: str, src: SourceConfig, seed: int) -> Path:
-    """out/records/<backbone>_<dataset>_<protocol>_seed<N>.json: one finished (backbone, dataset, seed)."""
-    protocol = src.protocol if src.task == "cls" else ("frozen" if src.freeze_backbone else "finetune")
-    return out / "records" / f"{backbone_hash[:16]}_{dataset_key[:16]}_{protocol}_seed{seed}.json"
-
-
-def _read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())["result"]
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, KeyError) as e:  # written atomically, so only a hand edit gets here
-        dist.log(f"{path}: unusable result record ({e!r}); computing it again")
-        return None
-
-
-def _write_record(path: Path, key: dict, result: dict) -> None:
-    """Atomically (temp file + rename, rank 0): a killed suite never leaves a half-written record."""
-    if not dist.is_main_process():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"key": key, "result": result}, indent=1, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: list[SourceConfig],
+              data_keys: dict[str, str]) -> tuple[dict, dict]:
+    """(record path, finished result) of every (name, dataset, seed), the second from rank 0's records."""
+    paths = {(name, d.name, seed): record_path(out, info["hash"], data_keys[d.name], d, seed)
+             for name, (_, info) in zip(names, loaded) for d in datasets for seed in cfg.transfer.seeds}
+    done = {k: r for k, p in paths.items() if (r := read_record(p)) is not None}
+    done = dist.all_gather_object(done)[0]  # rank 0's view: every rank skips the same work
+    if done:
+        dist.log(f"[transfer] reusing {len(done)} of {len(paths)} finished results from {out / 'records'}")
+    return paths, done
 
 
 def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branch: str | None = None,
@@ -397,7 +372,7 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
     """Every backbone on every transfer dataset for every seed; writes results.json and results.md.
 
     Fails fast: every backbone is loaded and every dataset opened before the first training step.
-    Resumable: each finished (backbone, dataset, seed) is recorded under out/records (`record_path`),
+    Resumable: each finished (backbone, dataset, seed) is recorded under out/records (results.record_path),
     and a re-run on the same `out` reuses those and computes only the rest.
     """
     device = dist.init_distributed()
@@ -410,12 +385,7 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
     datasets = [resolve(d, cfg.transfer) for d in cfg.transfer.datasets]
     loaded = [load_backbone(spec, cfg.model.arch, branch) for spec in backbones]
     data_keys = open_datasets(datasets, cfg)
-    paths = {(name, d.name, seed): record_path(out, info["hash"], data_keys[d.name], d, seed)
-             for name, (_, info) in zip(names, loaded) for d in datasets for seed in cfg.transfer.seeds}
-    done = {k: r for k, p in paths.items() if (r := _read_record(p)) is not None}
-    done = dist.all_gather_object(done)[0]  # rank 0's view: every rank skips the same work
-    if done:
-        dist.log(f"[transfer] reusing {len(done)} of {len(paths)} finished results from {out / 'records'}")
+    paths, done = _finished(out, cfg, loaded, names, datasets, data_keys)
     results = {"config": cfg.to_dict(), "backbones": [],
                "datasets": [{"name": d.name, "task": d.task, "metric": primary_metric(d), "protocol": d.protocol,
                              "train_fraction": d.train_fraction, "freeze_backbone": d.freeze_backbone,
@@ -433,57 +403,14 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
                     result = {"seed": seed, "seconds": round(time.perf_counter() - t0, 2), **metrics}
                     key = {"backbone": info["spec"], "backbone_hash": info["hash"], "dataset": d.name,
                            "dataset_key": data_keys[d.name], "seed": seed}
-                    _write_record(paths[(name, d.name, seed)], key, result)
+                    write_record(paths[(name, d.name, seed)], key, result)
                 per_seed.append(result)
                 dist.log(f"[{name}] {d.name} seed {seed}: {primary_metric(d)} = {result[primary_metric(d)]:.2f}")
             mean, std = mean_std([r[primary_metric(d)] for r in per_seed])
             results["results"][d.name][name] = {"mean": mean, "std": std, "per_seed": per_seed}
-            _write(results, out)  # after every dataset: a long suite keeps what it has measured
-    table = results_markdown(results)
-    dist.log("\n" + table)
+            write_results(results, out)  # after every dataset: a long suite keeps what it has measured
+    dist.log("\n" + results_markdown(results))
     return results
-
-
-def _write(results: dict, out: Path) -> None:
-    if not dist.is_main_process():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(results_markdown(results))
-
-
-def results_markdown(results: dict) -> str:
-    """Datasets x backbones (mean ± std over seeds), per-task means, and each backbone's gain over the first."""
-    names = [b["name"] for b in results["backbones"]]
-    first, others = (names[0] if names else ""), names[1:]
-
-    def fmt(mean, std=0.0, n=1):
-        if mean is None or math.isnan(mean):
-            return "n/a"
-        return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
-
-    def gain(a, b):
-        return "n/a" if a is None or b is None or math.isnan(a) or math.isnan(b) else f"{b - a:+.2f}"
-
-    head = ["dataset", "metric", *names, *[f"{n} gain over {first}" for n in others]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_task: dict[str, dict[str, list[float]]] = {}
-    for d in results["datasets"]:
-        row = results["results"].get(d["name"], {})
-        means = {n: row[n]["mean"] if n in row else None for n in names}
-        cells = [fmt(row[n]["mean"], row[n]["std"], len(row[n]["per_seed"])) if n in row else "" for n in names]
-        lines.append("| " + " | ".join([d["name"], d["metric"], *cells,
-                                        *[gain(means[first], means[n]) for n in others]]) + " |")
-        for n in names:
-            if means[n] is not None:
-                by_task.setdefault(d["task"], {}).setdefault(n, []).append(means[n])
-    for task in ("cls", "det", "seg"):
-        if task not in by_task:
-            continue
-        m = {n: (sum(v) / len(v) if (v := by_task[task].get(n)) else None) for n in names}
-        lines.append("| " + " | ".join([f"**{task} mean**", "", *[fmt(m[n]) if m[n] is not None else "" for n in names],
-                                        *[gain(m[first], m[n]) for n in others]]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _clock() -> tuple[float, float]:
