@@ -7,7 +7,8 @@ One code path serves a laptop CPU, one GPU and N GPUs on M nodes:
   is a single process and starts nothing.
 - `get_rank`/`get_world_size`/`is_main_process` work with or without a group.
 - `log()` prints on rank 0 only; every file write in the project is guarded by
-  `is_main_process()`.
+  `is_main_process()`. `progress()` is every progress bar of the project: a
+  tqdm on rank 0 in a terminal, nothing in a log file.
 - Stopping: the engine's signal handler calls `request_stop(signum)`;
   `stop_requested()` is this process's flag (checked between evaluation
   batches), `agree_on_stop()` the collective that makes every rank stop after
@@ -48,6 +49,18 @@ def log(*args, **kwargs) -> None:
         from tqdm import tqdm
 
         tqdm.write(" ".join(str(a) for a in args), file=kwargs.pop("file", sys.stdout))
+
+
+def progress(iterable=None, **tqdm_kwargs):
+    """A tqdm bar, shown on rank 0 when stderr is a terminal; `disable=True` hides it in any case.
+
+    In a log file (`cli.py expand ... 2>log`, a SLURM job) a bar is a stream of
+    carriage-return redraws that reads as one endless line: there the periodic
+    plain lines (the engine's `log_every`) are the progress report."""
+    from tqdm import tqdm
+
+    hidden = tqdm_kwargs.pop("disable", False) or not (is_main_process() and sys.stderr.isatty())
+    return tqdm(iterable, disable=hidden, **tqdm_kwargs)
 
 
 def _slurm_to_torchrun_env() -> None:

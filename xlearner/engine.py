@@ -12,7 +12,8 @@ squeeze. Everything else is the same and lives here, once:
 - SGD or AdamW, no weight decay on norms, biases and RL mixing coefficients;
   linear warmup then cosine;
 - a stop on a non-finite loss that names the source and the step;
-- rank-0 logging: a tqdm bar, one JSON line per event in `out/log.jsonl`;
+- rank-0 logging: a line every `log_every` steps (plus a tqdm bar in a terminal,
+  `dist.progress`), one JSON line per event in `out/log.jsonl`;
 - evaluation every `eval_every` steps and at the end, `out/metrics.json`;
 - atomic checkpoints every `ckpt_every` steps, at the end and on SIGTERM/SIGINT,
   and an exact resume when the same command is run again on the same `out`
@@ -43,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from . import dist
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
@@ -264,10 +264,93 @@ def _check_all_grads(model: nn.Module) -> None:
             "Does every task in model.tasks have a source, and does every head take part in the loss?")
 
 
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel under torchrun/SLURM with more than one process, else `model` itself.
+
+    find_unused_parameters=False: one forward and one backward per step reach
+    every trainable parameter (the engine checks it after the first step)."""
+    if dist.get_world_size() == 1:
+        return model
+    return DDP(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False)
+
+
+def _finite_values(losses: dict[str, torch.Tensor], stage: str, step: int) -> dict[str, float]:
+    """The losses as floats; a non-finite one stops the run, naming the source and the (1-based) step."""
+    # One host sync per micro-step: the values are needed for this check and for the log.
+    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise NonFiniteLossError(f"[{stage}] non-finite loss {v} for '{name}' at step {step + 1}; "
+                                     "lower the lr, enable clip_grad, or check that source's data")
+    return values
+
+
+@dataclass
+class _Window:
+    """The steps since the last log line: their summed losses, time, and time spent waiting for data."""
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    losses: dict = field(default_factory=dict)
+    n: int = 0
+
+
+@dataclass
+class _State:
+    """What the loop reads and changes: the modules, the optimiser, the position, the stop and the log."""
+    run: Run
+    out: Path
+    model: nn.Module          # run.model on the device (SyncBN where asked); what train() returns
+    ckpt_module: nn.Module    # what goes into checkpoint["model"]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_model: nn.Module | None = None  # DDP(model), or model in a single process
+    step: int = 0             # optimiser steps done
+    eval_pending: bool = False  # the checkpoint was written before (or during) this step's evaluation
+    stop: _Stop | None = None
+    bar: object = None
+    window: _Window = field(default_factory=_Window)
+    checked_grads: bool = False
+
+
 def train(run: Run) -> nn.Module:
     """Train `run.model` for `run.tc.steps` optimiser steps, resuming from `run.tc.out` if it holds a checkpoint."""
-    tc, device = run.tc, run.device
-    out = Path(tc.out)
+    tc = run.tc
+    s = _setup(run)
+    resumed = _resume(s)
+    if not resumed:
+        seed_everything(tc.seed + dist.get_rank())
+    s.train_model = wrap_ddp(s.model, run.device)
+    if not resumed:
+        _log_start(s)
+    s.stop = _Stop(run.stage, last_ckpt=s.step if resumed else None)
+    s.model.train()
+    s.bar = dist.progress(total=tc.steps, initial=s.step, desc=run.stage, dynamic_ncols=True)
+    s.window = _Window()  # img/s and data-wait are timed from here: the loop, not the setup
+    with s.stop:
+        if s.eval_pending and (signalled := _evaluate(s)):
+            _stop_run(s, signalled, eval_pending=True)
+        while s.step < tc.steps:
+            _log_window(s, _train_step(s))
+            # Agree across ranks on a signal, so that every rank stops after the same step.
+            signalled = dist.agree_on_stop(run.device)
+            eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps
+            if not signalled and eval_step:
+                signalled = _evaluate(s)
+            if signalled:  # checkpointed with eval_pending: a resumed run evaluates this step first
+                _stop_run(s, signalled, eval_pending=eval_step)
+            if _every(s.step, tc.ckpt_every) or s.step == tc.steps:
+                _save(s)
+        if (not resumed or s.step > 0) and (signalled := _evaluate(s)):
+            _stop_run(s, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
+    s.bar.close()
+    _log_event(s.out, {"event": "end", "step": s.step})
+    return s.model
+
+
+def _setup(run: Run) -> _State:
+    """The output folder (minus a killed write's temp files), the model on its device, optimiser, schedule, scaler."""
+    tc, device, out = run.tc, run.device, Path(run.tc.out)
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         for tmp in remove_stale_tmp(out):
@@ -277,163 +360,149 @@ def train(run: Run) -> nn.Module:
     if tc.sync_bn and device.type == "cuda" and dist.is_dist():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
+    return _State(run, out, model, ckpt_module, optimizer, scheduler, scaler)
 
-    step, eval_pending = 0, False
-    resume = latest_checkpoint(out)
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        ckpt_module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        run.loader.load_state_dict(ckpt["loader"])
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[dist.get_rank()] if len(rngs) == dist.get_world_size() else rngs[0])
-        step = ckpt["step"]
-        eval_pending = bool(ckpt.get("eval_pending", False))  # stopped before or during that step's evaluation
-        _truncate_log(out, step)
-        dist.log(f"[{run.stage}] resumed from {resume} at step {step}")
-    else:
-        seed_everything(tc.seed + dist.get_rank())
 
-    world = dist.get_world_size()
-    ddp = world > 1
-    train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                      find_unused_parameters=False) if ddp else model
-    core = train_model.module if ddp else train_model
+def _resume(s: _State) -> bool:
+    """Load the latest checkpoint in `out`, if any: weights, optimiser, schedule, loader position, every RNG."""
+    path = latest_checkpoint(s.out)
+    if path is None:
+        return False
+    ckpt = load_checkpoint(path)
+    s.ckpt_module.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    s.scaler.load_state_dict(ckpt["scaler"])
+    s.run.loader.load_state_dict(ckpt["loader"])
+    rngs = ckpt["rng"]
+    set_rng_state(rngs[dist.get_rank()] if len(rngs) == dist.get_world_size() else rngs[0])
+    s.step = ckpt["step"]
+    s.eval_pending = bool(ckpt.get("eval_pending", False))  # stopped before or during that step's evaluation
+    _truncate_log(s.out, s.step)
+    dist.log(f"[{s.run.stage}] resumed from {path} at step {s.step}")
+    return True
 
-    if resume is None:
-        batches = {s.name: f"{s.batch_size} x {tc.grad_accum} x {world} = {s.batch_size * tc.grad_accum * world}"
-                   for s in run.config.sources}
-        dist.log(f"[{run.stage}] effective batch per source (batch x accum x world): {batches}")
-        if run.report:
-            dist.log(run.report)
-        _log_event(out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
-                         "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
-    stop = _Stop(run.stage, last_ckpt=step if resume is not None else None)
+def _log_start(s: _State) -> None:
+    """A fresh run's first lines: the effective batch per source, the model report, the `start` event."""
+    run, world = s.run, dist.get_world_size()
+    accum = run.tc.grad_accum
+    batches = {src.name: f"{src.batch_size} x {accum} x {world} = {src.batch_size * accum * world}"
+               for src in run.config.sources}
+    dist.log(f"[{run.stage}] effective batch per source (batch x accum x world): {batches}")
+    if run.report:
+        dist.log(run.report)
+    _log_event(s.out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
+                       "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
-    def save(step: int, eval_pending: bool = False) -> None:
-        rngs = dist.all_gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
-        save_run_checkpoint({
-            "model": ckpt_module.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "config": run.config.to_dict(), "loader": run.loader.state_dict(), "rng": rngs,
-            "meta": run.meta, "stage": run.stage, "eval_pending": eval_pending}, out)
-        stop.last_ckpt = step
 
-    def evaluate(step: int) -> int:
-        """Evaluate and log; returns 0, or the stop signal that cut the evaluation short (nothing logged then)."""
-        if run.evaluate is None:
-            return 0
-        if ddp:  # DDP syncs BN running stats at the start of a forward: after the last step each rank
-            for b in model.buffers():  # still has its own, so evaluate rank 0's (the checkpointed) ones
-                torch.distributed.broadcast(b, src=0)
-        dist.log(f"[{run.stage}] step {step}: evaluating")
-        rng = rng_state()  # evaluation must leave the training RNG (RPN/RoI samplers) exactly as it was
-        model.eval()
-        try:
-            metrics = run.evaluate(step)
-        finally:
-            model.train()
-            set_rng_state(rng)
-        signalled = dist.agree_on_stop(device)  # a stopped rank's evaluation is partial: discard it on all ranks
-        if signalled:
-            return signalled
-        dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
-            f"{s}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float)) for s, m in metrics.items()))
-        _log_event(out, {"event": "eval", "step": step, "metrics": metrics})
-        if dist.is_main_process():
-            (out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+def _train_step(s: _State) -> dict[str, float]:
+    """One optimiser step over `grad_accum` micro-batches; returns each loss, averaged over the micro-batches."""
+    run, tc = s.run, s.run.tc
+    losses_sum: dict[str, float] = {}
+    for micro in range(tc.grad_accum):
+        t_wait = time.perf_counter()
+        batch = move_to(next(run.loader), run.device)
+        s.window.wait += time.perf_counter() - t_wait
+        # Only the last micro-step all-reduces gradients; the others accumulate locally.
+        last = micro == tc.grad_accum - 1
+        sync = contextlib.nullcontext() if s.train_model is s.model or last else s.train_model.no_sync()
+        with sync:
+            with autocast(run.device, tc.amp):
+                losses = s.train_model(batch)
+                total = s.model.total_loss(losses) / tc.grad_accum
+            s.scaler.scale(total).backward()
+        for name, v in _finite_values(losses, run.stage, s.step).items():
+            losses_sum[name] = losses_sum.get(name, 0.0) + v / tc.grad_accum
+    if not s.checked_grads:
+        _check_all_grads(s.model)
+        s.checked_grads = True
+    if tc.clip_grad > 0:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.clip_grad)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    return losses_sum
+
+
+def _log_window(s: _State, losses: dict[str, float]) -> None:
+    """Add the step to the window; every `log_every` steps (and at the last) average it over ranks and log it."""
+    run, tc, w = s.run, s.run.tc, s.window
+    for k, v in losses.items():
+        w.losses[k] = w.losses.get(k, 0.0) + v
+    w.n += 1
+    s.bar.update(1)
+    elapsed = time.perf_counter() - w.t0
+    images = run.images_per_step * tc.grad_accum * dist.get_world_size() * w.n
+    s.bar.set_postfix(loss=f"{sum(losses.values()):.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}")
+    if not (_every(s.step, tc.log_every) or s.step == tc.steps):
+        return
+    # Collective: every rank reaches this line at the same step.
+    mean = dist.all_reduce_mean({k: v / w.n for k, v in w.losses.items()}, run.device)
+    record = {"event": "train", "step": s.step, "loss": sum(mean.values()), "losses": mean,
+              "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
+              "data_wait": w.wait / elapsed, "max_mem_mb": max_memory_mb(run.device),
+              "skipped_images": dict(getattr(run.loader, "skipped", {}))}
+    _log_event(s.out, record)
+    dist.log(f"[{run.stage}] step {s.step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.4g} "
+             f"{record['images_per_s']:.0f} img/s data-wait {record['data_wait']:.0%} "
+             + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
+    if any(record["skipped_images"].values()):
+        dist.log(f"[{run.stage}] skipped undecodable images so far: {record['skipped_images']}")
+    s.window = _Window()
+
+
+def _save(s: _State, eval_pending: bool = False) -> None:
+    """Checkpoint the step just finished (atomically; every rank's RNG, so that each resumes its own stream)."""
+    rngs = dist.all_gather_object(rng_state())
+    save_run_checkpoint({
+        "model": s.ckpt_module.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "step": s.step,
+        "config": s.run.config.to_dict(), "loader": s.run.loader.state_dict(), "rng": rngs,
+        "meta": s.run.meta, "stage": s.run.stage, "eval_pending": eval_pending}, s.out)
+    s.stop.last_ckpt = s.step
+
+
+def _evaluate(s: _State) -> int:
+    """Evaluate and log; returns 0, or the stop signal that cut the evaluation short (nothing logged then)."""
+    run, step = s.run, s.step
+    if run.evaluate is None:
         return 0
+    if s.train_model is not s.model:  # DDP syncs BN running stats at the start of a forward: after the
+        for b in s.model.buffers():   # last step each rank still has its own, so evaluate rank 0's (the
+            torch.distributed.broadcast(b, src=0)  # checkpointed) ones
+    dist.log(f"[{run.stage}] step {step}: evaluating")
+    rng = rng_state()  # evaluation must leave the training RNG (RPN/RoI samplers) exactly as it was
+    s.model.eval()
+    try:
+        metrics = run.evaluate(step)
+    finally:
+        s.model.train()
+        set_rng_state(rng)
+    signalled = dist.agree_on_stop(run.device)  # a stopped rank's evaluation is partial: discard it on all ranks
+    if signalled:
+        return signalled
+    dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
+        f"{src}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
+        for src, m in metrics.items()))
+    _log_event(s.out, {"event": "eval", "step": step, "metrics": metrics})
+    if dist.is_main_process():
+        (s.out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+    return 0
 
-    def stop_run(step: int, signum: int, eval_pending: bool) -> None:
-        """Checkpoint the last finished step (unless it already is), say so in one line, exit 128+signal."""
-        stop.step_finished()
-        if stop.last_ckpt != step:
-            save(step, eval_pending)
-        _log_event(out, {"event": "interrupted", "step": step, "signal": signum})
-        dist.log(f"[{run.stage}] signal {signum}: checkpoint written at step {step}; "
-                 "run the same command again to resume")
-        bar.close()
-        raise SystemExit(128 + signum)
 
-    model.train()
-    bar = tqdm(total=tc.steps, initial=step, desc=run.stage, disable=not dist.is_main_process(), dynamic_ncols=True)
-    window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
-    checked_grads = False
-    with stop:
-        if eval_pending and (signalled := evaluate(step)):
-            stop_run(step, signalled, eval_pending=True)
-        while step < tc.steps:
-            losses_sum: dict[str, float] = {}
-            for micro in range(tc.grad_accum):
-                t_wait = time.perf_counter()
-                batch = move_to(next(run.loader), device)
-                window["wait"] += time.perf_counter() - t_wait
-                # Only the last micro-step all-reduces gradients; the others accumulate locally.
-                sync = contextlib.nullcontext() if (not ddp or micro == tc.grad_accum - 1) else train_model.no_sync()
-                with sync:
-                    with autocast(device, tc.amp):
-                        losses = train_model(batch)
-                        total = core.total_loss(losses) / tc.grad_accum
-                    scaler.scale(total).backward()
-                # One host sync per micro-step: the values are needed for the finite check and the log.
-                values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-                for name, v in values.items():
-                    if not math.isfinite(v):
-                        raise NonFiniteLossError(f"[{run.stage}] non-finite loss {v} for '{name}' at step {step + 1}; "
-                                                 "lower the lr, enable clip_grad, or check that source's data")
-                    losses_sum[name] = losses_sum.get(name, 0.0) + v / tc.grad_accum
-            if not checked_grads:
-                _check_all_grads(core)
-                checked_grads = True
-            if tc.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            for k, v in losses_sum.items():
-                window["losses"][k] = window["losses"].get(k, 0.0) + v
-            window["n"] += 1
-            total_loss = sum(losses_sum.values())
-            bar.update(1)
-            elapsed = time.perf_counter() - window["t0"]
-            bar.set_postfix(loss=f"{total_loss:.3f}", img_s=f"{run.images_per_step * tc.grad_accum * world * window['n'] / max(elapsed, 1e-9):.0f}")
-
-            if _every(step, tc.log_every) or step == tc.steps:
-                # Collective: every rank reaches this line at the same step.
-                mean = dist.all_reduce_mean({k: v / window["n"] for k, v in window["losses"].items()}, device)
-                record = {"event": "train", "step": step, "loss": sum(mean.values()), "losses": mean,
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": run.images_per_step * tc.grad_accum * world * window["n"] / elapsed,
-                          "data_wait": window["wait"] / elapsed, "max_mem_mb": max_memory_mb(device),
-                          "skipped_images": dict(getattr(run.loader, "skipped", {}))}
-                _log_event(out, record)
-                dist.log(f"[{run.stage}] step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.4g} "
-                         f"{record['images_per_s']:.0f} img/s data-wait {record['data_wait']:.0%} "
-                         + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
-                if any(record["skipped_images"].values()):
-                    dist.log(f"[{run.stage}] skipped undecodable images so far: {record['skipped_images']}")
-                window = {"t0": time.perf_counter(), "wait": 0.0, "losses": {}, "n": 0}
-
-            # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = dist.agree_on_stop(device)
-            eval_step = _every(step, tc.eval_every) and step < tc.steps
-            if not signalled and eval_step:
-                signalled = evaluate(step)
-            if signalled:  # checkpointed with eval_pending: a resumed run evaluates this step first
-                stop_run(step, signalled, eval_pending=eval_step)
-            if _every(step, tc.ckpt_every) or step == tc.steps:
-                save(step)
-        if (resume is None or step > 0) and (signalled := evaluate(step)):
-            stop_run(step, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
-    bar.close()
-    _log_event(out, {"event": "end", "step": step})
-    return model
+def _stop_run(s: _State, signum: int, eval_pending: bool) -> None:
+    """Checkpoint the last finished step (unless it already is), say so in one line, exit 128+signal."""
+    s.stop.step_finished()
+    if s.stop.last_ckpt != s.step:
+        _save(s, eval_pending)
+    _log_event(s.out, {"event": "interrupted", "step": s.step, "signal": signum})
+    dist.log(f"[{s.run.stage}] signal {signum}: checkpoint written at step {s.step}; "
+             "run the same command again to resume")
+    s.bar.close()
+    raise SystemExit(128 + signum)

@@ -1,6 +1,6 @@
 """Reconciliation layers (RL): how the expanded backbone's task branches share features.
 
-This is the heart of X-Learner's expansion stage (DESIGN.md §1; see model.py
+This is the heart of X-Learner's expansion stage (docs/DESIGN.md §1; see model.py
 for the overall structure). There is one backbone branch per task, all the
 same ResNet arch, run stage by stage in lockstep by `model.ExpandedNet`.
 After each stage l in `model.reconcile_stages`, the RL adds to branch t what
@@ -46,12 +46,12 @@ def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 
 def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
-    """R_{k->l} as HRNet's fuse layer: same res 1x1+BN; lower res 1x1+BN+upsample; higher res 3x3/2 chain."""
+    """R_{k->l}, k <= l, as HRNet's fuse layer: same stage 1x1+BN; an earlier stage a 3x3 stride-2 chain.
+
+    (HRNet also fuses lower-resolution inputs, k > l, by upsampling; the
+    expanded backbone only looks back, so there is no such path here.)"""
     if k == l:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
-    if k > l:  # lower-resolution input (never used by ExpandedNet, which only looks back: k <= l)
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)),
-                             nn.Upsample(scale_factor=2 ** (k - l), mode="nearest"))
     layers = []
     for i in range(l - k):  # each 3x3 stride-2 conv halves the resolution; ReLU between, not after the last
         last = i == l - k - 1
@@ -69,8 +69,6 @@ def narrow_path(c_in: int, m: int, k: int, l: int) -> nn.Sequential:
     stride-2 chain, straight from c_in to m channels, so no conv runs at the
     input's resolution. The last 1x1 m -> C_out + zero-init BN is shared by
     all the paths into one target (`HRNetReconcile`)."""
-    if k > l:
-        raise ValueError("narrow_path: only earlier-or-same stages (k <= l) feed stage l")
     if k == l:
         return nn.Sequential(nn.Conv2d(c_in, m, 1, bias=False), nn.BatchNorm2d(m))
     layers, c = [], c_in
