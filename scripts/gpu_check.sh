@@ -64,7 +64,7 @@ case_ backbone 45 $PY cli.py bench backbone $R50 --set sources.imagenet.batch_si
 rm -rf "$OUT/recipe"
 case_ recipe 90 $PY cli.py expand $R50 --set expand.steps=$RECIPE_STEPS --set expand.log_every=$LOG_EVERY \
   --set expand.ckpt_every=100000 --out "$OUT/recipe" \
-  && $PY -c "import json, sys; from xlearner.bench import summarise_run; print(json.dumps(summarise_run(sys.argv[1])))" "$OUT/recipe"
+  && $PY -c "import json, sys; from xlearner.tools.bench import summarise_run; print(json.dumps(summarise_run(sys.argv[1])))" "$OUT/recipe"
 
 for compile in false true; do
   if [ "$TINY" = 1 ] && [ $compile = true ]; then

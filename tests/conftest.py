@@ -12,7 +12,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from xlearner.config import Config, config_from_dict  # noqa: E402
-from xlearner.demo import generate  # noqa: E402
+from xlearner.tools.demo import generate  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
 

@@ -22,6 +22,19 @@ def demo_toml(world: Path, runs: Path, dest: Path, extra: str = "") -> Path:
     return dest
 
 
+def tiny_sizes(cls_batch: int = 4) -> list[str]:
+    """Overrides that shrink configs/demo.toml's sources for CPU tests: images of 32 px (64 for det, whose
+    anchors need room), batches of `cls_batch` for the cls sources and of 2 for det and seg."""
+    cls, dense = ("shapes-cls", "texture-cls"), ("shapes-det", "colors-det", "shapes-seg")
+    return ([f"sources.{s}.batch_size={cls_batch}" for s in cls] + [f"sources.{s}.batch_size=2" for s in dense] +
+            [f"sources.{s}.image_size={64 if s.endswith('-det') else 32}" for s in (*cls, *dense)])
+
+
+def as_sets(overrides: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: overrides as CLI arguments."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def cli(*args: str, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / "cli.py"), *args]

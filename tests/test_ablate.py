@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from xlearner import ablate
+from xlearner.tools import ablate
 from xlearner.config import ConfigError
 
 

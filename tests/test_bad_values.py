@@ -193,7 +193,8 @@ def test_bad_teacher_or_student_init_fails_before_training(tiny):
 
 def test_allowed_names_match_the_code():
     """config.py imports no torch, so it lists the names the registries accept; they must agree."""
-    from xlearner import ablate, backbone, heads, reconcile, squeeze
+    from xlearner import backbone, heads, reconcile, squeeze
+    from xlearner.tools import ablate
     assert config.ARCHS == tuple(backbone.BACKBONES)
     assert config.RECONCILES == tuple(reconcile.RECONCILE)
     assert config.SEG_HEADS == tuple(heads.SEG_DECODERS)

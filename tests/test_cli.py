@@ -11,18 +11,11 @@ import pytest
 import torch
 import torchvision
 
-from runner import REPO, demo_toml, env, run
-from xlearner.demo import generate
+from runner import REPO, as_sets, demo_toml, env, run, tiny_sizes
+from xlearner.tools.demo import generate
 
 TINY = ["expand.steps=2", "squeeze.steps=2", "expand.workers=0", "squeeze.workers=0", "transfer.workers=0",
-        "transfer.epochs=1", "sources.shapes-cls.batch_size=4", "sources.texture-cls.batch_size=4",
-        "sources.shapes-det.batch_size=2", "sources.colors-det.batch_size=2", "sources.shapes-seg.batch_size=2",
-        "sources.shapes-cls.image_size=32", "sources.texture-cls.image_size=32", "sources.shapes-det.image_size=64",
-        "sources.colors-det.image_size=64", "sources.shapes-seg.image_size=32"]
-
-
-def sets(items):
-    return [a for s in items for a in ("--set", s)]
+        "transfer.epochs=1", *tiny_sizes(cls_batch=4)]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def test_every_command_documents_defaults():
 def test_check_data_lists_every_problem(tiny, tmp_path):
     root, toml = tiny
     ok = run("check-data", "--config", str(toml))
-    assert "no problems" in ok.stdout
+    assert ok.stdout == "ok: 9 source(s) checked, no problems\n"  # 5 sources + 4 transfer datasets
     # break two sources in a copy of the world: a corrupt image and an out-of-range mask
     import shutil
     world = tmp_path / "world"
@@ -103,7 +96,7 @@ def test_check_data_lists_every_problem(tiny, tmp_path):
 
 def test_expand_export_and_bench(tiny, tmp_path):
     root, toml = tiny
-    run("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *sets(TINY))
+    run("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *as_sets(TINY))
     for branch in ("cls", "det", "seg"):
         out = tmp_path / f"{branch}.pth"
         run("export", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt"), "--branch", branch, "--out", str(out))
@@ -120,7 +113,7 @@ def test_expand_export_and_bench(tiny, tmp_path):
              "squeeze": ("step_s", "floor_s"), "transfer": ("transfer_s", "extract_s")}
     for what, extra in (("loader", []), ("expand", []), ("squeeze", ["--teacher", str(tmp_path / "exp" / "checkpoint.pt")]),
                         ("transfer", [])):
-        p = run("bench", what, "--config", str(toml), "--steps", "2", *extra, *sets(TINY))
+        p = run("bench", what, "--config", str(toml), "--steps", "2", *extra, *as_sets(TINY))
         result = json.loads(p.stdout.strip().splitlines()[-1])
         a, b = (result[k] for k in times[what])
         assert result["bench"] == what and a > 0 and b > 0
@@ -135,11 +128,15 @@ def test_ablate_quick(tiny, tmp_path):
     # One seed: every variant still trains and transfers, at half the disk (each 3-branch ResNet-18
     # expand checkpoint is ~425 MB); mean ± std over seeds is checked by hand in test_ablate.py.
     run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report"),
-        *sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
+        *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
     summary = json.loads((tmp_path / "report" / "ablation.json").read_text())
     assert summary["variants"] == ["ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl"]
     assert summary["seeds"] == [0]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed0"]
-    assert {"novel-cls", "count-cls", "novel-det", "novel-seg", "cls mean", "det mean", "seg mean"} <= set(summary["rows"])
-    md = (tmp_path / "report" / "ablation.md").read_text()
-    assert "SSST" in md and "X-Learner" in md and "±" in md
+    assert list(summary["rows"]) == ["novel-cls", "count-cls", "novel-det", "novel-seg", "cls mean", "det mean", "seg mean"]
+    md = (tmp_path / "report" / "ablation.md").read_text().splitlines()
+    assert md[0] == ("| dataset | SSST | SSMT (hard sharing) | Expand, no RL | Expand + RL | X-Learner (expand+RL, squeeze) "
+                     "| Squeeze of no-RL expand | ssmt − ssst | expand_norl − ssst | expand_rl − ssst | xlearner − ssst "
+                     "| squeeze_norl − ssst |")
+    assert [row.split(" | ")[0] for row in md[2:9]] == ["| novel-cls", "| count-cls", "| novel-det", "| novel-seg",
+                                                       "| **cls mean**", "| **det mean**", "| **seg mean**"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xlearner.bench import bench_loader
+from xlearner.tools.bench import bench_loader
 from xlearner.config import Config, SourceConfig
 from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataWarning, MultiSourceLoader, build_dataset,
                            build_eval_loader, collate_fn, move_to)

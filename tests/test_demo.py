@@ -1,4 +1,4 @@
-"""The demo world: deterministic, in the real formats of DESIGN.md §6, and its labels match its pixels."""
+"""The demo world: deterministic, in the real formats of docs/DESIGN.md §6, and its labels match its pixels."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from xlearner.config import load_config
-from xlearner.demo import COLORS, NOVEL, PATTERNS, SPECS, UPSTREAM, generate
+from xlearner.tools.demo import SPECS, generate
+from xlearner.tools.shapes import COLORS, NOVEL, PATTERNS, UPSTREAM
 
 COCO_SOURCES = [s.name for s in SPECS if s.fmt == "coco"]
 MASK_SOURCES = [s.name for s in SPECS if s.fmt == "masks"]

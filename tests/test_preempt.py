@@ -22,7 +22,7 @@ import torch
 from runner import REPO, assert_same_state, cli, env, model_state, run, train_steps
 from xlearner import data, expand
 from xlearner.checkpoint import load_checkpoint
-from xlearner.demo import generate
+from xlearner.tools.demo import generate
 
 CONFIG = """
 [model]

@@ -26,7 +26,7 @@ SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A demo world, its config at tiny sizes, and a 3-step expand teacher."""
-    from xlearner.demo import generate
+    from xlearner.tools.demo import generate
     root = tmp_path_factory.mktemp("sq")
     world = root / "world"
     generate(world, seed=0, scale=0.1)

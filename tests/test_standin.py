@@ -16,8 +16,8 @@ from PIL import Image
 
 from xlearner import expand, squeeze
 from xlearner.config import load_config
-from xlearner.data import check_data
-from xlearner.demo import STANDIN_SPECS, generate
+from xlearner.datasets import check_data
+from xlearner.tools.demo import STANDIN_SPECS, generate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "xlearner_r50.toml"

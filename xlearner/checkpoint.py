@@ -1,6 +1,6 @@
 """Run checkpoints: atomic writes, safe loads, and "resume from the latest".
 
-A run checkpoint (DESIGN.md §5) is one `torch.save`d dict with `model`,
+A run checkpoint (docs/DESIGN.md §5) is one `torch.save`d dict with `model`,
 `optimizer`, `scheduler`, `scaler`, `step`, `config`, `loader` and `rng`, plus
 `meta` (what kind of model it is and its per-source class counts) so that it
 can be rebuilt without the code that wrote it. It holds only tensors and

@@ -1,4 +1,4 @@
-"""The command line: one click group, one subcommand per stage (DESIGN.md §4).
+"""The command line: one click group, one subcommand per stage (docs/DESIGN.md §4).
 
     python cli.py demo-data --out data/demo
     python cli.py check-data --config configs/demo.toml
@@ -136,7 +136,7 @@ def main(debug):
 @_guard
 def demo_data(out, seed, scale, world):
     """Write the embedded demo world (shapes, textures, boxes, masks) in the real data formats."""
-    from .demo import generate
+    from .tools.demo import generate
     out = out or f"data/{world}"
     summary = generate(out, seed=seed, scale=scale, world=world)
     click.echo(json.dumps(summary, indent=1))
@@ -244,19 +244,16 @@ def export(checkpoint, out, branch):
 @click.option("--out", default=None, help="Append the JSON line to this file as well.")
 @_guard
 def bench(what, config, sets, steps, teacher, backbone, out):
-    """Measure a stage against its floor and print one JSON line with the ratio (DESIGN.md §7)."""
+    """Measure a stage against its floor and print one JSON line with the ratio (docs/DESIGN.md §7)."""
     cfg = _load(config, sets)
+    from .tools import bench as b
     if what == "loader":
-        from .bench import bench_loader
-        result = bench_loader(cfg, steps=steps)
+        result = b.bench_loader(cfg, steps=steps)
     elif what == "transfer":
-        from .transfer import bench_transfer
-        result = bench_transfer(cfg, backbone)
+        result = b.bench_transfer(cfg, backbone)
     elif what == "backbone":
-        from .bench import bench_backbone
-        result = bench_backbone(cfg, steps)
+        result = b.bench_backbone(cfg, steps)
     else:
-        from . import bench as b
         result = b.bench_expand(cfg, steps) if what == "expand" else b.bench_squeeze(cfg, steps, teacher)
     line = json.dumps(result)
     click.echo(line)
@@ -275,7 +272,7 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 def ablate(config, sets, out, quick, seeds):
     """Train and transfer SSST / SSMT / expand / X-Learner variants on one data budget (the paper's table)."""
     cfg = _load(config, sets)
-    from .ablate import run
+    from .tools.ablate import run
     run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds)
 
 

@@ -27,12 +27,10 @@ import atexit
 import ctypes
 import functools
 import hashlib
-import math
 import multiprocessing
 import random
 import signal
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -42,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from . import dist
-from .config import Config, SourceConfig
+from .config import SourceConfig
 from .datasets import BadSample, DataError, make_reader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -73,7 +73,7 @@ def compile_stages(model: nn.Module, **options) -> int:
     `torch.compile(module)`, so state_dict keys, checkpoints and exact resume do
     not change. The stem (one conv) and the heads (detection shapes change every
     batch) stay eager. Any module with layer1..layer4 counts as a trunk: our
-    Backbone, a torchvision ResNet, or bench.py's plain floors. `options` go to
+    Backbone, a torchvision ResNet, or tools/bench.py's plain floors. `options` go to
     torch.compile (default: inductor, static shapes). Returns the number of stages compiled.
 
     Every compiled stage runs through the one code object of nn.Module._call_impl,

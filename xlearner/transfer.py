@@ -49,7 +49,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +62,8 @@ from . import data, dist
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
 from .evaluate import evaluate, primary_metric
-from .probe import (feature_dim, sha256_file, sha256_text, cached_features, dataset_hash, dataset_labels,
-                    extract_features, linear_probe, random_subset, stratified_subset)
+from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, random_subset,
+                    sha256_file, sha256_text, stratified_subset)
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
@@ -411,50 +410,3 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
             write_results(results, out)  # after every dataset: a long suite keeps what it has measured
     dist.log("\n" + results_markdown(results))
     return results
-
-
-def _clock() -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and of its reaped children, i.e. DataLoader workers)."""
-    import resource
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter(), time.process_time() + kids.ru_utime + kids.ru_stime
-
-
-def bench_transfer(cfg: Config, backbone: str = "random", rounds: int = 3) -> dict:
-    """Time of one linear transfer over the cls datasets (cold cache) vs one extraction pass (DESIGN.md §7).
-
-    Both include building the datasets and loaders over train + val; the
-    transfer also writes the cache and fits the probe over the whole L2 grid
-    plus the refit. The two are timed alternately `rounds` times and the best
-    of each is kept, so a burst of load on a shared machine does not decide
-    the ratio. Target: ratio <= 1.25 (wall clock). `cpu_ratio`, the same with
-    CPU seconds, is reported too: on a busy machine it is the steadier number.
-    """
-    device = dist.init_distributed()
-    tc = cfg.transfer
-    cls = [dataclasses.replace(resolve(d, tc), protocol="linear") for d in tc.datasets if d.task == "cls"]
-    if not cls:
-        raise ConfigError("bench transfer: the config has no cls transfer dataset")
-    bb, info = load_backbone(backbone, cfg.model.arch)
-    bb.to(device).eval()
-    with torch.no_grad():  # one-off costs (thread pools, kernel selection) charged to neither side
-        bb(torch.zeros(2, 3, cls[0].image_size, cls[0].image_size, device=device))
-    transfer_t, extract_t = [], []
-    for _ in range(rounds):
-        with tempfile.TemporaryDirectory() as tmp:  # a cold cache: the transfer extracts too
-            start = _clock()
-            for d in cls:
-                linear_transfer(bb, info, d, tc, tc.seeds[0], device, tmp)
-            transfer_t.append([b - a for a, b in zip(start, _clock())])
-        start = _clock()
-        for d in cls:
-            for split in ("train", "val"):
-                extract_features(bb, data.build_dataset(d, split, train=False), device,
-                                 max(d.batch_size, tc.batch_size), tc.workers)
-        extract_t.append([b - a for a, b in zip(start, _clock())])
-    (tw, tc_), (ew, ec) = (min(t[0] for t in transfer_t), min(t[1] for t in transfer_t)), \
-        (min(t[0] for t in extract_t), min(t[1] for t in extract_t))
-    return {"bench": "transfer", "backbone": backbone, "datasets": [d.name for d in cls],
-            "transfer_s": round(tw, 3), "extract_s": round(ew, 3), "ratio": round(tw / ew, 3),
-            "transfer_cpu_s": round(tc_, 3), "extract_cpu_s": round(ec, 3), "cpu_ratio": round(tc_ / ec, 3),
-            "rounds_s": {"transfer": [round(t[0], 2) for t in transfer_t], "extract": [round(t[0], 2) for t in extract_t]}}

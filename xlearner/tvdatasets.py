@@ -1,6 +1,6 @@
 """The `torchvision` source format: any `torchvision.datasets` class as a reader.
 
-One of the on-disk formats of datasets.py (DESIGN.md §6): with `format =
+One of the on-disk formats of datasets.py (docs/DESIGN.md §6): with `format =
 "torchvision"`, a source (upstream or a transfer dataset) is read by the
 `torchvision.datasets` class named by its `name` ("FashionMNIST", "CIFAR10",
 "VOCDetection", ...; a suffix after '@' is a tag, and the `year` for VOC).

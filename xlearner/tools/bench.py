@@ -1,4 +1,4 @@
-"""Benchmarks of the two training stages against their floors (DESIGN.md §7).
+"""Benchmarks of each stage against its floor (docs/DESIGN.md §7).
 
 Absolute step times on shared machines are noise, so each benchmark measures
 a ratio within one run: the stage's real step over the same work done by bare
@@ -13,18 +13,22 @@ torchvision modules on the very same (pre-loaded) batches.
 Steps alternate between the stage and its floor, and the medians are compared,
 so a noisy neighbour slows both alike. Data loading is excluded from both
 (it is `bench loader`'s business: the multi-source loader against plain
-DataLoaders over the same files, DESIGN.md §7: >= 0.9x). `bench backbone` times
+DataLoaders over the same files, docs/DESIGN.md §7: >= 0.9x). `bench backbone` times
 one bare torchvision classification step, the yardstick of scripts/gpu_check.sh.
 With `model.compile = true` the stage and its floor are both compiled
-(expand.compile_stages), so the ratio stays like for like.
+(expand.compile_stages), so the ratio stays like for like. `bench transfer`
+holds a linear transfer against one feature-extraction pass over the same
+images (target <= 1.25x).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +38,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.models import _utils as tv_utils
 
-from . import data, dist, engine
-from .config import Config, ConfigError
-from .expand import build_train_datasets, compile_stages, images_per_step
-from .model import BACKBONES, SqueezedModel, XLearnerModel
+from .. import data, dist, engine, transfer
+from ..config import Config, ConfigError
+from ..expand import build_train_datasets, compile_stages, images_per_step
+from ..model import BACKBONES, SqueezedModel, XLearnerModel
+from ..probe import extract_features
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
 
@@ -130,7 +135,7 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
 
 
 def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
-    from .squeeze import Distiller, load_teacher
+    from ..squeeze import Distiller, load_teacher
     device = dist.init_distributed()
     sq = cfg.squeeze
     engine.seed_everything(sq.seed)
@@ -217,7 +222,7 @@ def summarise_run(out: str) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# the loader (DESIGN.md §7: >= 0.9x a plain DataLoader)
+# the loader (docs/DESIGN.md §7: >= 0.9x a plain DataLoader)
 
 def _plain_stream(cfg: Config, datasets: dict):
     """The baseline: one plain shuffled DataLoader per source, cycled. Persistent workers make it the
@@ -279,3 +284,53 @@ def bench_loader(cfg: Config, steps: int = 50, rounds: int = 3) -> dict:
             "ratio": round(m / p, 3) if p > 0 else math.nan,
             "multi_images_per_s_per_worker": round(m / procs, 1), "plain_images_per_s_per_worker": round(p / procs, 1),
             "images_per_step": per_step, "loader_step_s": round(per_step / m, 3) if m > 0 else math.nan}
+
+
+# ----------------------------------------------------------------------------
+# transfer (docs/DESIGN.md §7: a linear transfer <= 1.25x one extraction pass)
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and of its reaped children, i.e. DataLoader workers)."""
+    import resource
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+def bench_transfer(cfg: Config, backbone: str = "random", rounds: int = 3) -> dict:
+    """Time of one linear transfer over the cls datasets (cold cache) vs one extraction pass (docs/DESIGN.md §7).
+
+    Both include building the datasets and loaders over train + val; the
+    transfer also writes the cache and fits the probe over the whole L2 grid
+    plus the refit. The two are timed alternately `rounds` times and the best
+    of each is kept, so a burst of load on a shared machine does not decide
+    the ratio. Target: ratio <= 1.25 (wall clock). `cpu_ratio`, the same with
+    CPU seconds, is reported too: on a busy machine it is the steadier number.
+    """
+    device = dist.init_distributed()
+    tc = cfg.transfer
+    cls = [dataclasses.replace(transfer.resolve(d, tc), protocol="linear") for d in tc.datasets if d.task == "cls"]
+    if not cls:
+        raise ConfigError("bench transfer: the config has no cls transfer dataset")
+    bb, info = transfer.load_backbone(backbone, cfg.model.arch)
+    bb.to(device).eval()
+    with torch.no_grad():  # one-off costs (thread pools, kernel selection) charged to neither side
+        bb(torch.zeros(2, 3, cls[0].image_size, cls[0].image_size, device=device))
+    transfer_t, extract_t = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:  # a cold cache: the transfer extracts too
+            start = _clock()
+            for d in cls:
+                transfer.linear_transfer(bb, info, d, tc, tc.seeds[0], device, tmp)
+            transfer_t.append([b - a for a, b in zip(start, _clock())])
+        start = _clock()
+        for d in cls:
+            for split in ("train", "val"):
+                extract_features(bb, data.build_dataset(d, split, train=False), device,
+                                 max(d.batch_size, tc.batch_size), tc.workers)
+        extract_t.append([b - a for a, b in zip(start, _clock())])
+    (tw, tc_), (ew, ec) = (min(t[0] for t in transfer_t), min(t[1] for t in transfer_t)), \
+        (min(t[0] for t in extract_t), min(t[1] for t in extract_t))
+    return {"bench": "transfer", "backbone": backbone, "datasets": [d.name for d in cls],
+            "transfer_s": round(tw, 3), "extract_s": round(ew, 3), "ratio": round(tw / ew, 3),
+            "transfer_cpu_s": round(tc_, 3), "extract_cpu_s": round(ec, 3), "cpu_ratio": round(tc_ / ec, 3),
+            "rounds_s": {"transfer": [round(t[0], 2) for t in transfer_t], "extract": [round(t[0], 2) for t in extract_t]}}

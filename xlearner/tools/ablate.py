@@ -24,9 +24,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dist, expand, squeeze, transfer
-from .config import Config, ConfigError
-from .results import mean_std
+from .. import dist, expand, squeeze, transfer
+from ..config import Config, ConfigError
+from ..results import mean_std
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The embedded demo world: a small procedural universe of sources and tasks.
 
 X-Learner learns one backbone from many *sources* of several *tasks*, each
-source keeping its own label space (DESIGN.md §1). To run the whole method
+source keeping its own label space (docs/DESIGN.md §1). To run the whole method
 (expand, squeeze, transfer) on a laptop in minutes with no downloads, this
 module draws coloured shapes on patterned backgrounds and writes them in the
-real on-disk formats of DESIGN.md §6, so the demo goes through exactly the
+real on-disk formats of docs/DESIGN.md §6, so the demo goes through exactly the
 readers that a user's data goes through.
 
     upstream sources (expand / squeeze); shapes: circle cross diamond hexagon ring square star triangle
@@ -35,126 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-UPSTREAM = ("circle", "cross", "diamond", "hexagon", "ring", "square", "star", "triangle")
-NOVEL = ("arrow", "crescent", "heart", "pentagon")
-PATTERNS = ("checker", "flat", "gradient", "noise", "stripes")
-# Saturated colours; backgrounds are near-grey, so objects always stand out.
-COLORS = {"blue": (40, 80, 225), "cyan": (30, 200, 210), "green": (40, 185, 60),
-          "magenta": (215, 45, 200), "red": (225, 40, 40), "yellow": (235, 210, 30)}
-COLOR_NAMES = tuple(COLORS)
+from .shapes import COLOR_NAMES, COLORS, NOVEL, PATTERNS, UPSTREAM, background, paint, rasterise
+
 SPLITS = ("train", "val")
-SS = 4  # supersampling: draw at 4x, then a box filter gives each pixel its coverage
-
-
-# ----------------------------------------------------------------------------
-# shapes: each is a list of (polygon in unit coordinates, fill); fill 0 cuts a hole
-
-def _ngon(n: int, r: float = 1.0, phase: float = -math.pi / 2, c=(0.0, 0.0)) -> np.ndarray:
-    t = phase + 2 * math.pi * np.arange(n) / n
-    return np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1)
-
-
-def _star() -> np.ndarray:
-    radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-    t = -math.pi / 2 + math.pi * np.arange(10) / 5
-    return np.stack([radii * np.cos(t), radii * np.sin(t)], 1)
-
-
-def _heart() -> np.ndarray:
-    t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    return np.stack([x, y + 2.5], 1)  # roughly centred; normalised below
-
-
-def _build_shapes() -> dict[str, list[tuple[np.ndarray, int]]]:
-    w = 0.34
-    cross = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
-             (-w, w), (-1, w), (-1, -w), (-w, -w)]
-    arrow = [(-1, -0.28), (0.15, -0.28), (0.15, -0.72), (1, 0), (0.15, 0.72), (0.15, 0.28), (-1, 0.28)]
-    raw = {
-        "circle": [(_ngon(48), 255)],
-        "cross": [(np.array(cross, float), 255)],
-        "diamond": [(np.array([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)], float), 255)],
-        "hexagon": [(_ngon(6), 255)],
-        "ring": [(_ngon(48), 255), (_ngon(48, 0.55), 0)],
-        "square": [(_ngon(4, phase=math.pi / 4), 255)],
-        "star": [(_star(), 255)],
-        "triangle": [(_ngon(3), 255)],
-        "arrow": [(np.array(arrow, float), 255)],
-        "crescent": [(_ngon(48), 255), (_ngon(48, 0.8, c=(0.42, -0.1)), 0)],
-        "heart": [(_heart(), 255)],
-        "pentagon": [(_ngon(5), 255)],
-    }
-    # Normalise every shape to circumradius 1, so `radius` means the same for all.
-    out = {}
-    for name, parts in raw.items():
-        scale = max(np.linalg.norm(p, axis=1).max() for p, fill in parts if fill)
-        out[name] = [(p / scale, fill) for p, fill in parts]
-    return out
-
-
-SHAPES = _build_shapes()
-
-
-def _rasterise(shape: str, cx: float, cy: float, r: float, angle: float, width: int, height: int):
-    """Antialiased coverage in [0, 1] of one shape, on its bounding box only (cheap)."""
-    x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
-    x1, y1 = min(width, int(math.ceil(cx + r)) + 1), min(height, int(math.ceil(cy + r)) + 1)
-    canvas = Image.new("L", ((x1 - x0) * SS, (y1 - y0) * SS), 0)
-    draw = ImageDraw.Draw(canvas)
-    c, s = math.cos(angle), math.sin(angle)
-    for pts, fill in SHAPES[shape]:
-        xs = (pts[:, 0] * c - pts[:, 1] * s) * r + cx - x0
-        ys = (pts[:, 0] * s + pts[:, 1] * c) * r + cy - y0
-        draw.polygon([(float(x) * SS, float(y) * SS) for x, y in zip(xs, ys)], fill=fill)
-    small = canvas.resize((x1 - x0, y1 - y0), Image.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0, (slice(y0, y1), slice(x0, x1))
-
-
-def _background(rng: np.random.Generator, pattern: str, width: int, height: int) -> np.ndarray:
-    """A near-grey HxWx3 float background; two tones at least 45 levels apart."""
-    lum = rng.uniform(50, 205)
-    base = lum + rng.uniform(-10, 10, 3)  # a slight tint, never a saturated colour
-    other = base + (-1 if lum > 128 else 1) * rng.uniform(45, 80)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    theta = rng.uniform(0, math.pi)
-    proj = xx * math.cos(theta) + yy * math.sin(theta)
-    k = min(width, height) / 64  # pattern scale follows the image size
-    if pattern == "flat":
-        t = np.zeros_like(xx)
-    elif pattern == "gradient":
-        t = (proj - proj.min()) / (proj.max() - proj.min())
-    elif pattern == "noise":
-        t = np.clip(rng.normal(0.5, 0.3, (height, width)), 0, 1).astype(np.float32)
-    elif pattern == "stripes":
-        t = ((proj / rng.uniform(6 * k, 14 * k)) % 1.0 < 0.5).astype(np.float32)
-    elif pattern == "checker":
-        cell = rng.uniform(5 * k, 12 * k)
-        t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
-    else:
-        raise ValueError(f"unknown background pattern {pattern!r}")
-    img = base[None, None, :] * (1 - t[..., None]) + other[None, None, :] * t[..., None]
-    return np.clip(img, 0, 255).astype(np.float32)
-
-
-def _paint(rng: np.random.Generator, rgb: np.ndarray, h: int, w: int) -> np.ndarray:
-    """The colour layer of one object: solid, or with stripes or dots inside."""
-    layer = np.empty((h, w, 3), np.float32)
-    layer[:] = rgb
-    texture = rng.choice(["solid", "solid", "stripes", "dots"])
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    if texture == "stripes":
-        theta, period = rng.uniform(0, math.pi), rng.uniform(3, 6)
-        band = ((xx * math.cos(theta) + yy * math.sin(theta)) / period) % 1.0 < 0.5
-        layer[band] *= 0.55
-    elif texture == "dots":
-        sp = rng.uniform(4, 7)
-        dot = np.hypot(xx % sp - sp / 2, yy % sp - sp / 2) < sp * 0.25
-        layer[dot] = layer[dot] * 0.4 + 255 * 0.6
-    return layer
 
 
 # ----------------------------------------------------------------------------
@@ -194,7 +79,7 @@ class Spec:
 
     @property
     def category_ids(self) -> list[int]:
-        """COCO ids: non-contiguous on purpose, so readers must map them (DESIGN.md §6)."""
+        """COCO ids: non-contiguous on purpose, so readers must map them (docs/DESIGN.md §6)."""
         return [self.first_id + self.id_step * i for i in range(len(self.classes))]
 
 
@@ -264,7 +149,7 @@ def _place(rng: np.random.Generator, spec: Spec, n: int, first: str | None):
                 lo, hi = 0.08, 0.13
             r = rng.uniform(lo, hi) * size
             cx, cy = rng.uniform((r + 1, r + 1), (w - r - 1, h - r - 1))
-            alpha, region = _rasterise(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), w, h)
+            alpha, region = rasterise(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), w, h)
             mask = np.zeros((h, w), bool)
             mask[region] = alpha >= 0.5
             area = int(mask.sum())
@@ -297,12 +182,12 @@ def render(spec: Spec, rng: np.random.Generator, index: int):
         objs = _place(rng, spec, n, first)
         if spec.label != "count" or len(objs) == n:
             break
-    img = _background(rng, pattern, spec.size, spec.shape_hw[0])
+    img = background(rng, pattern, spec.size, spec.shape_hw[0])
     for o in objs:  # later objects are painted over earlier ones
         rgb = np.array(COLORS[o["colour"]], np.float32) + rng.uniform(-15, 15, 3)
         a = o["alpha"][..., None]
         h, w = a.shape[:2]
-        img[o["region"]] = img[o["region"]] * (1 - a) + _paint(rng, np.clip(rgb, 0, 255), h, w) * a
+        img[o["region"]] = img[o["region"]] * (1 - a) + paint(rng, np.clip(rgb, 0, 255), h, w) * a
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
     def cls_of(o):
@@ -444,7 +329,7 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
 
 def _readme(summary: dict, seed: int, scale: float) -> str:
     lines = [
-        "X-Learner demo world (written by `python cli.py demo-data`, xlearner/demo.py).",
+        "X-Learner demo world (written by `python cli.py demo-data`, xlearner/tools/demo.py).",
         f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
         "",
         "Images: 1 to 5 coloured shapes (antialiased, random size, rotation, solid/striped/dotted fill)",
@@ -460,7 +345,7 @@ def _readme(summary: dict, seed: int, scale: float) -> str:
                      f"{s['train']:>5} {s['val']:>4}  {' '.join(s['classes'])}")
     lines += [
         "",
-        "Formats (DESIGN.md section 6):",
+        "Formats (docs/DESIGN.md section 6):",
         "  imagefolder: <split>/<class>/<idx>.png. shapes-cls / novel-cls: the class is the shape of",
         "    the one large object (small distractors may surround it); count-cls: the number of objects.",
         "  csv (texture-cls): <split>.csv with header path,label; paths relative to the csv;",
@@ -479,7 +364,7 @@ def _readme(summary: dict, seed: int, scale: float) -> str:
 
 def _standin_readme(summary: dict, seed: int, scale: float) -> str:
     lines = [
-        "X-Learner full-size stand-in world (`python cli.py demo-data --world standin`, xlearner/demo.py).",
+        "X-Learner full-size stand-in world (`python cli.py demo-data --world standin`, xlearner/tools/demo.py).",
         f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
         "The six sources of configs/xlearner_r50.toml at their real image sizes and file types, drawn by",
         "the demo world's painter; configs/standin.sets points the recipe at them. Not for accuracy:",
