@@ -2,7 +2,7 @@
 
 The file has a `[model]` table, one `[[sources]]` table per upstream source,
 `[expand]` and `[squeeze]` tables for the two training stages, and a
-`[transfer]` table with its `[[transfer.datasets]]` (DESIGN.md §3). It is read
+`[transfer]` table with its `[[transfer.datasets]]` (docs/DESIGN.md §3). It is read
 with the standard library's `tomllib` into the dataclasses below, so every
 key, its type and its default is written down in exactly one place.
 
@@ -179,6 +179,13 @@ class Config:
 # ----------------------------------------------------------------------------
 # dict -> dataclass with type checks
 
+# scalar type -> (what an error calls it, the test a TOML value must pass); a bool is an int to Python
+_SCALARS = {bool: ("true/false", lambda v: isinstance(v, bool)),
+            int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+            float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+            str: ("a string", lambda v: isinstance(v, str))}
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return `value` coerced to `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -196,22 +203,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
         return _from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        what, ok = _SCALARS[tp]
+        if not ok(value):
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        return float(value) if tp is float else value  # an integer is a fine float: 1 -> 1.0
     raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this file, not in the TOML
 
 
@@ -379,6 +375,16 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
     _check(not ab.ssst_source or ab.ssst_source in cls, "ablate.ssst_source", f"must name a cls source {cls}",
            ab.ssst_source)
     _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
+
+
+def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:
+    """Every task of model.tasks needs a source. Checked when a stage builds its model, not at load time:
+    a transfer-only config has no [[sources]]. A task without one would leave its branch and head without
+    gradients (DDP fails on unused parameters) and have nothing to learn."""
+    missing = [t for t in m.tasks if not any(s.task == t for s in sources)]
+    if missing:
+        raise ConfigError(f"model.tasks lists {missing} but no [[sources]] has that task; "
+                          "remove it from model.tasks or add a source")
 
 
 def _validate(cfg: Config) -> list[str]:

@@ -1,7 +1,7 @@
 """Readers: one class per on-disk data format, and the validation of that data.
 
 X-Learner trains on many sources at once, each in its own format and label
-space (DESIGN.md §6). A reader turns one split of one source into an indexed
+space (docs/DESIGN.md §6). A reader turns one split of one source into an indexed
 list of raw samples: `reader.load(i) -> (PIL RGB image, target)` with
 - cls: an int label (or a list of ints for a multi-label csv source),
 - det: {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
@@ -52,19 +52,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from . import dist
 from .config import SourceConfig
-
-# The `torchvision` format lives in tvdatasets.py, which subclasses Reader (defined here); it is
-# imported on first use, not at the top, so either module can be imported first.
-_TVDATASETS_NAMES = ("VOC_CLASSES", "TorchvisionReader", "prepare_mnist_like", "_mnist_root")
-
-
-def __getattr__(name: str):
-    """Re-exports of tvdatasets.py: `datasets.prepare_mnist_like` etc. keep working."""
-    if name in _TVDATASETS_NAMES:
-        from . import tvdatasets
-        return getattr(tvdatasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DataError(ValueError):
@@ -415,7 +404,9 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if src.format == "torchvision":
-        from .tvdatasets import TorchvisionReader  # imported here: tvdatasets subclasses Reader
+        # imported here, not at the top: tvdatasets.py subclasses Reader (defined above) and so imports
+        # this module; a top-level import in both directions would be a cycle
+        from .tvdatasets import TorchvisionReader
 
         return TorchvisionReader(src, src.train_split if split == "train" else src.val_split)
     path = src.train if split == "train" else src.val
@@ -441,13 +432,11 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
 
 def check_data(sources: list[SourceConfig], progress: bool = False) -> list[str]:
     """Every problem of every split of every source (each image fully decoded), as "path: reason"."""
-    from tqdm import tqdm
-
     problems: list[str] = []
     for src in sources:
         for split in ("train", "val"):
             reader = make_reader(src, split)
             problems += reader.problems
-            for i in tqdm(range(len(reader)), desc=f"{src.name}/{split}", disable=not progress, leave=False):
+            for i in dist.progress(range(len(reader)), desc=f"{src.name}/{split}", disable=not progress, leave=False):
                 problems += reader.check(i)
     return list(dict.fromkeys(problems))  # same problem seen from two splits: once

@@ -2,7 +2,7 @@
 
 X-Learner first *expands*: one backbone per task (cls, det, seg), every image
 run through all of them, and reconciliation layers (RL) that let each branch
-add what the other branches computed on the same image (DESIGN.md §1). Each
+add what the other branches computed on the same image (docs/DESIGN.md §1). Each
 step draws one batch from every source; the loss is `sum_s w_s * L_s`.
 
 This module only assembles the pieces:
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import data, dist, engine
-from .config import Config, ConfigError, SourceConfig
+from .config import Config, SourceConfig, check_tasks_have_sources
 from .evaluate import evaluate
 from .model import XLearnerModel
 
@@ -99,17 +99,12 @@ def compile_stages(model: nn.Module, **options) -> int:
 
 def run(cfg: Config) -> Path:
     """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path."""
-    missing = [t for t in cfg.model.tasks if not any(s.task == t for s in cfg.sources)]
-    if missing:
-        raise ConfigError(f"model.tasks lists {missing} but no [[sources]] has that task; "
-                          "remove it from model.tasks or add a source")
+    check_tasks_have_sources(cfg.model, cfg.sources)
     device = dist.init_distributed()
     tc = cfg.expand
     engine.seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     datasets, num_classes = build_train_datasets(cfg.sources)
-    model = XLearnerModel(cfg.model, cfg.sources, num_classes)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = XLearnerModel(cfg.model, cfg.sources, num_classes)  # channels_last already, when configured
     if cfg.model.compile:
         compile_stages(model)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),

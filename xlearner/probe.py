@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from . import dist
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
@@ -134,7 +133,7 @@ def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_s
                         num_workers=workers, collate_fn=_collate_indexed, pin_memory=device.type == "cuda")
     idx, feats, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, feature_dim(backbone))], \
         [torch.zeros(0, dtype=torch.long)]  # an empty shard still concatenates
-    for batch in tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False):
+    for batch in dist.progress(loader, desc=desc, leave=False):
         if batch is None:
             continue
         i, x, y = batch

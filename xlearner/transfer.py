@@ -56,11 +56,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from . import data, dist
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
+from .engine import wrap_ddp
 from .evaluate import evaluate, primary_metric
 from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, random_subset,
                     sha256_file, sha256_text, stratified_subset)
@@ -99,7 +99,8 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
     builds "random"; the other specs say their own architecture (a plain
     state_dict by its block layout), so any ResNet can be evaluated with one config.
     """
-    from .model import backbone_state_dict, build_backbone, load_torchvision_state_dict, model_from_checkpoint
+    from .backbone import build_backbone, load_torchvision_state_dict
+    from .model import backbone_state_dict, model_from_checkpoint
 
     info = {"spec": spec, "arch": arch}
     if spec == "random" or spec.startswith("random:"):
@@ -201,7 +202,8 @@ class _HeadModel(nn.Module):
 
     def __init__(self, cfg: Config, src: SourceConfig, backbone, num_classes: int):
         super().__init__()
-        from .model import XLearnerModel, load_torchvision_state_dict
+        from .backbone import load_torchvision_state_dict
+        from .model import XLearnerModel
         sizes = {k: getattr(cfg.model, k) for k in HEAD_KEYS}
         # detection practice: BN frozen (small per-GPU batches); seg keeps BN trainable when fine-tuned
         frozen_bn = src.task == "det" or bool(src.freeze_backbone)
@@ -217,6 +219,17 @@ class _HeadModel(nn.Module):
 
     def forward(self, batch):
         return self.model.total_loss(self.model({self.name: batch}))
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A short linear warmup, then cosine decay to 0 at `total` steps.
+
+    Not engine.lr_factor: the warmup here reaches 1 a step later ((s+1)/(warmup+1)) and the cosine
+    argument is rounded in another order (pi * done / left, not pi * (done / left)), which moves the lr
+    by an ulp on about a fifth of the steps: the transfer numbers would change in their last digits."""
+    warmup = min(100, total // 10)  # detection heads diverge at full LR from step 0
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+                                             0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
 
 
 def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, batch_size: int, workers: int,
@@ -235,16 +248,12 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                         generator=torch.Generator().manual_seed(seed), num_workers=workers,
                         collate_fn=data.collate_fn(task, ignore_index), pin_memory=device.type == "cuda")
-    ddp = model
-    if dist.is_dist():
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = wrap_ddp(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
     total = max(1, epochs * len(loader))
-    warmup = min(100, total // 10)  # detection heads diverge at full LR from step 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup
-                                              else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    bar = tqdm(total=total, desc=desc, disable=not dist.is_main_process(), leave=False)
+    sched = _warmup_cosine(opt, total)
+    bar = dist.progress(total=total, desc=desc, leave=False)
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
