@@ -17,7 +17,6 @@ checkpoint (`to_dict`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tomllib
@@ -163,17 +162,9 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
-    def source(self, name: str) -> SourceConfig:
-        for s in self.sources:
-            if s.name == name:
-                return s
-        raise ConfigError(f"no source named {name!r}; sources are {[s.name for s in self.sources]}")
-
     def to_dict(self) -> dict:
+        """Plain dicts and lists (JSON-able): what a checkpoint stores; config_from_dict reads it back."""
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ----------------------------------------------------------------------------
@@ -190,10 +181,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return `value` coerced to `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_type(value, args[0], key)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]  # Optional[X]: None or an X
+        return None if value is None else _check_type(value, args[0], key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -257,9 +246,8 @@ def _at_least(obj, prefix: str, low: int | float, *names: str) -> None:
         _check(getattr(obj, n) >= low, f"{prefix}.{n}", f"must be >= {low}", getattr(obj, n))
 
 
-def _positive(obj, prefix: str, *names: str) -> None:
-    for n in names:
-        _check(getattr(obj, n) > 0, f"{prefix}.{n}", "must be > 0", getattr(obj, n))
+def _positive(obj, prefix: str, name: str) -> None:
+    _check(getattr(obj, name) > 0, f"{prefix}.{name}", "must be > 0", getattr(obj, name))
 
 
 def _stages(stages: list[int], key: str, allow_empty: bool) -> None:
@@ -282,11 +270,9 @@ def _validate_model(m: ModelConfig) -> None:
               "box_batch_size_per_image", "box_head_dim", "box_detections_per_img", "seg_channels")
 
 
-def _metrics(s: SourceConfig) -> tuple[str, ...]:
+def _metrics(s: SourceConfig) -> tuple[str, str]:
     """What evaluate.primary_metric can report for this source ("top1", the default, means the task's own)."""
-    if s.task == "cls":
-        return ("top1", "mAP") if s.multi_label else ("top1", "mean_per_class")
-    return ("top1", "AP") if s.task == "det" else ("top1", "mIoU")
+    return "top1", {"cls": "mAP" if s.multi_label else "mean_per_class", "det": "AP", "seg": "mIoU"}[s.task]
 
 
 def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) -> None:
@@ -302,10 +288,9 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
            s.ignore_index)
     _one_of(s.metric, f"{key}.metric", _metrics(s))
     _one_of(s.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
-    if s.train_fraction is not None:
-        _check(0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]", s.train_fraction)
-    if s.epochs is not None:
-        _at_least(s, key, 1, "epochs")
+    _check(s.train_fraction is None or 0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
+           s.train_fraction)
+    _check(s.epochs is None or s.epochs >= 1, f"{key}.epochs", "must be >= 1", s.epochs)
     if trains and s.batch_size == 1:
         _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
                "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
@@ -378,9 +363,8 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
 
 
 def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:
-    """Every task of model.tasks needs a source. Checked when a stage builds its model, not at load time:
-    a transfer-only config has no [[sources]]. A task without one would leave its branch and head without
-    gradients (DDP fails on unused parameters) and have nothing to learn."""
+    """Every task of model.tasks needs a source, or its branch and head get no gradient (DDP fails). Checked
+    when a stage builds its model, not at load time: a transfer-only config has no [[sources]]."""
     missing = [t for t in m.tasks if not any(s.task == t for s in sources)]
     if missing:
         raise ConfigError(f"model.tasks lists {missing} but no [[sources]] has that task; "
@@ -400,7 +384,8 @@ def _validate(cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------
 # --set overrides and loading
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def apply_override(data: dict, text: str) -> None:
+    """Apply one `a.b=value` to the raw TOML dict. `sources.NAME.key` addresses a source by name."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. expand.steps=50")
     key, raw = text.split("=", 1)
@@ -408,12 +393,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # ... else a bare string such as expand.out=runs/x
-    return key.strip().split("."), value
-
-
-def apply_override(data: dict, text: str) -> None:
-    """Apply one `a.b=value` to the raw TOML dict. `sources.NAME.key` addresses a source by name."""
-    path, value = _parse_override(text)
+    path = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(path[:-1]):
         if isinstance(node, list):  # a list of named tables: pick by name
