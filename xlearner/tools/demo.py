@@ -264,24 +264,9 @@ def _coco_json(spec: Spec, split: str, records: list) -> dict:
 # ----------------------------------------------------------------------------
 # the world
 
-def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2, world: str = "demo") -> dict:
-    """Write a world under `out`; return {source: {task, format, classes, train, val, ...}}.
-
-    `world` is "demo" (SPECS: the small demo world) or "standin" (STANDIN_SPECS:
-    the recipe's six sources at full size). `scale` multiplies the number of
-    images of every split (each class keeps at least 3). Any previous world
-    under `out` is replaced, source by source, and `out/.complete` is written
-    last, so an interrupted run leaves no marker.
-    """
-    if world not in WORLDS:
-        raise ValueError(f"world: expected one of {sorted(WORLDS)}, got {world!r}")
+def _draw_all(out: Path, world: str, seed: int, scale: float, workers: int) -> dict[tuple[str, str], list]:
+    """Draw and save every image of every split, in chunks over `workers` processes; {(source, split): records}."""
     specs = WORLDS[world]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".complete").unlink(missing_ok=True)
-    for spec in specs:
-        shutil.rmtree(out / spec.name, ignore_errors=True)
-
     jobs, chunk = [], 50 if world == "demo" else 10  # full-size images: smaller chunks balance the workers
     for k, spec in enumerate(specs):
         for split in SPLITS:
@@ -296,9 +281,13 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
     records: dict[tuple[str, str], list] = {}
     for job, recs in zip(jobs, results):  # jobs are in order, so records are too
         records.setdefault((specs[job[2]].name, job[3]), []).extend(recs)
+    return records
 
+
+def _write_labels(out: Path, world: str, records: dict[tuple[str, str], list]) -> dict:
+    """The csv and coco label files of every split; returns the world's summary {source: info}."""
     summary: dict = {}
-    for spec in specs:
+    for spec in WORLDS[world]:
         height, width = spec.shape_hw
         info = {"task": spec.task, "format": spec.fmt,
                 "image_size": spec.size if height == width else f"{width}x{height}", "classes": list(spec.classes),
@@ -318,7 +307,27 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
         if spec.task == "seg":
             info["num_classes"] = len(spec.classes) + 1
         summary[spec.name] = info
+    return summary
 
+
+def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2, world: str = "demo") -> dict:
+    """Write a world under `out`; return {source: {task, format, classes, train, val, ...}}.
+
+    `world` is "demo" (SPECS: the small demo world) or "standin" (STANDIN_SPECS:
+    the recipe's six sources at full size). `scale` multiplies the number of
+    images of every split (each class keeps at least 3). Any previous world
+    under `out` is replaced, source by source, and `out/.complete` is written
+    last, so an interrupted run leaves no marker.
+    """
+    if world not in WORLDS:
+        raise ValueError(f"world: expected one of {sorted(WORLDS)}, got {world!r}")
+    specs = WORLDS[world]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".complete").unlink(missing_ok=True)
+    for spec in specs:
+        shutil.rmtree(out / spec.name, ignore_errors=True)
+    summary = _write_labels(out, world, _draw_all(out, world, seed, scale, workers))
     (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "sources": summary},
                                                sort_keys=True, indent=1) + "\n")
     (out / "README.txt").write_text(_readme(summary, seed, scale) if world == "demo" else
