@@ -485,7 +485,11 @@ def test_bench_loader_runs(tmp_path):
     cfg = Config(sources=[imagefolder(tmp_path / "f"), mask_source(tmp_path / "s")])
     cfg.expand.workers = 0
     res = bench_loader(cfg, steps=4, rounds=1)
-    assert res["bench"] == "loader" and res["multi_images_per_s"] > 0 and res["ratio"] > 0
+    assert (res["bench"], res["steps"], res["rounds"], res["sources"], res["worker_processes"]) == ("loader", 4, 1, 2, 2)
+    assert res["images_per_step"] == sum(s.batch_size for s in cfg.sources)
+    # the ratio is the two reported rates divided (they are rounded to 0.1 image/s, it to 0.001)
+    assert res["multi_images_per_s"] > 0 and res["plain_images_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["multi_images_per_s"] / res["plain_images_per_s"], rel=0.01, abs=0.002)
 
 
 def test_demo_world_is_clean_and_loads(demo_config):
