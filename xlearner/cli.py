@@ -238,7 +238,8 @@ def export(checkpoint, out, branch):
 @click.argument("what", type=click.Choice(["loader", "expand", "squeeze", "transfer", "backbone"]))
 @config_opt
 @set_opt
-@click.option("--steps", default=20, help="Timed steps (loader: batches per source).")
+@click.option("--steps", default=20,
+              help="Timed steps (loader: batches per source; not used by transfer, which times whole passes).")
 @click.option("--teacher", default=None, help="bench squeeze: the teacher checkpoint (default: a fresh expanded model).")
 @click.option("--backbone", default="random", help="bench transfer: the backbone to probe.")
 @click.option("--out", default=None, help="Append the JSON line to this file as well.")
