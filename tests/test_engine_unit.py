@@ -210,16 +210,12 @@ def test_progress_in_a_log_file_is_plain_lines(demo_world, tmp_path):
     """stderr to a file (a SLURM job, `2>log`): no tqdm bar redrawn with '\\r', only the log_every lines."""
     import subprocess
 
-    from runner import cli, demo_toml, env
+    from runner import as_sets, cli, demo_toml, env, tiny_sizes
 
     toml = demo_toml(demo_world, tmp_path / "runs", tmp_path / "demo.toml")
-    tiny = ["expand.steps=2", "expand.log_every=1", "expand.eval_every=0", "expand.workers=0",
-            *(f"sources.{s}.batch_size=2" for s in ("shapes-cls", "texture-cls", "shapes-det", "colors-det", "shapes-seg")),
-            *(f"sources.{s}.image_size=32" for s in ("shapes-cls", "texture-cls", "shapes-seg")),
-            *(f"sources.{s}.image_size=64" for s in ("shapes-det", "colors-det"))]
+    tiny = ["expand.steps=2", "expand.log_every=1", "expand.eval_every=0", "expand.workers=0", *tiny_sizes(cls_batch=2)]
     with open(tmp_path / "err.log", "wb") as err, open(tmp_path / "out.log", "wb") as out:
-        p = subprocess.run(cli("expand", "--config", str(toml), "--out", str(tmp_path / "exp"),
-                               *(a for s in tiny for a in ("--set", s))),
+        p = subprocess.run(cli("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *as_sets(tiny)),
                            env=env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL, timeout=600)
     logs = (tmp_path / "err.log").read_bytes() + (tmp_path / "out.log").read_bytes()
     assert p.returncode == 0, logs.decode()[-3000:]
