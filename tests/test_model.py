@@ -8,10 +8,12 @@ import torch
 import torchvision
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
+from xlearner.backbone import Backbone, build_backbone
 from xlearner.config import Config, ModelConfig, SourceConfig
 from xlearner.heads import DetHead, SegHead
-from xlearner.model import (RECONCILE, Backbone, ExpandedNet, SqueezedModel, XLearnerModel,
-                            backbone_state_dict, build_backbone, model_from_checkpoint)
+from xlearner.model import ExpandedNet, XLearnerModel, backbone_state_dict, model_from_checkpoint
+from xlearner.reconcile import RECONCILE
+from xlearner.squeeze import SqueezedModel
 
 TASKS = ["cls", "det", "seg"]
 # small detection sizes: the torchvision defaults are meant for 800 px images

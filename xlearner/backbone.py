@@ -2,13 +2,12 @@
 
 Everything in X-Learner is built from this one module. The expanded model
 (model.ExpandedNet) runs T of them, one branch per task, linked by the
-reconciliation layers (reconcile.py); the squeezed student (model.SqueezedModel)
+reconciliation layers (reconcile.py); the squeezed student (squeeze.SqueezedModel)
 is one of them; transfer.py loads any backbone into one. Because the
 submodules keep torchvision's names, weights move in and out as plain
-torchvision-format state_dicts (DESIGN.md §5): `load_torchvision_state_dict`
+torchvision-format state_dicts (docs/DESIGN.md §5): `load_torchvision_state_dict`
 loads one (strict except fc.*), `build_backbone` builds random, from a file or
 from a torchvision weights name, and `freeze_bn` swaps in FrozenBatchNorm2d.
-model.py re-exports every name defined here.
 """
 from __future__ import annotations
 

@@ -9,19 +9,23 @@ One code path serves a laptop CPU, one GPU and N GPUs on M nodes:
 - `log()` prints on rank 0 only; every file write in the project is guarded by
   `is_main_process()`. `progress()` is every progress bar of the project: a
   tqdm on rank 0 in a terminal, nothing in a log file.
-- Stopping: the engine's signal handler calls `request_stop(signum)`;
-  `stop_requested()` is this process's flag (checked between evaluation
-  batches), `agree_on_stop()` the collective that makes every rank stop after
-  the same step.
+- Stopping: the engine's signal handler (`GracefulStop`) calls
+  `request_stop(signum)`; `stop_requested()` is this process's flag (checked
+  between evaluation batches), `agree_on_stop()` the collective that makes
+  every rank stop after the same step.
 - `python -m xlearner.dist ARGS` is `torchrun ARGS`, except that a SIGTERM or
   SIGINT to the launcher ends it with exit 128+signal and one line, where
   torchrun's elastic agent prints a traceback and exits 1 (see `torchrun`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -168,6 +172,72 @@ def agree_on_stop(device: torch.device | None = None) -> int:
     flag = torch.tensor([_stop_signal], device=device or _DEVICE)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
+
+
+GRACE_ENV = "XLEARNER_STOP_GRACE_S"  # seconds a stopped run waits for its step to finish (default 30)
+SAME_STOP_S = 2.0  # signals this close to the first are the same stop (a group signal plus torchrun's forward)
+
+
+class GracefulStop:
+    """How a run ends on SIGTERM/SIGINT: a cluster's preemption, Ctrl-C, `kill -TERM -- -PGID`.
+
+    First signal: `request_stop`; the engine's loop finishes the current step, every
+    rank agrees on the stop (`agree_on_stop`), one checkpoint is written and
+    the run exits 128+signal. An evaluation in progress ends at its next batch
+    (data.EvalLoader). A step that cannot finish (a hung loader, a rank waiting on
+    a hung one) is ended by a timer thread `grace_s` seconds after the signal
+    (env XLEARNER_STOP_GRACE_S, default 30), without a checkpoint. A second
+    signal, SAME_STOP_S or more after the first, ends the run at once.
+    """
+
+    def __init__(self, stage: str, last_ckpt: int | None):
+        self.stage, self.last_ckpt = stage, last_ckpt
+        grace = os.environ.get(GRACE_ENV, "30")
+        try:
+            self.grace_s = float(grace)
+        except ValueError:
+            raise ValueError(f"{GRACE_ENV}={grace!r}: expected a number of seconds, e.g. 30") from None
+        self._first: float | None = None
+        self._timer: threading.Timer | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        self.step_finished()
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        request_stop(0)
+
+    def _handle(self, signum, frame):
+        if self._first is None:
+            self._first = time.monotonic()
+            request_stop(signum)
+            self._timer = threading.Timer(self.grace_s, self._exit_now, (signum, f"the step did not finish within "
+                                          f"{self.grace_s:g} s of signal {signum}"))
+            self._timer.daemon = True
+            self._timer.start()
+        elif time.monotonic() - self._first >= SAME_STOP_S:
+            self._exit_now(signum, f"second signal {signum}: stopping at once")
+
+    def step_finished(self) -> None:
+        """The step is over: no need to end it by force (the checkpoint write that follows may take long)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _exit_now(self, signum: int, why: str) -> None:
+        # os._exit: no unwinding through a hung loader or collective, no traceback; loader workers
+        # die with this process (data._worker_init). os.write: safe inside a signal handler.
+        last = f"step {self.last_ckpt}" if self.last_ckpt is not None else "none yet"
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # a reentrant flush: lose the buffer, not the exit
+            sys.stdout.flush()
+        if is_main_process():
+            os.write(2, f"[{self.stage}] {why}: no checkpoint written for the unfinished step (last checkpoint: "
+                        f"{last}); run the same command again to resume\n".encode())
+        os._exit(128 + signum)
 
 
 def torchrun(argv: list[str] | None = None) -> None:

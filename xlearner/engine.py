@@ -19,22 +19,18 @@ squeeze. Everything else is the same and lives here, once:
   and an exact resume when the same command is run again on the same `out`
   (evaluation never draws from the training RNG, so a resumed run that skips
   or repeats an evaluation trains on the same random numbers);
-- stops that a cluster can rely on (`_Stop`): a signal to the whole process
-  group finishes the step, checkpoints and exits 128+signal; a second signal,
-  or a step that cannot finish within the grace period, exits at once.
+- stops that a cluster can rely on (`dist.GracefulStop`): a signal to the whole
+  process group finishes the step, checkpoints and exits 128+signal; a second
+  signal, or a step that cannot finish within the grace period, exits at once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import random
 import resource
-import signal
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,11 +92,16 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
     """Linear warmup from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `steps`."""
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return cosine_decay((step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+
+
+def cosine_decay(progress: float) -> float:
+    """1 at progress 0, falling along half a cosine to 0 at progress 1 (and after)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def autocast(device: torch.device, amp: str):
+    """The mixed precision of `amp` (off | bf16 | fp16) for a forward on `device`; training and evaluation use it."""
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -168,72 +169,6 @@ class Run:
     images_per_step: int = 0              # per process, for images/s
     report: str = ""                      # model report printed at start
     stage: str = "expand"
-
-
-GRACE_ENV = "XLEARNER_STOP_GRACE_S"  # seconds a stopped run waits for its step to finish (default 30)
-SAME_STOP_S = 2.0  # signals this close to the first are the same stop (a group signal plus torchrun's forward)
-
-
-class _Stop:
-    """How a run ends on SIGTERM/SIGINT: a cluster's preemption, Ctrl-C, `kill -TERM -- -PGID`.
-
-    First signal: `dist.request_stop`; the loop finishes the current step, every
-    rank agrees on the stop (`dist.agree_on_stop`), one checkpoint is written and
-    the run exits 128+signal. An evaluation in progress ends at its next batch
-    (data.EvalLoader). A step that cannot finish (a hung loader, a rank waiting on
-    a hung one) is ended by a timer thread `grace_s` seconds after the signal
-    (env XLEARNER_STOP_GRACE_S, default 30), without a checkpoint. A second
-    signal, SAME_STOP_S or more after the first, ends the run at once.
-    """
-
-    def __init__(self, stage: str, last_ckpt: int | None):
-        self.stage, self.last_ckpt = stage, last_ckpt
-        grace = os.environ.get(GRACE_ENV, "30")
-        try:
-            self.grace_s = float(grace)
-        except ValueError:
-            raise ValueError(f"{GRACE_ENV}={grace!r}: expected a number of seconds, e.g. 30") from None
-        self._first: float | None = None
-        self._timer: threading.Timer | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        self.step_finished()
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        dist.request_stop(0)
-
-    def _handle(self, signum, frame):
-        if self._first is None:
-            self._first = time.monotonic()
-            dist.request_stop(signum)
-            self._timer = threading.Timer(self.grace_s, self._exit_now, (signum, f"the step did not finish within "
-                                          f"{self.grace_s:g} s of signal {signum}"))
-            self._timer.daemon = True
-            self._timer.start()
-        elif time.monotonic() - self._first >= SAME_STOP_S:
-            self._exit_now(signum, f"second signal {signum}: stopping at once")
-
-    def step_finished(self) -> None:
-        """The step is over: no need to end it by force (the checkpoint write that follows may take long)."""
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _exit_now(self, signum: int, why: str) -> None:
-        # os._exit: no unwinding through a hung loader or collective, no traceback; loader workers
-        # die with this process (data._worker_init). os.write: safe inside a signal handler.
-        last = f"step {self.last_ckpt}" if self.last_ckpt is not None else "none yet"
-        with contextlib.suppress(RuntimeError, ValueError, OSError):  # a reentrant flush: lose the buffer, not the exit
-            sys.stdout.flush()
-        if dist.is_main_process():
-            os.write(2, f"[{self.stage}] {why}: no checkpoint written for the unfinished step (last checkpoint: "
-                        f"{last}); run the same command again to resume\n".encode())
-        os._exit(128 + signum)
 
 
 def _log_event(out: Path, record: dict) -> None:
@@ -307,7 +242,7 @@ class _State:
     train_model: nn.Module | None = None  # DDP(model), or model in a single process
     step: int = 0             # optimiser steps done
     eval_pending: bool = False  # the checkpoint was written before (or during) this step's evaluation
-    stop: _Stop | None = None
+    stop: dist.GracefulStop | None = None
     bar: object = None
     window: _Window = field(default_factory=_Window)
     checked_grads: bool = False
@@ -323,7 +258,7 @@ def train(run: Run) -> nn.Module:
     s.train_model = wrap_ddp(s.model, run.device)
     if not resumed:
         _log_start(s)
-    s.stop = _Stop(run.stage, last_ckpt=s.step if resumed else None)
+    s.stop = dist.GracefulStop(run.stage, last_ckpt=s.step if resumed else None)
     s.model.train()
     s.bar = dist.progress(total=tc.steps, initial=s.step, desc=run.stage, dynamic_ncols=True)
     s.window = _Window()  # img/s and data-wait are timed from here: the loop, not the setup

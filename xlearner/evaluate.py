@@ -179,13 +179,6 @@ def primary_metric(src: SourceConfig) -> str:
     return "mean_per_class" if src.metric == "mean_per_class" else "top1"
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, amp: str = "off",
              max_batches: int = 0) -> dict[str, float]:
@@ -200,7 +193,8 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
     score of always predicting the val split's most frequent class (for det it
     is 0 AP, so there is no key).
     """
-    from .data import move_to  # lazy: evaluate's metrics need no data pipeline
+    from .data import move_to  # lazy: evaluate's metrics need no data pipeline, nor the engine
+    from .engine import autocast
 
     was_training = model.training
     model.eval()
@@ -212,7 +206,7 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
             if max_batches and i >= max_batches:
                 break
             batch = move_to(batch, device)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 out = model.predict(batch["images"], src.name)
             if src.task == "cls":
                 logits_all.append(out.float().cpu())

@@ -1,6 +1,6 @@
 """Task heads: one per task, with a shared neck and one predictor per source.
 
-In X-Learner (DESIGN.md §1) every source keeps its own label space: ImageNet
+In X-Learner (docs/DESIGN.md §1) every source keeps its own label space: ImageNet
 and Places are both `cls` sources, but their classes are never merged. So each
 task has one head whose *neck* (pooling, FPN + RPN + RoI box head, or the
 segmentation decoder) is shared by all of that task's sources and trained by
@@ -8,8 +8,8 @@ all of them, and a small *predictor* per source (a linear layer, a FastRCNN
 predictor, a 1x1 classifier) that maps the neck's output to that source's
 classes.
 
-Every head has the same three-call interface, used by XLearnerModel and
-SqueezedModel (model.py):
+Every head has the same three-call interface, used by XLearnerModel
+(model.py) and SqueezedModel (squeeze.py):
 
     images, ctx = head.prepare(batch, source)   # what the backbone sees (B,3,H,W) + what the head needs
     loss, outputs = head.loss(feats, ctx, source)   # feats = backbone stage dict; outputs: cls logits else None
@@ -38,9 +38,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from . import dist
 from .config import ModelConfig, SourceConfig
+from .data import IMAGENET_MEAN, IMAGENET_STD  # det images arrive unnormalised; the detector normalises them
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 

@@ -1,13 +1,12 @@
-"""Models: the expanded and the squeezed model, export (plain backbone: backbone.py; RLs: reconcile.py).
+"""The expansion stage's model: T task branches linked by reconciliation layers, plus task heads.
 
-X-Learner (DESIGN.md §1) trains in two stages.
+X-Learner (docs/DESIGN.md §1) trains in two stages; this module is the first.
+There is one backbone branch per task (cls, det, seg), all the same
+torchvision ResNet (backbone.py). Every image runs through all T branches
+stage by stage; after each stage l in `reconcile_stages` a *reconciliation
+layer* (RL, reconcile.py) adds to branch t what the other branches computed:
 
-Expansion. There is one backbone branch per task (cls, det, seg), all the same
-torchvision ResNet. Every image runs through all T branches stage by stage;
-after each stage l in `reconcile_stages` a *reconciliation layer* (RL) adds to
-branch t what the other branches computed:
-
-    x_t^l <- x_t^l + sum_{u != t, k <= l} R_{u,k->t,l}( stopgrad(x_u^k) )
+    x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}( stopgrad(x_u^k) )
 
 The last BN of every R starts at gamma = beta = 0, so at initialisation the
 expanded model is exactly T independent backbones; training then decides how
@@ -16,30 +15,24 @@ weights are moved only by its own task's losses (less task interference),
 while the RL still enriches its representation. Each task has one head
 (heads.py) with one predictor per source. `XLearnerModel` ties this together.
 
-Squeeze. `SqueezedModel` is one plain backbone (the universal representation),
-per-task 1x1 adapters used only by feature distillation, and copies of the
-teacher's heads. After squeezing, `backbone_state_dict` exports the student as
-a plain torchvision state_dict (DESIGN.md §5): same size and cost as a
-standard ResNet.
+`MultiSourceModel` is what the expanded model shares with the squeeze stage's
+student (squeeze.SqueezedModel): heads per task, the per-source loss loop,
+predict. `backbone_state_dict` exports either as a plain torchvision
+state_dict (docs/DESIGN.md §5); `model_from_checkpoint` rebuilds either.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-# the plain backbone (backbone.py), the heads (heads.py) and the RL variants (reconcile.py) are
-# re-exported, so model.build_backbone, model.HEADS, model.RECONCILE etc. keep working
-from .backbone import (BACKBONES, Backbone, _build_backbone, _pretrained_state_dict,  # noqa: F401
-                       build_backbone, freeze_bn, load_torchvision_state_dict)
+from .backbone import BACKBONES, Backbone, _build_backbone, _pretrained_state_dict, build_backbone
 from .config import ModelConfig, SourceConfig, config_from_dict
-from .heads import HEADS, ClsHead, DetHead, SegHead  # noqa: F401  (re-exported: model.HEADS etc.)
-from .reconcile import (RECONCILE, CrossStitchReconcile, CrossStitchUnit, HRNetReconcile,  # noqa: F401
-                        NoReconcile, Reconcile, ScalarPath, ScalarReconcile, _zero_bn, hrnet_path)
+from .heads import HEADS
+from .reconcile import RECONCILE
 
 # ----------------------------------------------------------------------------
 # the expanded backbone
@@ -81,40 +74,32 @@ class ExpandedNet(nn.Module):
         self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width)
 
     def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        grad = torch.is_grad_enabled()
-        last = max(self.reconcile.stages, default=0)
-
-        def grad_mode(u):  # a branch whose graph nobody needs runs without one
-            return torch.set_grad_enabled(grad and (u in want or not self.detach))
-
-        def stop(t):
-            return t.detach() if self.detach else t
-
-        h = {}
-        for u in self.tasks:
-            if u not in want and not last:
-                continue  # no RL reads it: an unwanted branch need not run at all
-            with grad_mode(u):
+        """The features of the branches in `want`; the other branches run only as far as an RL reads them."""
+        plan = _Plan(self, want)
+        feats = {u: {} for u in self.tasks}  # feats[u][l] = x_u^l, branch u's stage-l output
+        h = {}  # each running branch's input to its next stage
+        for u in plan.running(1):
+            with plan.grad(u):
                 h[u] = self.branches[u].stem(x)
-        feats = {u: {} for u in self.tasks}  # feats[u][l]: branch u's (reconciled) stage-l output
         for l in range(1, 5):
-            active = [u for u in self.tasks if u in want or l <= last]
-            raw = {}
-            for u in active:
-                with grad_mode(u):
-                    raw[u] = self.branches[u].stage(l, h[u])
-            for u in active:
-                new = raw[u]
-                # a wanted branch is always reconciled; another one only if a later stage reads it
-                if l in self.reconcile.stages and (u in want or l < last):
-                    # other branches' stage k < l are their reconciled outputs; stage l is the raw
-                    # output of this same step, so all branches are reconciled from the same inputs
-                    inputs = {v: {k: stop(feats[v][k] if k < l else raw[v]) for k in range(1, l + 1)}
-                              for v in self.tasks if v != u}
-                    with grad_mode(u):
-                        new = self.reconcile(u, l, raw[u], inputs)
-                feats[u][l] = h[u] = new
+            for u in plan.running(l):
+                with plan.grad(u):
+                    feats[u][l] = self.branches[u].stage(l, h[u])
+            # x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}(stopgrad(x_u^k)) for every target t
+            # at once: each reads the others' stage-l outputs from before their own RL
+            new = {t: self._reconcile(t, l, feats, plan) for t in plan.running(l) if plan.reconciles(t, l)}
+            for u in plan.running(l):
+                feats[u][l] = h[u] = new.get(u, feats[u][l])
         return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
+
+    def _reconcile(self, t: str, l: int, feats: dict, plan: _Plan) -> torch.Tensor:
+        """x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}(stopgrad(x_u^k)); the sum and the R are reconcile.py's."""
+        x_u = {u: {k: self._stopgrad(feats[u][k]) for k in range(1, l + 1)} for u in self.tasks if u != t}
+        with plan.grad(t):
+            return self.reconcile(t, l, feats[t][l], x_u)
+
+    def _stopgrad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() if self.detach else x  # detach off: the ablation where every task's loss moves every branch
 
     @contextlib.contextmanager
     def _others_keep_stats(self, task: str):
@@ -143,6 +128,32 @@ class ExpandedNet(nn.Module):
         return {t: out[t] for t in self.tasks}
 
 
+class _Plan:
+    """Which branch runs which stage of one ExpandedNet forward, and with or without a graph.
+
+    Pruning only, no arithmetic: the outputs are those of running every branch
+    through every stage with a graph. Branches in `want` run every stage; the
+    others run only up to the last reconciled stage (nothing reads them after
+    it), and are reconciled only where a later stage reads them. With `detach`
+    on, only the wanted branches build a graph: the others' activations are not
+    kept and nothing backpropagates into them."""
+
+    def __init__(self, net: ExpandedNet, want: set[str]):
+        self.tasks, self.want, self.stages, self.detach = net.tasks, want, net.reconcile.stages, net.detach
+        self.last = max(self.stages, default=0)
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def running(self, l: int) -> list[str]:
+        """The branches that compute stage l (and, for l = 1, the stem before it), in task order."""
+        return [u for u in self.tasks if u in self.want or l <= self.last]
+
+    def reconciles(self, t: str, l: int) -> bool:
+        return l in self.stages and (t in self.want or l < self.last)
+
+    def grad(self, u: str):
+        return torch.set_grad_enabled(self.grad_enabled and (u in self.want or not self.detach))
+
+
 # ----------------------------------------------------------------------------
 # the models
 
@@ -152,6 +163,16 @@ class SourceOutput(NamedTuple):
     outputs: Optional[torch.Tensor]    # cls logits, else None
     feats: dict                        # backbone features (stage -> Tensor)
     images: torch.Tensor               # the tensor the backbone saw (det: resized, normalised, padded)
+    ctx: dict                          # what the head's prepare() passed on (labels, targets, sizes)
+
+
+def channels_last(x, on: bool):
+    """A module or an image batch in channels-last memory format when `on` (model.channels_last), else as is."""
+    if not on:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.to(memory_format=torch.channels_last)
 
 
 def _count(module: nn.Module) -> int:
@@ -162,8 +183,13 @@ def _fmt(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-class _MultiSourceModel(nn.Module):
-    """What XLearnerModel and SqueezedModel share: heads per task, the per-source loss loop, predict."""
+def n_params(module: nn.Module) -> str:
+    """A module's parameter count as the build reports print it: 11.18M, 23.4k."""
+    return _fmt(_count(module))
+
+
+class MultiSourceModel(nn.Module):
+    """What XLearnerModel and squeeze.SqueezedModel share: heads per task, the per-source loss loop, predict."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
@@ -186,8 +212,12 @@ class _MultiSourceModel(nn.Module):
     def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def exported_backbone(self, branch: str | None) -> Backbone:
+        """The Backbone that `backbone_state_dict` exports (`branch`: which one, where there is a choice)."""
+        raise NotImplementedError
+
     def _images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.mcfg.channels_last else x
+        return channels_last(x, self.mcfg.channels_last)
 
     def forward_source(self, batch: dict, source: str) -> SourceOutput:
         task = self.sources[source].task
@@ -196,7 +226,7 @@ class _MultiSourceModel(nn.Module):
         images = self._images(images)
         feats = self.features(images, task)
         loss, outputs = head.loss(feats, ctx, source)
-        return SourceOutput(loss, outputs, feats, images)
+        return SourceOutput(loss, outputs, feats, images, ctx)
 
     def forward(self, batch_by_source: dict[str, dict]) -> dict[str, torch.Tensor]:
         """Unweighted loss per source. Call once per step with a batch of every source (one DDP forward)."""
@@ -227,7 +257,7 @@ class _MultiSourceModel(nn.Module):
         return lines
 
 
-class XLearnerModel(_MultiSourceModel):
+class XLearnerModel(MultiSourceModel):
     """The expansion-stage model: an ExpandedNet (or one shared Backbone, the SSMT ablation) + task heads."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int]):
@@ -239,13 +269,24 @@ class XLearnerModel(_MultiSourceModel):
                                    mcfg.other_branches_bn)
         super().__init__(mcfg, sources, num_classes, backbone.channels)
         self.backbone = backbone
-        if mcfg.channels_last:
-            self.to(memory_format=torch.channels_last)
+        channels_last(self, mcfg.channels_last)
 
     def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
         if self.mcfg.shared_backbone:
             return self.backbone(x)
         return self.backbone(x, task)
+
+    def exported_backbone(self, branch: str | None) -> Backbone:
+        """Branch `branch` (default: the first task), or the shared backbone (any task's name, or none)."""
+        if self.mcfg.shared_backbone:
+            if branch and branch not in self.tasks:
+                raise ValueError(f"branch {branch!r}: tasks are {self.tasks}")
+            return self.backbone
+        branches = self.backbone.branches
+        branch = branch or self.tasks[0]
+        if branch not in branches:
+            raise ValueError(f"branch {branch!r}: the expanded model's branches are {list(branches)}")
+        return branches[branch]
 
     def report(self) -> str:
         """Build-time report: parameters per branch / RL / head, and expanded-over-single MACs."""
@@ -294,89 +335,6 @@ class XLearnerModel(_MultiSourceModel):
                 f"{rl_num / den:.2f}x (batch-weighted; {', '.join(parts)})")
 
 
-class SqueezedModel(_MultiSourceModel):
-    """The squeeze-stage student: one Backbone, per-task 1x1 adapters, and task heads.
-
-    adapters[task][f"layer{l}"] maps the student's stage-l feature to the
-    teacher branch's channel count for feature distillation (DESIGN.md §1).
-    They start as the identity (channels are equal: same arch), so the
-    distillation loss starts by comparing the student with the teacher as they
-    are, and a student initialised from a branch (task:<name>) starts at a low
-    loss for that task, instead of first having to undo a random projection."""
-
-    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
-                 distill_stages=(2, 3, 4)):
-        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
-        super().__init__(mcfg, sources, num_classes, backbone.channels)
-        self.backbone = backbone
-        self.distill_stages = [int(l) for l in distill_stages]
-        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
-        if bad:
-            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
-        self.adapters = nn.ModuleDict()
-        for t in self.tasks:
-            self.adapters[t] = nn.ModuleDict()
-            for l in self.distill_stages:
-                c = backbone.channels[f"layer{l}"]
-                conv = nn.Conv2d(c, c, 1, bias=False)
-                with torch.no_grad():
-                    conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-                self.adapters[t][f"layer{l}"] = conv
-        if mcfg.channels_last:
-            self.to(memory_format=torch.channels_last)
-
-    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
-        return self.backbone(x)  # one backbone for every task
-
-    def report(self, init: str = "") -> str:
-        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
-        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else ""),
-                 f"  backbone: {_fmt(_count(self.backbone))} params",
-                 f"  adapters: {_fmt(_count(self.adapters))} params (distillation only, not exported)"]
-        lines += self._head_report()
-        lines.append(f"  total: {_fmt(_count(self))} params")
-        return "\n".join(lines)
-
-    def adapt(self, feats: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
-        """Student features mapped into teacher branch `task`'s space, for the distill stages."""
-        return {k: conv(feats[k]) for k, conv in self.adapters[task].items()}
-
-    @classmethod
-    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
-                      distill_stages=(2, 3, 4)) -> "SqueezedModel":
-        """A student for `teacher`: heads copied, backbone per `student_init` (task:<name> | mean | scratch | path)."""
-        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
-        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, distill_stages)
-        model.heads.load_state_dict(teacher.heads.state_dict())
-        if teacher.mcfg.shared_backbone:
-            branches = {t: teacher.backbone for t in teacher.tasks}
-        else:
-            branches = dict(teacher.backbone.branches.items())
-        init = student_init or f"task:{teacher.tasks[0]}"
-        if init.startswith("task:"):
-            name = init[len("task:"):]
-            if name not in branches:
-                raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
-            model.backbone.load_state_dict(branches[name].state_dict())
-        elif init == "mean":
-            sds = [b.state_dict() for b in branches.values()]
-            avg = {}
-            for k in sds[0]:
-                vals = torch.stack([sd[k] for sd in sds])
-                # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
-                avg[k] = vals.mean(0) if vals.is_floating_point() else vals.max(0).values
-            model.backbone.load_state_dict(avg)
-        elif init == "scratch":
-            pass
-        elif Path(init).is_file():
-            load_torchvision_state_dict(model.backbone, _pretrained_state_dict(init), init)
-        else:
-            raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
-                             f"or the path of a torchvision-format state_dict")
-        device = next(teacher.parameters()).device
-        return model.to(device)
-
-
 # ----------------------------------------------------------------------------
 # export and rebuild
 
@@ -388,20 +346,8 @@ def backbone_state_dict(model: nn.Module, branch: str | None = None) -> dict[str
     FrozenBatchNorm2d has no num_batches_tracked; we add it (0) so the keys are
     exactly those of torchvision.models.<arch>() minus fc.weight and fc.bias."""
     model = getattr(model, "module", model)  # DDP
-    if isinstance(model, SqueezedModel):
-        if branch:
-            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
-        backbone = model.backbone
-    elif isinstance(model, XLearnerModel) and model.mcfg.shared_backbone:
-        if branch and branch not in model.tasks:
-            raise ValueError(f"branch {branch!r}: tasks are {model.tasks}")
-        backbone = model.backbone
-    elif isinstance(model, XLearnerModel):
-        branches = model.backbone.branches
-        branch = branch or model.tasks[0]
-        if branch not in branches:
-            raise ValueError(f"branch {branch!r}: the expanded model's branches are {list(branches)}")
-        backbone = branches[branch]
+    if isinstance(model, MultiSourceModel):
+        backbone = model.exported_backbone(branch)
     elif isinstance(model, Backbone):
         backbone = model
     else:
@@ -429,8 +375,10 @@ def _strip_prefixes(sd: dict) -> dict:
     return out
 
 
-def model_from_checkpoint(ckpt: dict) -> XLearnerModel | SqueezedModel:
-    """Rebuild the model of a run checkpoint {"model", "config", "meta"} and load its weights (eval mode)."""
+def model_from_checkpoint(ckpt: dict) -> MultiSourceModel:
+    """Rebuild the model of a run checkpoint {"model", "config", "meta"} and load its weights (eval mode).
+
+    An expand checkpoint gives an XLearnerModel, a squeeze one a squeeze.SqueezedModel."""
     for key in ("model", "config", "meta"):
         if key not in ckpt:
             raise ValueError(f"not a run checkpoint: no {key!r} entry (keys: {sorted(ckpt)})")
@@ -442,6 +390,10 @@ def model_from_checkpoint(ckpt: dict) -> XLearnerModel | SqueezedModel:
     if kind == "expanded":
         model = XLearnerModel(mcfg, cfg.sources, meta["num_classes"])
     elif kind == "squeezed":
+        # imported here, not at the top: squeeze.py builds on this module (it imports model.py), so
+        # model.py can only reach the student class once both modules are loaded
+        from .squeeze import SqueezedModel
+
         stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
         model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages)
     else:

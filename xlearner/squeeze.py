@@ -2,7 +2,7 @@
 
 After expansion there are T task-specific branches plus reconciliation layers:
 T times the cost of a ResNet. Squeeze condenses them into ONE backbone of the
-same architecture as a branch (DESIGN.md §1), which is what users take away.
+same architecture as a branch (docs/DESIGN.md §1), which is what users take away.
 
 For each source batch of task t the student pays three losses:
     L_task  the source's own loss through its head (heads start as the teacher's);
@@ -12,11 +12,15 @@ For each source batch of task t the student pays three losses:
     L_kd    cls only: KL between temperature-softened teacher and student logits.
     L = sum_s w_s (lambda_task L_task + lambda_feat L_feat + lambda_kd L_kd)
 
-The teacher is frozen (eval mode, no grad, autocast). It is deliberately NOT a
-submodule of the `Distiller`: DDP then neither broadcasts its buffers nor
-looks for its gradients, and checkpoints hold only the student.
+The student (`SqueezedModel`) is one plain backbone, per-task 1x1 adapters
+used only by feature distillation, and copies of the teacher's heads; after
+squeezing, model.backbone_state_dict exports its backbone as a plain
+torchvision state_dict (docs/DESIGN.md §5): same size and cost as a standard
+ResNet. The teacher is frozen (eval mode, no grad, autocast). It is
+deliberately NOT a submodule of the `Distiller`: DDP then neither broadcasts
+its buffers nor looks for its gradients, and checkpoints hold only the student.
 The loop itself is the expansion engine's (engine.py); this file adds only the
-model and the loss.
+student, its initialisation and the loss.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, dist, engine
+from .backbone import _pretrained_state_dict, build_backbone, load_torchvision_state_dict
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .config import Config, SourceConfig, SqueezeConfig, config_from_dict
+from .config import Config, ModelConfig, SourceConfig, SqueezeConfig, config_from_dict
 from .expand import build_train_datasets, compile_stages, images_per_step, make_evaluator
-from .model import SqueezedModel, XLearnerModel, backbone_state_dict, model_from_checkpoint
+from .model import (MultiSourceModel, XLearnerModel, backbone_state_dict, channels_last, model_from_checkpoint,
+                    n_params)
 
 
 def feature_loss_l2(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,6 +63,102 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if multi_label:  # independent binary distributions per class
         return F.binary_cross_entropy_with_logits(s, torch.sigmoid(t)) * temperature**2
     return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean") * temperature**2
+
+
+class SqueezedModel(MultiSourceModel):
+    """The squeeze-stage student: one Backbone, per-task 1x1 adapters, and task heads.
+
+    adapters[task][f"layer{l}"] maps the student's stage-l feature to the
+    teacher branch's channel count for feature distillation (docs/DESIGN.md §1).
+    They start as the identity (channels are equal: same arch), so the
+    distillation loss starts by comparing the student with the teacher as they
+    are, and a student initialised from a branch (task:<name>) starts at a low
+    loss for that task, instead of first having to undo a random projection."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 distill_stages=(2, 3, 4)):
+        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
+        super().__init__(mcfg, sources, num_classes, backbone.channels)
+        self.backbone = backbone
+        self.distill_stages = [int(l) for l in distill_stages]
+        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        self.adapters = nn.ModuleDict()
+        for t in self.tasks:
+            self.adapters[t] = nn.ModuleDict()
+            for l in self.distill_stages:
+                c = backbone.channels[f"layer{l}"]
+                conv = nn.Conv2d(c, c, 1, bias=False)
+                with torch.no_grad():
+                    conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+                self.adapters[t][f"layer{l}"] = conv
+        channels_last(self, mcfg.channels_last)
+
+    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone(x)  # one backbone for every task
+
+    def exported_backbone(self, branch: str | None) -> nn.Module:
+        if branch:
+            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
+        return self.backbone
+
+    def report(self, init: str = "") -> str:
+        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
+        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else ""),
+                 f"  backbone: {n_params(self.backbone)} params",
+                 f"  adapters: {n_params(self.adapters)} params (distillation only, not exported)"]
+        lines += self._head_report()
+        lines.append(f"  total: {n_params(self)} params")
+        return "\n".join(lines)
+
+    def adapt(self, feats: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+        """Student features mapped into teacher branch `task`'s space, for the distill stages."""
+        return {k: conv(feats[k]) for k, conv in self.adapters[task].items()}
+
+    @classmethod
+    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
+                      distill_stages=(2, 3, 4)) -> "SqueezedModel":
+        """A student for `teacher`: heads copied, backbone per `student_init` (`init_student_backbone`)."""
+        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
+        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, distill_stages)
+        model.heads.load_state_dict(teacher.heads.state_dict())
+        init_student_backbone(model.backbone, teacher, resolve_student_init(student_init, teacher))
+        device = next(teacher.parameters()).device
+        return model.to(device)
+
+
+def resolve_student_init(student_init: str, teacher: XLearnerModel) -> str:
+    """`squeeze.student_init` with its default: "" is `task:<first task>`, a copy of the first branch."""
+    return student_init or f"task:{teacher.tasks[0]}"
+
+
+def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str) -> None:
+    """Load the student's starting weights: task:<name> (that branch), mean (of the branches), scratch, or a file."""
+    if teacher.mcfg.shared_backbone:
+        branches = {t: teacher.backbone for t in teacher.tasks}
+    else:
+        branches = dict(teacher.backbone.branches.items())
+    if init.startswith("task:"):
+        name = init[len("task:"):]
+        if name not in branches:
+            raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
+        backbone.load_state_dict(branches[name].state_dict())
+    elif init == "mean":
+        sds = [b.state_dict() for b in branches.values()]
+        avg = {}
+        for k in sds[0]:
+            vals = torch.stack([sd[k] for sd in sds])
+            # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
+            avg[k] = vals.mean(0) if vals.is_floating_point() else vals.max(0).values
+        backbone.load_state_dict(avg)
+    elif init == "scratch":
+        pass
+    elif Path(init).is_file():
+        load_torchvision_state_dict(backbone, _pretrained_state_dict(init), init)
+    else:
+        raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
+                         f"or the path of a torchvision-format state_dict")
 
 
 class Distiller(nn.Module):
@@ -85,21 +187,15 @@ class Distiller(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for src in self.sources:
             task, name = src.task, src.name
-            head = self.student.heads[task]
-            x, ctx = head.prepare(batch_by_source[name], name)
-            x = self.student._images(x)  # channels_last when configured
-            feats = self.student.backbone(x)
-            task_loss, logits = head.loss(feats, ctx, name)
-            with torch.no_grad():
-                t_feats = self.teacher.features(x, task)
-                t_logits = self.teacher.heads[task].predict(t_feats, ctx, name) if task == "cls" else None
-            adapters = self.student.adapters[task]
-            feat = [self.feature_loss(adapters[f"layer{l}"](feats[f"layer{l}"]), t_feats[f"layer{l}"])
-                    for l in self.sq.distill_stages]
-            losses[f"{name}/task"] = task_loss
+            student = self.student.forward_source(batch_by_source[name], name)
+            with torch.no_grad():  # the teacher sees exactly the student's input tensor
+                t_feats = self.teacher.features(student.images, task)
+                t_logits = self.teacher.heads[task].predict(t_feats, student.ctx, name) if task == "cls" else None
+            feat = [self.feature_loss(s, t_feats[k]) for k, s in self.student.adapt(student.feats, task).items()]
+            losses[f"{name}/task"] = student.loss
             losses[f"{name}/feat"] = torch.stack(feat).mean()
             if t_logits is not None:
-                losses[f"{name}/kd"] = kd_loss(logits, t_logits, self.sq.kd_temperature, src.multi_label)
+                losses[f"{name}/kd"] = kd_loss(student.outputs, t_logits, self.sq.kd_temperature, src.multi_label)
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,7 +242,7 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
         if k != tmeta["num_classes"][name]:
             raise CheckpointError(f"{teacher_path}: source '{name}' has {tmeta['num_classes'][name]} classes in the "
                                   f"teacher but {k} in the data")
-    init = sq.student_init or f"task:{teacher.tasks[0]}"
+    init = resolve_student_init(sq.student_init, teacher)
     student = SqueezedModel.from_expanded(teacher, init, sq.distill_stages)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device)
     if cfg.model.compile:  # the student's stages and the frozen teacher's (not a submodule of the distiller)

@@ -13,9 +13,9 @@ torchvision weights name, or `random`) into those numbers:
   refit on all of train. No augmentation and no SGD schedule to tune, so the
   score reflects the features, and the probe costs little next to extraction.
 - cls, `finetune`: backbone + linear layer trained end to end with SGD.
-- det: torchvision Faster R-CNN + FPN (model.py's det head) over the backbone,
+- det: torchvision Faster R-CNN + FPN (heads.py's det head) over the backbone,
   frozen (the GV-B protocol) or fine-tuned; COCO AP / AP50 / AP75.
-- seg: model.py's seg head over the backbone, frozen or fine-tuned; mIoU.
+- seg: heads.py's seg head over the backbone, frozen or fine-tuned; mIoU.
 
 `run()` evaluates every backbone on every `[[transfer.datasets]]` entry for
 every seed and writes results.json and results.md (results.py): datasets as
@@ -196,7 +196,7 @@ HEAD_KEYS = ("det_head", "seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_p
 
 
 class _HeadModel(nn.Module):
-    """model.py's det/seg head over one backbone (an XLearnerModel with a shared backbone), loss as a scalar.
+    """heads.py's det/seg head over one backbone (an XLearnerModel with a shared backbone), loss as a scalar.
 
     Built on the backbone's own arch, not model.arch: a ResNet-50 is evaluated with any config."""
 

@@ -41,7 +41,8 @@ from torchvision.models import _utils as tv_utils
 from .. import data, dist, engine, transfer
 from ..config import Config, ConfigError
 from ..expand import build_train_datasets, compile_stages, images_per_step
-from ..model import BACKBONES, SqueezedModel, XLearnerModel
+from ..backbone import BACKBONES
+from ..model import XLearnerModel
 from ..probe import extract_features
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
@@ -135,7 +136,7 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
 
 
 def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
-    from ..squeeze import Distiller, load_teacher
+    from ..squeeze import Distiller, SqueezedModel, load_teacher
     device = dist.init_distributed()
     sq = cfg.squeeze
     engine.seed_everything(sq.seed)
@@ -144,7 +145,7 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
         teacher, _ = load_teacher(teacher_path, cfg)
     else:
         teacher = XLearnerModel(cfg.model, cfg.sources, num_classes)
-    student = SqueezedModel.from_expanded(teacher, sq.student_init or f"task:{teacher.tasks[0]}", sq.distill_stages)
+    student = SqueezedModel.from_expanded(teacher, sq.student_init, sq.distill_stages)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device).train()
     tasks = list(teacher.heads)
     # Floor: the student's plain ResNet (keyed by every task, one module) plus T teacher-branch stand-ins.
