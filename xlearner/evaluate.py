@@ -221,29 +221,41 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
         model.train(was_training)
 
     if src.task == "cls":
-        logits = torch.cat(logits_all) if logits_all else torch.zeros(0, num_classes)
-        labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long)
-        # gather only what the metrics need: scores for mAP, argmax otherwise
-        if src.multi_label:
-            parts = dist.all_gather_object((logits, labels))
-            scores = torch.cat([p[0] for p in parts])
-            return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
-        parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
-        pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        n = len(labels)
-        res = {"top1": 100.0 * (pred == labels).double().mean().item() if n else float("nan"),
-               "top1_majority": 100.0 * torch.bincount(labels).max().item() / n if n else float("nan")}
-        if src.metric == "mean_per_class":
-            res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
-        return res
+        return _combine_cls(src, logits_all, labels_all, num_classes)
     if src.task == "det":
-        parts = dist.all_gather_object((detections, img_ids))
-        res = None
-        if dist.is_main_process():
-            all_dets = [d for p in parts for d in p[0]]
-            all_ids = [i for p in parts for i in p[1]]
-            res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if max_batches else None)
-        return dist.broadcast_object(res)
+        return _combine_det(dataset, detections, img_ids, max_batches)
+    return _combine_seg(conf)
+
+
+def _combine_cls(src: SourceConfig, logits_all: list, labels_all: list, num_classes: int) -> dict[str, float]:
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, num_classes)
+    labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long)
+    # gather only what the metrics need: scores for mAP, argmax otherwise
+    if src.multi_label:
+        parts = dist.all_gather_object((logits, labels))
+        scores = torch.cat([p[0] for p in parts])
+        return {"mAP": multilabel_map(scores, torch.cat([p[1] for p in parts]))}
+    parts = dist.all_gather_object((logits.argmax(1) if len(logits) else labels, labels))
+    pred, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    n = len(labels)
+    res = {"top1": 100.0 * (pred == labels).double().mean().item() if n else float("nan"),
+           "top1_majority": 100.0 * torch.bincount(labels).max().item() / n if n else float("nan")}
+    if src.metric == "mean_per_class":
+        res["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
+    return res
+
+
+def _combine_det(dataset, detections: list[dict], img_ids: list[int], max_batches: int) -> dict[str, float]:
+    parts = dist.all_gather_object((detections, img_ids))
+    res = None
+    if dist.is_main_process():
+        all_dets = [d for p in parts for d in p[0]]
+        all_ids = [i for p in parts for i in p[1]]
+        res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if max_batches else None)
+    return dist.broadcast_object(res)
+
+
+def _combine_seg(conf: torch.Tensor) -> dict:
     dist.all_reduce_sum_tensor(conf)
     conf = conf.cpu()
     miou, per_class = miou_from_confusion(conf)

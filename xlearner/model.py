@@ -252,7 +252,7 @@ class MultiSourceModel(nn.Module):
     def _head_report(self) -> list[str]:
         lines = []
         for t, head in self.heads.items():
-            preds = ", ".join(f"{s} {_fmt(_count(p))}" for s, p in head.predictors.items())
+            preds = ", ".join(f"{s} {n_params(p)}" for s, p in head.predictors.items())
             lines.append(f"  head {t}: neck {_fmt(_count(head) - _count(head.predictors))}; predictors: {preds}")
         return lines
 
@@ -293,16 +293,16 @@ class XLearnerModel(MultiSourceModel):
         m = self.mcfg
         if m.shared_backbone:
             lines = [f"XLearnerModel: one shared {m.arch} for tasks {self.tasks} (SSMT)",
-                     f"  backbone: {_fmt(_count(self.backbone))} params"]
+                     f"  backbone: {n_params(self.backbone)} params"]
         else:
             net = self.backbone
             lines = [f"XLearnerModel: {m.arch} x {len(self.tasks)} branches {self.tasks}, reconcile={m.reconcile} "
                      f"at layers {list(net.reconcile.stages)}, detach={m.reconcile_detach}"]
             for t in self.tasks:
-                rl = "; ".join(f"{k} {_fmt(_count(v))}" for k, v in net.reconcile.into[t].items()) or "none"
-                lines.append(f"  branch {t}: {_fmt(_count(net.branches[t]))} params; RL into {t}: {rl}")
+                rl = "; ".join(f"{k} {n_params(v)}" for k, v in net.reconcile.into[t].items()) or "none"
+                lines.append(f"  branch {t}: {n_params(net.branches[t])} params; RL into {t}: {rl}")
         lines += self._head_report()
-        lines.append(f"  total: {_fmt(_count(self))} params")
+        lines.append(f"  total: {n_params(self)} params")
         lines.append(self._mac_report())
         return "\n".join(lines)
 
