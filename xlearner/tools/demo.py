@@ -336,10 +336,14 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
     return summary
 
 
+def _provenance(what: str, seed: int, scale: float) -> list[str]:
+    """The first lines of a world's README.txt: what wrote it, and with which seed."""
+    return [f"X-Learner {what}, xlearner/tools/demo.py).",
+            f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes."]
+
+
 def _readme(summary: dict, seed: int, scale: float) -> str:
-    lines = [
-        "X-Learner demo world (written by `python cli.py demo-data`, xlearner/tools/demo.py).",
-        f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
+    lines = _provenance("demo world (written by `python cli.py demo-data`", seed, scale) + [
         "",
         "Images: 1 to 5 coloured shapes (antialiased, random size, rotation, solid/striped/dotted fill)",
         f"on a near-grey background ({', '.join(PATTERNS)}). Colours: {', '.join(COLOR_NAMES)}.",
@@ -372,9 +376,7 @@ def _readme(summary: dict, seed: int, scale: float) -> str:
 
 
 def _standin_readme(summary: dict, seed: int, scale: float) -> str:
-    lines = [
-        "X-Learner full-size stand-in world (`python cli.py demo-data --world standin`, xlearner/tools/demo.py).",
-        f"seed = {seed}, scale = {scale}. Procedural and deterministic: same seed, same bytes.",
+    lines = _provenance("full-size stand-in world (`python cli.py demo-data --world standin`", seed, scale) + [
         "The six sources of configs/xlearner_r50.toml at their real image sizes and file types, drawn by",
         "the demo world's painter; configs/standin.sets points the recipe at them. Not for accuracy:",
         "for running the recipe, its loader and scripts/gpu_check.sh end to end.",
