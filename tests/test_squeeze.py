@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from runner import assert_same_state, demo_toml, model_state, run, run_and_signal, train_steps
+from runner import assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes, train_steps
 from xlearner import data, expand, squeeze
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import load_config
@@ -16,11 +16,7 @@ from xlearner.squeeze import SqueezedModel
 
 SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log_every=1", "expand.workers=0",
          "squeeze.workers=0", "expand.warmup_steps=1", "squeeze.warmup_steps=1",
-         "sources.shapes-cls.batch_size=8", "sources.texture-cls.batch_size=8", "sources.shapes-det.batch_size=2",
-         "sources.colors-det.batch_size=2", "sources.shapes-seg.batch_size=2",
-         # small images keep CI fast; the code path is the same at any size
-         "sources.shapes-cls.image_size=32", "sources.texture-cls.image_size=32", "sources.shapes-det.image_size=64",
-         "sources.colors-det.image_size=64", "sources.shapes-seg.image_size=32"]
+         *tiny_sizes(cls_batch=8)]  # small images keep CI fast; the code path is the same at any size
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .backbone import BACKBONES, Backbone, _build_backbone, _pretrained_state_dict, build_backbone
-from .config import ModelConfig, SourceConfig, config_from_dict
+from .config import ModelConfig, SourceConfig, check_tasks_have_sources, config_from_dict
 from .heads import HEADS
 from .reconcile import RECONCILE
 
@@ -202,10 +202,7 @@ class MultiSourceModel(nn.Module):
             raise ValueError(f"num_classes: no class count for sources {missing}")
         self.num_classes = {s.name: int(num_classes[s.name]) for s in sources}
         self.tasks = list(mcfg.tasks)
-        # a task without a source would leave its branch and head without gradient (DDP would fail)
-        no_source = [t for t in self.tasks if not any(s.task == t for s in sources)]
-        if no_source:
-            raise ValueError(f"model.tasks {no_source} have no source; remove them from model.tasks or add a source")
+        check_tasks_have_sources(mcfg, sources)
         self.heads = nn.ModuleDict({
             t: HEADS[t](mcfg, [s for s in sources if s.task == t], self.num_classes, channels) for t in self.tasks})
 
