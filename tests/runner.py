@@ -14,6 +14,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The two cls sources of the demo world at 32 px, batch {bs}: the tiny cls-only configs of the tests.
+CLS_SOURCES = """[[sources]]
+name = "shapes-cls"
+task = "cls"
+format = "imagefolder"
+train = "{world}/shapes-cls/train"
+val = "{world}/shapes-cls/val"
+image_size = 32
+batch_size = {bs}
+
+[[sources]]
+name = "texture-cls"
+task = "cls"
+format = "csv"
+train = "{world}/texture-cls/train.csv"
+val = "{world}/texture-cls/val.csv"
+image_size = 32
+batch_size = {bs}
+"""
+
+
 def demo_toml(world: Path, runs: Path, dest: Path, extra: str = "") -> Path:
     """configs/demo.toml with its data and run paths moved into tmp dirs (plus `extra` TOML appended)."""
     text = (REPO / "configs" / "demo.toml").read_text()

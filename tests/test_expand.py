@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from runner import (as_sets, assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes,
+from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes,
                     train_steps)
 from xlearner import expand
 from xlearner.config import load_config
@@ -18,24 +18,7 @@ tasks = ["cls"]
 reconcile = "none"
 frozen_bn = true       # BN statistics of B and 2B differ by design; frozen BN makes them comparable
 
-[[sources]]
-name = "shapes-cls"
-task = "cls"
-format = "imagefolder"
-train = "{world}/shapes-cls/train"
-val = "{world}/shapes-cls/val"
-image_size = 32
-batch_size = {bs}
-
-[[sources]]
-name = "texture-cls"
-task = "cls"
-format = "csv"
-train = "{world}/texture-cls/train.csv"
-val = "{world}/texture-cls/val.csv"
-image_size = 32
-batch_size = {bs}
-
+{cls_sources}
 [expand]
 steps = 3
 lr = 0.1
@@ -57,7 +40,7 @@ def world(tmp_path_factory):
 
 def cls_config(tmp_path, world, name, bs, accum=1):
     p = tmp_path / f"{name}.toml"
-    p.write_text(CLS_ONLY.format(world=world, bs=bs, accum=accum, out=tmp_path / name))
+    p.write_text(CLS_ONLY.format(cls_sources=CLS_SOURCES.format(world=world, bs=bs), accum=accum, out=tmp_path / name))
     return p
 
 

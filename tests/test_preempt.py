@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner import REPO, assert_same_state, cli, env, model_state, run, train_steps
+from runner import CLS_SOURCES, REPO, assert_same_state, cli, env, model_state, run, train_steps
 from xlearner import data, expand
 from xlearner.checkpoint import load_checkpoint
 from xlearner.tools.demo import generate
@@ -37,24 +37,7 @@ rpn_post_nms_top_n = 50
 box_batch_size_per_image = 32
 box_head_dim = 64
 
-[[sources]]
-name = "shapes-cls"
-task = "cls"
-format = "imagefolder"
-train = "{world}/shapes-cls/train"
-val = "{world}/shapes-cls/val"
-image_size = 32
-batch_size = 4
-
-[[sources]]
-name = "texture-cls"
-task = "cls"
-format = "csv"
-train = "{world}/texture-cls/train.csv"
-val = "{world}/texture-cls/val.csv"
-image_size = 32
-batch_size = 4
-{det}
+{cls_sources}{det}
 [expand]
 steps = {steps}
 lr = 0.003
@@ -96,6 +79,7 @@ def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_eve
     p = tmp_path / f"{name}.toml"
     tasks = '["cls", "det"]' if det else '["cls"]'
     p.write_text(CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every, tasks=tasks,
+                               cls_sources=CLS_SOURCES.format(world=world, bs=4),
                                det=DET.format(world=world) if det else ""))
     return p
 
