@@ -1,7 +1,7 @@
-"""The ablation's bookkeeping, by hand: per-variant configs, mean ± std over seeds, task means, gains.
+"""The ablation's bookkeeping and statistics, by hand: budgets, per-variant configs, t-intervals, verdicts.
 
-Training every variant is covered end to end by `test_cli.py::test_ablate_quick`; here the numbers
-that go into the miniature table are checked against values worked out on paper.
+Training and transferring every variant is covered end to end by `test_cli.py::test_ablate_quick`; here
+the numbers that go into the miniature's table are checked against values worked out on paper.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from xlearner.tools import ablate
 from xlearner.config import ConfigError
+from xlearner.tools import ablate, ablate_report
+from xlearner.tools.ablate_report import t_interval, verdict
 
 
 def _cfg(datasets: dict[str, str]):
@@ -21,48 +22,91 @@ def _cfg(datasets: dict[str, str]):
     return SimpleNamespace(transfer=SimpleNamespace(datasets=ds))
 
 
-def test_summarise_mean_std_task_means_and_gains():
+def test_t_interval_and_verdicts_by_hand():
+    # d = 1..5: mean 3, sd sqrt(2.5), se sqrt(2.5 / 5) = 0.70711, t_{0.975,4} = 2.776 -> 1.96293
+    mean, half = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == pytest.approx(3.0) and half == pytest.approx(2.776 * math.sqrt(0.5), abs=1e-9)
+    assert half == pytest.approx(1.96293, abs=1e-5) and verdict(mean, half) == "win"
+    # d = -4, -5, -6: mean -5, sd 1, t_{0.975,2} = 4.303 -> half 4.303 / sqrt(3) = 2.48434: the interval is below 0
+    mean, half = t_interval([-4.0, -5.0, -6.0])
+    assert (mean, round(half, 5)) == (-5.0, 2.48434) and verdict(mean, half) == "loss"
+    # d = -1, 0.5, 0, 0.5, 0: mean 0, variance 1.5 / 4, half 2.776 * sqrt(0.375 / 5) = 0.76023: inside ±2, a tie
+    mean, half = t_interval([-1.0, 0.5, 0.0, 0.5, 0.0])
+    assert mean == pytest.approx(0.0, abs=1e-12) and half == pytest.approx(0.76023, abs=1e-5)
+    assert verdict(mean, half) == "tie"
+    # d = 5, -5, 4, -3, 1: mean 0.4, squared deviations 75.2, sd sqrt(75.2 / 4) = 4.33590, half 2.776 * 4.33590 / sqrt(5) = 5.38286
+    mean, half = t_interval([5.0, -5.0, 4.0, -3.0, 1.0])
+    assert mean == pytest.approx(0.4) and half == pytest.approx(5.38286, abs=1e-5)
+    assert verdict(mean, half) == "undecided"  # contains 0, but too wide to call a tie
+    assert verdict(1.5, 0.4) == "win" and verdict(1.0, 1.0) == "tie" and verdict(0.5, 1.6) == "undecided"
+    assert t_interval([7.0]) == (7.0, None) and verdict(7.0, None) == "undecided"  # one seed decides nothing
+
+
+def test_summarise_pairs_seeds_per_task_mean():
     cfg = _cfg({"a": "cls", "b": "cls", "d": "det"})
-    scores = {
-        "ssst": {0: {"a": 10.0, "b": 20.0, "d": 1.0}, 1: {"a": 14.0, "b": 30.0, "d": 3.0}},
-        "xlearner": {0: {"a": 20.0, "b": 20.0, "d": 2.0}, 1: {"a": 22.0, "b": 40.0, "d": 4.0}},
+    scores = {  # the xlearner - ssst cls-mean differences per seed are 3.5 and 6.5 and 5.0
+        "ssst": {0: {"a": 10.0, "b": 20.0, "d": 1.0}, 1: {"a": 14.0, "b": 30.0, "d": 3.0},
+                 2: {"a": 12.0, "b": 24.0, "d": 2.0}},
+        "xlearner": {0: {"a": 17.0, "b": 20.0, "d": 2.0}, 1: {"a": 22.0, "b": 35.0, "d": 3.0},
+                     2: {"a": 16.0, "b": 30.0, "d": 4.0}},
     }
-    s = ablate.summarise(cfg, scores)
-    assert s["variants"] == ["ssst", "xlearner"] and s["seeds"] == [0, 1]
-    mean, std = s["rows"]["a"]["ssst"]
-    assert mean == pytest.approx(12.0) and std == pytest.approx(math.sqrt(8))  # sample std of 10, 14
-    # task mean: per seed first (15, 22 and 20, 31), then mean ± std over seeds
-    assert s["rows"]["cls mean"]["ssst"] == pytest.approx((18.5, math.sqrt(24.5)))
-    assert s["rows"]["cls mean"]["xlearner"] == pytest.approx((25.5, math.sqrt(60.5)))
-    assert s["rows"]["det mean"]["xlearner"] == pytest.approx((3.0, math.sqrt(2)))
-    assert "seg mean" not in s["rows"]  # no seg dataset, no seg row
+    s = ablate_report.summarise(cfg, scores, {"ssst": 480, "xlearner": 480})
+    assert list(s["rows"]) == ["a", "b", "d", "cls mean", "det mean"]
+    # ssst cls mean per seed: 15, 22, 18 -> mean 18.33333, sd sqrt(24.66667 / 2), half 4.303 * sd / sqrt(3)
+    mean, half = s["rows"]["cls mean"]["ssst"]
+    assert mean == pytest.approx(55 / 3) and half == pytest.approx(4.303 * math.sqrt(37 / 3) / math.sqrt(3))
+    (cls,) = [c for c in s["claims"] if c["row"] == "cls mean"]
+    assert cls["claim"] == "X-Learner vs SSST" and cls["n"] == 3
+    assert cls["diff"] == pytest.approx(5.0) and cls["half"] == pytest.approx(4.303 * 1.5 / math.sqrt(3))
+    assert cls["verdict"] == "win"  # 5.0 - 3.72651 > 0
+    (det,) = [c for c in s["claims"] if c["row"] == "det mean"]  # 1, 0, 2: mean 1, half 4.303 / sqrt(3)
+    assert det["diff"] == pytest.approx(1.0) and det["verdict"] == "undecided"
+    md = ablate_report.to_markdown(s, {"ssst": "SSST", "xlearner": "X-Learner"})
+    assert "| steps | 480 | 480 |" in md
+    assert "| X-Learner vs SSST | cls | 5.00 ± 3.73 | win |" in md
+    assert "| X-Learner vs SSST | det | 1.00 ± 2.48 | undecided |" in md
 
-    md = ablate.to_markdown(s)
-    cls_row = next(line for line in md.splitlines() if line.startswith("| **cls mean**"))
-    assert cls_row == "| **cls mean** | 18.50 ± 4.95 | 25.50 ± 7.78 | +7.00 |"
-    assert "gains in points over SSST" in md
 
-
-def test_summarise_one_seed_has_zero_std():
-    s = ablate.summarise(_cfg({"a": "seg"}), {"ssst": {3: {"a": 40.0}}})
-    assert s["rows"]["a"]["ssst"] == (40.0, 0.0) and s["rows"]["seg mean"]["ssst"] == (40.0, 0.0)
-    assert s["seeds"] == [3]
+def test_budgets_are_equal(demo_config):
+    demo_config.expand.steps, demo_config.squeeze.steps = 240, 200
+    budgets = {v: ablate.budget(demo_config, v) for v in ablate.VARIANTS}
+    assert budgets.pop("teacher_rl") == budgets.pop("teacher_norl") == 240  # half of X-Learner's budget
+    assert set(budgets.values()) == {440}, budgets  # every other variant: expand + squeeze steps
 
 
 def test_variant_configs(demo_config):
     out = Path("/runs/abl")
+    demo_config.expand.steps, demo_config.squeeze.steps = 240, 200
     ssst = ablate.variant_config(demo_config, "ssst", 1, out)
     assert [s.name for s in ssst.sources] == ["shapes-cls"]  # the first cls source
-    assert ssst.model.tasks == ["cls"] and ssst.model.reconcile == "none"
+    assert ssst.model.tasks == ["cls"] and ssst.model.reconcile == "none" and ssst.expand.steps == 440
     assert ssst.expand.seed == ssst.squeeze.seed == 1 and ssst.expand.out == "/runs/abl/seed1/ssst"
     norl = ablate.variant_config(demo_config, "expand_norl", 0, out)
     assert norl.model.reconcile == "none" and len(norl.sources) == len(demo_config.sources)
+    assert norl.expand.steps == 200  # on top of teacher_norl's 240
     rl = ablate.variant_config(demo_config, "expand_rl", 0, out)
     assert rl.model.reconcile == demo_config.model.reconcile != "none"
+    assert ablate.variant_config(demo_config, "xlearner", 0, out).squeeze.steps == 200
+    assert ablate.variant_config(demo_config, "teacher_rl", 0, out).expand.steps == 240
     assert demo_config.expand.out != norl.expand.out  # the input config is left untouched
+    assert ablate.run_dir(out, 2, "expand_rl_alone") == out / "seed2" / "expand_rl"  # a row, not a run
+    assert ablate.needed(["xlearner"]) == {"xlearner", "teacher_rl"}
+    assert ablate.needed(["expand_rl_alone"]) == {"expand_rl_alone", "expand_rl", "teacher_rl"}
 
     demo_config.ablate.ssst_source = "texture-cls"
     assert [s.name for s in ablate.variant_config(demo_config, "ssst", 0, out).sources] == ["texture-cls"]
     demo_config.ablate.ssst_source = "no-such-source"
     with pytest.raises(ConfigError, match="ablate.ssst_source: no cls source named 'no-such-source'"):
         ablate.variant_config(demo_config, "ssst", 0, out)
+
+
+def test_missing_optional_dataset_is_skipped_with_the_reason(demo_config, tmp_path, capsys):
+    from xlearner.config import SourceConfig
+    demo_config.transfer.datasets.append(SourceConfig(name="FashionMNIST", task="cls", format="torchvision",
+                                                      root=str(tmp_path / "nowhere"), image_size=32))
+    demo_config.ablate.optional_datasets = ["FashionMNIST"]
+    assert ablate.drop_missing_datasets(demo_config) == ["FashionMNIST"]
+    assert "FashionMNIST" not in [d.name for d in demo_config.transfer.datasets]
+    assert "[ablate] skipping downstream dataset FashionMNIST: its files are missing" in capsys.readouterr().out
+    demo_config.ablate.optional_datasets = []  # a dataset that is not optional is not dropped: it fails later
+    assert ablate.drop_missing_datasets(demo_config) == []

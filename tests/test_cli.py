@@ -51,10 +51,10 @@ OPTIONS = {  # every command's options, exactly (check-data --out and export --s
     "check-data": ["--config", "--set"],
     "expand": ["--config", "--set", "--out"],
     "squeeze": ["--config", "--set", "--teacher", "--out"],
-    "transfer": ["--config", "--set", "--backbone", "--name", "--branch", "--out"],
+    "transfer": ["--config", "--set", "--backbone", "--name", "--branch", "--with-rl", "--out"],
     "export": ["--checkpoint", "--out", "--branch"],
     "bench": ["--config", "--set", "--steps", "--teacher", "--backbone", "--out"],
-    "ablate": ["--config", "--set", "--out", "--quick", "--seeds"],
+    "ablate": ["--config", "--set", "--out", "--quick", "--seeds", "--jobs"],
 }
 
 

@@ -1,4 +1,5 @@
 """Transfer evaluator: the linear probe, the feature cache, train_fraction subsets and the results table."""
+import copy
 import json
 import os
 from collections import Counter
@@ -10,7 +11,7 @@ from PIL import Image
 
 from xlearner import probe, results, transfer
 from xlearner.checkpoint import CheckpointError
-from xlearner.config import Config, SourceConfig, TransferConfig
+from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig
 from xlearner.datasets import DataError
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -340,3 +341,75 @@ def test_det_seg_heads_use_the_backbones_arch(demo_config, tmp_path):
     r = {name: row["r50"]["per_seed"][0] for name, row in res["results"].items()}
     assert set(r) == {"novel-det", "novel-seg"}
     assert 0 <= r["novel-det"]["AP50"] <= 100 and 0 <= r["novel-seg"]["mIoU"] <= 100
+
+
+def _expand_checkpoint(tmp_path, arch="resnet10", reconcile="hrnet"):
+    """A tiny 3-task expanded model saved as an expand run checkpoint; (model, path)."""
+    from xlearner.config import ModelConfig
+    from xlearner.model import XLearnerModel
+    cfg = Config(model=ModelConfig(arch=arch, tasks=["cls", "det", "seg"], reconcile=reconcile, fpn_channels=16,
+                                   seg_channels=16, box_head_dim=32),
+                 sources=[SourceConfig(name="c", task="cls"), SourceConfig(name="d", task="det"),
+                          SourceConfig(name="s", task="seg")])
+    torch.manual_seed(0)
+    model = XLearnerModel(cfg.model, cfg.sources, {"c": 3, "d": 2, "s": 2})
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
+                "meta": {"kind": "expanded", "num_classes": {"c": 3, "d": 2, "s": 2}, "arch": arch}}, path)
+    return model, path
+
+
+def test_with_rl_extractor_equals_branch_alone_at_zero_init_and_differs_after(tmp_path):
+    from xlearner.model import BranchWithRL
+    model, path = _expand_checkpoint(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    for task in ("cls", "det", "seg"):
+        alone, info_alone = transfer.load_backbone(str(path), "resnet18", branch=task)
+        with_rl, info_rl = transfer.load_backbone(str(path), "resnet18", branch=task, with_rl=True)
+        assert isinstance(with_rl, BranchWithRL) and with_rl.arch == alone.arch == "resnet10"
+        assert info_rl["hash"] != info_alone["hash"]  # their features are cached apart
+        with torch.no_grad():
+            fa, fr = alone.eval()(x), with_rl.eval()(x)
+        # the RLs' last BN starts at gamma = beta = 0: they add exactly nothing
+        assert all(torch.equal(fa[k], fr[k]) for k in fa), task
+    # train the RLs' mixing away from zero: the branch now reads the other branches
+    for name, p in model.backbone.reconcile.named_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    nonzero = tmp_path / "nonzero.pt"
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "model": model.state_dict()}, nonzero)
+    alone, _ = transfer.load_backbone(str(nonzero), "resnet18", branch="det")
+    with_rl, _ = transfer.load_backbone(str(nonzero), "resnet18", branch="det", with_rl=True)
+    with torch.no_grad():
+        fa, fr = alone.eval()(x), with_rl.eval()(x)
+    diffs = {k: (fa[k] - fr[k]).abs().max().item() for k in fa}
+    assert all(d > 1e-3 for d in diffs.values()), diffs  # RLs at layers 1..3, and layer4 reads layer3
+    # the branch's own weights are the same in both: only the RL inputs differ
+    assert all(torch.equal(v, with_rl.net.branches["det"].state_dict()[k]) for k, v in alone.state_dict().items())
+
+
+def test_with_rl_needs_an_expand_checkpoint_with_branches(tmp_path):
+    pth = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), pth)
+    with pytest.raises(ConfigError, match="plain.pth: --with-rl needs an expand run checkpoint"):
+        transfer.load_backbone(str(pth), "resnet18", with_rl=True)
+    with pytest.raises(ConfigError, match="random: --with-rl needs an expand run checkpoint"):
+        transfer.load_backbone("random", "resnet18", with_rl=True)
+
+
+def test_with_rl_probe_det_and_seg_heads_run(demo_config, tmp_path):
+    """The linear probe, the det head and the seg head all train and score on the with-RL extractor."""
+    _, path = _expand_checkpoint(tmp_path)
+    cfg = demo_config
+    cfg.transfer.epochs, cfg.transfer.workers, cfg.transfer.seeds, cfg.transfer.train_fraction = 1, 0, [0], 0.25
+    cfg.transfer.datasets = [d for d in cfg.transfer.datasets if d.name != "count-cls"]
+    for d in cfg.transfer.datasets:
+        d.image_size, d.batch_size = 64, 2
+    for task in ("cls", "det", "seg"):
+        c = copy.deepcopy(cfg)
+        c.transfer.datasets = [d for d in cfg.transfer.datasets if d.task == task]
+        res = transfer.run(c, [str(path)], ["x"], task, str(tmp_path / task), with_rl=True)
+        assert res["backbones"][0]["with_rl"] and res["backbones"][0]["branch"] == task
+        (d,) = c.transfer.datasets
+        score = res["results"][d.name]["x"]["per_seed"][0][{"cls": "top1", "det": "AP50", "seg": "mIoU"}[task]]
+        assert 0 <= score <= 100

@@ -20,7 +20,19 @@ import torch.nn as nn
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
+
+
+def resnet10(weights=None) -> torchvision.models.ResNet:
+    """ResNet-10: torchvision's own ResNet class with one BasicBlock per stage. Not a torchvision model
+    name, so there are no weights for it; it makes the miniature ablation affordable on 2 CPU cores.
+    An exported backbone loads into `torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1])`."""
+    if weights is not None:
+        raise ValueError("resnet10 has no pre-trained weights")
+    return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+
+
 BACKBONES = {
+    "resnet10": resnet10,
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,

@@ -202,9 +202,11 @@ def squeeze(config, sets, teacher, out):
               help="A torchvision state_dict, a run checkpoint, a torchvision weights name, or 'random' (repeatable).")
 @click.option("--name", "names", multiple=True, help="Column name for each --backbone, in order.")
 @click.option("--branch", default=None, help="Which branch of an expand checkpoint to evaluate (default: first task).")
+@click.option("--with-rl", is_flag=True, help="Expand checkpoints: the branch with its RL inputs from the other "
+              "branches, as it was trained (default: the branch alone).")
 @click.option("--out", default=None, help="Output directory (default: transfer.out).")
 @_guard
-def transfer(config, sets, backbones, names, branch, out):
+def transfer(config, sets, backbones, names, branch, with_rl, out):
     """Transfer evaluation on [[transfer.datasets]]: writes results.json and results.md."""
     cfg = _load(config, sets, "transfer.out", out)  # before importing torch: a bad config fails at once
     from . import transfer as stage
@@ -212,7 +214,7 @@ def transfer(config, sets, backbones, names, branch, out):
     if names and len(names) != len(backbones):
         raise click.UsageError(f"got {len(names)} --name for {len(backbones)} --backbone")
     try:
-        stage.run(cfg, list(backbones), list(names) or None, branch, cfg.transfer.out)
+        stage.run(cfg, list(backbones), list(names) or None, branch, cfg.transfer.out, with_rl)
     finally:
         cleanup()
 
@@ -269,12 +271,13 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 @click.option("--out", default=None, help="Where to write ablation.md/json/png (default: ablate.out, where the runs go).")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of every variant in a few minutes.")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default: from the config).")
+@click.option("--jobs", default=None, type=int, help="Processes sharing the runs (default: ablate.jobs).")
 @_guard
-def ablate(config, sets, out, quick, seeds):
-    """Train and transfer SSST / SSMT / expand / X-Learner variants on one data budget (the paper's table)."""
+def ablate(config, sets, out, quick, seeds, jobs):
+    """Train and transfer SSST / SSMT / expand / X-Learner variants on one step budget (the paper's table)."""
     cfg = _load(config, sets)
     from .tools.ablate import run
-    run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds)
+    run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds, jobs=jobs)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"              # torchvision ResNet name (resnet18/34/50/101/152)
+    arch: str = "resnet18"              # resnet10 (ours: torchvision ResNet, 1 BasicBlock per stage) | resnet18/34/50/101/152
     pretrained: str = ""                # "", a state_dict path, or a torchvision weights name
     tasks: list[str] = field(default_factory=lambda: ["cls", "det", "seg"])
     reconcile: str = "hrnet"            # hrnet | scalar | cross_stitch | none
@@ -90,6 +90,10 @@ class SourceConfig:
     metric: str = "top1"                # top1 | mean_per_class (cls)
     protocol: str = ""                  # linear | finetune
     train_fraction: Optional[float] = None
+    # a fixed class-stratified subset of that many images (0 = all), the same for every seed and backbone:
+    # a 10k / 2k Fashion-MNIST costs a sixth of the full set's feature extraction (cls only)
+    train_subset: int = 0
+    val_subset: int = 0
     freeze_backbone: Optional[bool] = None
     epochs: Optional[int] = None
 
@@ -146,10 +150,14 @@ class TransferConfig:
 @dataclass
 class AblateConfig:
     """`python cli.py ablate`: the paper's comparison in miniature (README, "The miniature table")."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # the columns (tools/ablate.py's VARIANTS); a variant's teacher or init is trained whether listed or not
     variants: list[str] = field(default_factory=lambda: [
-        "ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl"])
+        "ssst", "ssmt", "teacher_rl", "xlearner", "expand_rl", "expand_rl_alone", "expand_norl", "squeeze_norl"])
     ssst_source: str = ""               # the single source of SSST; default: the first cls source
+    jobs: int = 1                       # processes sharing the runs (each takes cpu_count / jobs threads)
+    optional_datasets: list[str] = field(default_factory=list)  # transfer datasets skipped, with the reason
+    #                                     printed, when their files are missing (Debian's Fashion-MNIST in CI)
     out: str = "runs/ablate"
 
 
@@ -217,13 +225,14 @@ def _from_dict(cls, data: dict, prefix: str):
 # The names the code accepts. config.py imports no torch, so these mirror the registries
 # (backbone.BACKBONES, reconcile.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS);
 # tests/test_bad_values.py checks that they agree.
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
 DET_HEADS = ("faster_rcnn",)
 SEG_HEADS = ("fpn", "deeplab")
 DISTILL_LOSSES = ("l2", "cka")
 PROTOCOLS = ("linear", "finetune")
-ABLATE_VARIANTS = ("ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl")
+ABLATE_VARIANTS = ("ssst", "ssmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone", "expand_norl",
+                   "xlearner", "squeeze_norl")
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): any image_size >= 1 trains with 2+ images per batch; 0
 # crashes in the resize. With ONE image per batch, training BatchNorm needs more than one value per
@@ -291,6 +300,10 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
     _check(s.train_fraction is None or 0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
            s.train_fraction)
     _check(s.epochs is None or s.epochs >= 1, f"{key}.epochs", "must be >= 1", s.epochs)
+    _at_least(s, key, 0, "train_subset", "val_subset")
+    for k in ("train_subset", "val_subset"):
+        _check(not getattr(s, k) or s.task == "cls", f"{key}.{k}", "is for cls datasets (a class-stratified subset)",
+               getattr(s, k))
     if trains and s.batch_size == 1:
         _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
                "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
@@ -310,6 +323,8 @@ def _validate_sources(cfg: Config) -> None:
             trains = where == "sources" or s.task != "cls" or (s.protocol or cfg.transfer.protocol) == "finetune"
             _validate_source(s, key, trains, cfg.model)
             if where == "sources":
+                _check(not (s.train_subset or s.val_subset), f"{key}.train_subset", "is for transfer datasets only",
+                       [s.train_subset, s.val_subset])
                 _check(s.task in cfg.model.tasks, f"{key}.task", f"must be in model.tasks {cfg.model.tasks}", s.task)
     _check(not cfg.sources or any(s.weight > 0 for s in cfg.sources), "sources.weight",
            "at least one source needs a weight > 0", [s.weight for s in cfg.sources])
@@ -360,6 +375,10 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
     _check(not ab.ssst_source or ab.ssst_source in cls, "ablate.ssst_source", f"must name a cls source {cls}",
            ab.ssst_source)
     _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
+    _check(ab.jobs >= 1, "ablate.jobs", "must be >= 1", ab.jobs)
+    names = [d.name for d in tc.datasets]
+    for d in ab.optional_datasets:
+        _check(d in names, "ablate.optional_datasets", f"must name transfer datasets {names}", d)
 
 
 def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:

@@ -89,6 +89,7 @@ class SourceDataset(Dataset):
     def __init__(self, src: SourceConfig, split: str, reader, train: bool):
         self.source, self.split, self.task, self.train = src, split, src.task, train
         self.reader = reader
+        self.indices: list[int] | None = None  # a subset of the reader's samples (transfer's train/val_subset)
         self.classes = list(reader.classes)
         self.num_classes = len(self.classes)  # det: without background
         self.transform = build_transform(src.task, train, src.image_size)
@@ -101,10 +102,12 @@ class SourceDataset(Dataset):
         return self.reader.coco
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.reader) if self.indices is None else len(self.indices)
 
     def __getitem__(self, key):
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        if self.indices is not None:
+            index = self.indices[index]
         try:
             img, target = self.reader.load(index)
         except BadSample as e:

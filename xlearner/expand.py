@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import data, dist, engine
+from .checkpoint import load_checkpoint
 from .config import Config, SourceConfig, check_tasks_have_sources
 from .evaluate import evaluate
 from .model import XLearnerModel
@@ -97,14 +98,19 @@ def compile_stages(model: nn.Module, **options) -> int:
     return 4 * len(trunks)
 
 
-def run(cfg: Config) -> Path:
-    """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path."""
+def run(cfg: Config, init: Path | None = None) -> Path:
+    """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path.
+
+    `init`: an expand checkpoint of the same model whose weights (branches, RLs, heads) start this run, with a
+    fresh optimiser and schedule (tools/ablate.py's "trained on instead of squeezed"); a resume overrides it."""
     check_tasks_have_sources(cfg.model, cfg.sources)
     device = dist.init_distributed()
     tc = cfg.expand
     engine.seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     datasets, num_classes = build_train_datasets(cfg.sources)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes)  # channels_last already, when configured
+    if init is not None:
+        model.load_state_dict(load_checkpoint(init)["model"])
     if cfg.model.compile:
         compile_stages(model)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),

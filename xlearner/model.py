@@ -128,6 +128,26 @@ class ExpandedNet(nn.Module):
         return {t: out[t] for t in self.tasks}
 
 
+class BranchWithRL(nn.Module):
+    """Branch `task` of an ExpandedNet *with* its RL inputs: the network the expanded model trained as.
+
+    Transferring an expanded model's branch alone drops what its RLs add from the
+    other branches, so it measures a network that never existed in training.
+    This wraps the whole ExpandedNet and returns branch `task`'s features as
+    `ExpandedNet.forward` computes them (every other branch runs as far as an RL
+    reads it). It looks like a Backbone to transfer.py (`arch`, `channels`, a
+    dict of stage features); at zero-initialised RLs it equals the branch alone."""
+
+    def __init__(self, net: ExpandedNet, task: str, arch: str):
+        super().__init__()
+        if task not in net.branches:
+            raise ValueError(f"branch {task!r}: the expanded model's branches are {net.tasks}")
+        self.net, self.task, self.arch, self.channels = net, task, arch, net.channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x, self.task)
+
+
 class _Plan:
     """Which branch runs which stage of one ExpandedNet forward, and with or without a graph.
 

@@ -62,15 +62,24 @@ def feature_dim(backbone: nn.Module) -> int:
 def dataset_labels(ds) -> list[int]:
     """Integer class labels of a single-label dataset, without decoding images where the reader knows them."""
     reader = getattr(ds, "reader", None)  # data.SourceDataset
+    labels = _reader_labels(reader) if reader is not None else None
+    if labels is None:
+        return [int(ds[i][1]) for i in range(len(ds))]  # the slow way: decode every image
+    indices = getattr(ds, "indices", None)  # a subset (train_subset / val_subset)
+    return labels if indices is None else [labels[i] for i in indices]
+
+
+def _reader_labels(reader) -> list[int] | None:
+    """Every label of a reader, where it holds them without decoding images; else None."""
     items = getattr(reader, "items", None)
     if isinstance(items, list) and items and isinstance(items[0], tuple) and isinstance(items[0][1], int):
         return [int(it[1]) for it in items]  # imagefolder / csv: (path, label)
     tv = getattr(reader, "ds", None)  # a torchvision.datasets object
     for attr in ("targets", "_labels", "labels", "y"):
         values = getattr(tv, attr, None)
-        if isinstance(values, (list, tuple, torch.Tensor)) and len(values) == len(ds):
+        if isinstance(values, (list, tuple, torch.Tensor)) and len(values) == len(reader):
             return [int(v) for v in values]
-    return [int(ds[i][1]) for i in range(len(ds))]  # the slow way: decode every image
+    return None
 
 
 def stratified_subset(labels, fraction: float, seed: int) -> list[int]:

@@ -69,13 +69,14 @@ from .results import mean_std, read_record, record_path, results_markdown, write
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
 RANDOM_SEED = 0                    # "random" = "random:0"
 RECORD_VERSION = 1                 # part of each result record's key: bump it if a protocol changes
+SUBSET_SEED = 0                    # train_subset / val_subset: one fixed subset for every seed and backbone
 
 
 # ----------------------------------------------------------------------------
 # backbones
 
 # blocks per stage (layer1..layer4) of torchvision's ResNets, and whether the block is a Bottleneck
-RESNET_LAYOUTS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+RESNET_LAYOUTS = {((1, 1, 1, 1), False): "resnet10", ((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
                   ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
                   ((3, 8, 36, 3), True): "resnet152"}
 
@@ -86,12 +87,13 @@ def infer_arch(state: dict) -> str | None:
     return RESNET_LAYOUTS.get((blocks, "layer1.0.conv3.weight" in state))
 
 
-def load_backbone(spec: str, arch: str, branch: str | None = None):
+def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool = False):
     """Build a model.Backbone from `spec`; returns (backbone, info).
 
     spec: a torchvision-format state_dict (.pth), a run checkpoint (expand or
     squeeze, recognised by its "model" and "meta" keys; `branch` picks an
-    expand branch, default the first task), a torchvision weights name such as
+    expand branch, default the first task; `with_rl` keeps the whole expanded
+    network, the branch with its RL inputs: model.BranchWithRL), a torchvision weights name such as
     "ResNet18_Weights.IMAGENET1K_V1" (downloaded only in that case), or
     "random" / "random:SEED". info["hash"] identifies the weights and keys the
     feature cache and the finished results: the file's sha256 (with the branch
@@ -100,9 +102,11 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
     state_dict by its block layout), so any ResNet can be evaluated with one config.
     """
     from .backbone import build_backbone, load_torchvision_state_dict
-    from .model import backbone_state_dict, model_from_checkpoint
+    from .model import BranchWithRL, backbone_state_dict, model_from_checkpoint
 
     info = {"spec": spec, "arch": arch}
+    if with_rl and not os.path.isfile(spec):
+        raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint (a file)")
     if spec == "random" or spec.startswith("random:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else RANDOM_SEED
         with torch.random.fork_rng(devices=[]):
@@ -129,8 +133,16 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
             arch = ckpt["meta"].get("arch", arch)
             if ckpt["meta"].get("kind") == "expanded" and not model.mcfg.shared_backbone:
                 branch = branch or model.tasks[0]  # the default branch, named so that the hash is the same
-            info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch,
-                        hash=sha256_text(f"{info['file_sha256']}:{branch}"))
+            elif with_rl:
+                raise ConfigError(f"{spec}: --with-rl needs an expand checkpoint with one branch per task, "
+                                  f"not a {'shared-backbone ' if model.mcfg.shared_backbone else ''}"
+                                  f"{ckpt['meta'].get('kind')} one")
+            info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch, with_rl=with_rl,
+                        hash=sha256_text(f"{info['file_sha256']}:{branch}" + (":with-rl" if with_rl else "")))
+            if with_rl:
+                return BranchWithRL(model.backbone, branch, arch).eval(), info
+        elif with_rl:
+            raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint, not a plain state_dict")
         else:
             state = ckpt
             arch = infer_arch(state) or arch
@@ -146,6 +158,15 @@ def load_backbone(spec: str, arch: str, branch: str | None = None):
 # ----------------------------------------------------------------------------
 # linear probe (probe.py) on one dataset
 
+def open_split(src: SourceConfig, split: str, train: bool):
+    """data.build_dataset, cut to the dataset's fixed class-stratified `train_subset` / `val_subset` if set."""
+    ds = data.build_dataset(src, split, train=train)
+    n = src.train_subset if split == "train" else src.val_subset
+    if n and n < len(ds):
+        ds.indices = stratified_subset(dataset_labels(ds), n / len(ds), SUBSET_SEED)
+    return ds
+
+
 def _check_single_label(src: SourceConfig) -> None:
     if src.multi_label:
         raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
@@ -158,7 +179,7 @@ def linear_transfer(backbone, info: dict, src: SourceConfig, tc: TransferConfig,
     backbone.to(device).eval()
     splits = {}
     for split in ("train", "val"):
-        ds = data.build_dataset(src, split, train=False)  # eval transforms: resize + center crop
+        ds = open_split(src, split, train=False)  # eval transforms: resize + center crop
         # the batch size does not change the features: take the larger of the two
         splits[split] = cached_features(backbone, info, src, split, ds, cache_dir, device,
                                         max(src.batch_size, tc.batch_size), tc.workers)
@@ -202,8 +223,8 @@ class _HeadModel(nn.Module):
 
     def __init__(self, cfg: Config, src: SourceConfig, backbone, num_classes: int):
         super().__init__()
-        from .backbone import load_torchvision_state_dict
-        from .model import XLearnerModel
+        from .backbone import freeze_bn, load_torchvision_state_dict
+        from .model import BranchWithRL, XLearnerModel
         sizes = {k: getattr(cfg.model, k) for k in HEAD_KEYS}
         # detection practice: BN frozen (small per-GPU batches); seg keeps BN trainable when fine-tuned
         frozen_bn = src.task == "det" or bool(src.freeze_backbone)
@@ -211,8 +232,11 @@ class _HeadModel(nn.Module):
                            frozen_bn=frozen_bn, **sizes)
         self.name = src.name
         self.model = XLearnerModel(mcfg, [src], {src.name: num_classes})
+        if isinstance(backbone, BranchWithRL):  # the whole expanded network stands in for the backbone
+            self.model.backbone = freeze_bn(copy.deepcopy(backbone)) if frozen_bn else copy.deepcopy(backbone)
+        else:
+            load_torchvision_state_dict(self.model.backbone, backbone.state_dict(), f"backbone for {src.name}")
         self.backbone = self.model.backbone
-        load_torchvision_state_dict(self.backbone, backbone.state_dict(), f"backbone for {src.name}")
 
     def predict(self, images, source=None):
         return self.model.predict(images, self.name)
@@ -284,8 +308,8 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
     """
     tc = cfg.transfer
     torch.manual_seed(seed)  # head initialisation
-    train_ds = data.build_dataset(src, "train", train=True)
-    val_ds = data.build_dataset(src, "val", train=False)
+    train_ds = open_split(src, "train", train=True)
+    val_ds = open_split(src, "val", train=False)
     num_classes = src.num_classes or train_ds.num_classes
     if src.task == "cls":
         model = _Classifier(copy.deepcopy(backbone), num_classes, src.multi_label)
@@ -346,7 +370,7 @@ def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
     for src in datasets:
         if src.task == "cls" and src.protocol == "linear":
             _check_single_label(src)
-        splits = {split: dataset_hash(src, split, data.build_dataset(src, split, train=False))
+        splits = {split: dataset_hash(src, split, open_split(src, split, train=False))
                   for split in ("train", "val")}
         keys[src.name] = dataset_key(src, cfg, splits)
     return keys
@@ -376,7 +400,7 @@ def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: 
 
 
 def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branch: str | None = None,
-        out: str | None = None) -> dict:
+        out: str | None = None, with_rl: bool = False) -> dict:
     """Every backbone on every transfer dataset for every seed; writes results.json and results.md.
 
     Fails fast: every backbone is loaded and every dataset opened before the first training step.
@@ -391,7 +415,7 @@ def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branc
     if not cfg.transfer.datasets:
         raise ConfigError("transfer.datasets is empty: add [[transfer.datasets]] tables to the config")
     datasets = [resolve(d, cfg.transfer) for d in cfg.transfer.datasets]
-    loaded = [load_backbone(spec, cfg.model.arch, branch) for spec in backbones]
+    loaded = [load_backbone(spec, cfg.model.arch, branch, with_rl) for spec in backbones]
     data_keys = open_datasets(datasets, cfg)
     paths, done = _finished(out, cfg, loaded, names, datasets, data_keys)
     results = {"config": cfg.to_dict(), "backbones": [],

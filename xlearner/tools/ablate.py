@@ -1,187 +1,260 @@
 """The paper's central comparison, in miniature: does learning across sources and tasks help?
 
-Every variant is trained on the same data budget (the same steps and the same
-per-source batch sizes, so the same number of images per source it uses) and
-then transferred to the same downstream datasets, for several seeds:
+Every variant gets the same budget: expand.steps + squeeze.steps optimiser
+steps, each step one batch of the same size from every source it uses. X-Learner
+spends it as expand + RL (the teacher), then squeeze; the others spend it all
+on training one model:
 
-    ssst          one backbone, one cls source (single-source single-task)
-    ssmt          one shared backbone with every head (hard sharing)
-    expand_norl   task-specific backbones, no reconciliation (reconcile = "none")
-    expand_rl     task-specific backbones + reconciliation layers (the config's reconcile)
-    xlearner      expand_rl, then squeeze: X-Learner
-    squeeze_norl  expand_norl, then squeeze: what the RL adds after condensing
+    ssst             one backbone, one cls source (single-source single-task)
+    ssmt             one shared backbone with every head and source (hard sharing)
+    teacher_rl       expand + RL for expand.steps: X-Learner's teacher, itself half the budget
+    xlearner         teacher_rl, then squeeze for squeeze.steps: X-Learner
+    expand_rl        teacher_rl trained on for squeeze.steps (a fresh warmup + cosine) instead of squeezed
+    expand_rl_alone  expand_rl's branches transferred without their RL inputs (a second row, not a run)
+    teacher_norl, expand_norl, squeeze_norl   the same three without RL (reconcile = "none")
 
-Expanded variants are transferred with the branch that matches each downstream
-task (cls branch for cls datasets, ...). The output (`ablation.md`,
-`ablation.json`, and `ablation.png` if matplotlib is installed) has datasets as
-rows, variants as columns (mean ± std over seeds), per-task means, and each
-variant's gain over SSST in points.
+Expanded variants are transferred as they were trained: the branch that
+matches each downstream task *with* its RL inputs (model.BranchWithRL).
+ssst and ssmt start from scratch with one warmup + cosine over the whole budget;
+the expanded variants all share their first expand.steps with X-Learner's
+teacher, so each comparison with X-Learner asks what the last squeeze.steps are
+best spent on. Runs and transfers resume: a finished run (its metrics.json at
+its last step) and a finished transfer (scores.json) are reused, a killed one
+resumes from its checkpoint or transfer records, so the table can be built
+across several sittings. `ablate.jobs` processes share the work, a seed at a
+time. The statistics and the table are ablate_report.py's.
 """
 from __future__ import annotations
 
 import copy
 import json
+import multiprocessing as mp
+import os
+import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import dist, expand, squeeze, transfer
 from ..config import Config, ConfigError
-from ..results import mean_std
+from ..datasets import DataError
+from . import ablate_report
 
 
 @dataclass
 class Variant:
-    stage: str                                   # expand | squeeze
+    stage: str = "expand"                        # expand | squeeze | none (another run, transferred differently)
     model: dict = field(default_factory=dict)    # ModelConfig changes (expand)
+    budget: str = "both"                         # steps: "expand", "squeeze" or "both" (expand + squeeze)
+    init: str = ""                               # expand: start from this variant's final weights
     teacher: str = ""                            # squeeze: which expand variant teaches
-    branch_per_task: bool = False                # transfer with the branch matching the task
+    run: str = ""                                # stage "none": whose checkpoint to transfer
+    transfer: str = "backbone"                   # backbone | branch (per task, alone) | branch+rl (per task, with RL)
+    label: str = ""
 
 
+NORL = {"reconcile": "none"}
 VARIANTS = {
-    "ssst": Variant("expand", {"tasks": ["cls"], "reconcile": "none"}),
-    "ssmt": Variant("expand", {"shared_backbone": True, "reconcile": "none"}),
-    "expand_norl": Variant("expand", {"reconcile": "none"}, branch_per_task=True),
-    "expand_rl": Variant("expand", {}, branch_per_task=True),
-    "xlearner": Variant("squeeze", teacher="expand_rl"),
-    "squeeze_norl": Variant("squeeze", teacher="expand_norl"),
+    "ssst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, label="SSST"),
+    "ssmt": Variant(model={"shared_backbone": True, "reconcile": "none"}, label="SSMT (hard sharing)"),
+    "teacher_rl": Variant(budget="expand", transfer="branch+rl", label="X-Learner's teacher (expand + RL)"),
+    "teacher_norl": Variant(model=NORL, budget="expand", transfer="branch", label="Expand, no RL (teacher)"),
+    "expand_rl": Variant(budget="squeeze", init="teacher_rl", transfer="branch+rl", label="Expand + RL"),
+    "expand_rl_alone": Variant(stage="none", run="expand_rl", transfer="branch", label="Expand + RL, branch alone"),
+    "expand_norl": Variant(model=NORL, budget="squeeze", init="teacher_norl", transfer="branch",
+                           label="Expand, no RL"),
+    "xlearner": Variant(stage="squeeze", budget="squeeze", teacher="teacher_rl", label="X-Learner"),
+    "squeeze_norl": Variant(stage="squeeze", budget="squeeze", teacher="teacher_norl", label="Squeeze of no-RL"),
 }
-LABELS = {"ssst": "SSST", "ssmt": "SSMT (hard sharing)", "expand_norl": "Expand, no RL", "expand_rl": "Expand + RL",
-          "xlearner": "X-Learner (expand+RL, squeeze)", "squeeze_norl": "Squeeze of no-RL expand"}
+# Work units: each chain is trained in this order by one process (a variant after the one it starts from).
+CHAINS = (("teacher_rl", "expand_rl", "xlearner", "expand_rl_alone"),
+          ("teacher_norl", "expand_norl", "squeeze_norl"), ("ssmt",), ("ssst",))
 
 
 def quick(cfg: Config) -> Config:
-    """Smoke-test sizes: a handful of steps, one transfer epoch, two seeds."""
+    """Smoke-test sizes: a handful of steps, one transfer epoch, small downstream subsets, two seeds."""
     cfg = copy.deepcopy(cfg)
     for tc in (cfg.expand, cfg.squeeze):
         tc.steps, tc.warmup_steps, tc.eval_every, tc.ckpt_every, tc.log_every = 4, 1, 0, 100, 2
     cfg.transfer.epochs = 1
+    for d in cfg.transfer.datasets:
+        d.train_subset, d.val_subset = min(d.train_subset, 200) or 0, min(d.val_subset, 100) or 0
     cfg.ablate.seeds = cfg.ablate.seeds[:2]
     return cfg
+
+
+def budget(cfg: Config, name: str) -> int:
+    """Optimiser steps of one variant, counting the runs it starts from (its teacher or init)."""
+    v = VARIANTS[name]
+    if v.stage == "none":
+        return budget(cfg, v.run)
+    own = {"expand": cfg.expand.steps, "squeeze": cfg.squeeze.steps,
+           "both": cfg.expand.steps + cfg.squeeze.steps}[v.budget]
+    before = v.init or v.teacher
+    return own + (budget(cfg, before) if before else 0)
 
 
 def variant_config(cfg: Config, name: str, seed: int, out: Path) -> Config:
     v = VARIANTS[name]
     c = copy.deepcopy(cfg)
     c.expand.seed = c.squeeze.seed = seed
-    c.expand.out = str(out / f"seed{seed}" / name)
-    c.squeeze.out = str(out / f"seed{seed}" / name)
-    if v.stage == "expand":
-        for k, val in v.model.items():
-            setattr(c.model, k, val)
-        if name == "ssst":
-            cls_sources = [s for s in c.sources if s.task == "cls"]
-            pick = cfg.ablate.ssst_source or (cls_sources[0].name if cls_sources else "")
-            c.sources = [s for s in c.sources if s.name == pick]
-            if not c.sources:
-                raise ConfigError(f"ablate.ssst_source: no cls source named {pick!r}")
+    c.expand.out = c.squeeze.out = str(run_dir(out, seed, name))
+    steps = {"expand": cfg.expand.steps, "squeeze": cfg.squeeze.steps,
+             "both": cfg.expand.steps + cfg.squeeze.steps}[v.budget]
+    tc = c.squeeze if v.stage == "squeeze" else c.expand
+    tc.steps, tc.warmup_steps = steps, min(tc.warmup_steps, steps - 1)
+    for k, val in v.model.items():
+        setattr(c.model, k, val)
+    if name == "ssst":
+        cls_sources = [s for s in c.sources if s.task == "cls"]
+        pick = cfg.ablate.ssst_source or (cls_sources[0].name if cls_sources else "")
+        c.sources = [s for s in c.sources if s.name == pick]
+        if not c.sources:
+            raise ConfigError(f"ablate.ssst_source: no cls source named {pick!r}")
     return c
 
 
-def train_variant(cfg: Config, name: str, seed: int, out: Path) -> Path:
-    """Train one variant (resuming if its run dir has a checkpoint); returns its checkpoint."""
-    c = variant_config(cfg, name, seed, out)
+def run_dir(out: Path, seed: int, name: str) -> Path:
     v = VARIANTS[name]
-    dist.log(f"[ablate] seed {seed}: {name} ({v.stage})")
+    return out / f"seed{seed}" / (v.run if v.stage == "none" else name)
+
+
+def finished(run: Path, steps: int) -> bool:
+    """A run whose final evaluation is written (engine: metrics.json at its last step)."""
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("step") == steps
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def train_variant(cfg: Config, name: str, seed: int, out: Path) -> Path:
+    """Train one variant (skipped when finished, resumed from its checkpoint when killed); its checkpoint."""
+    v = VARIANTS[name]
+    c = variant_config(cfg, name, seed, out)
+    ckpt = run_dir(out, seed, name) / "checkpoint.pt"
+    if v.stage == "none":
+        return ckpt
+    steps = (c.squeeze if v.stage == "squeeze" else c.expand).steps
+    if finished(ckpt.parent, steps):
+        return ckpt
+    dist.log(f"[ablate] seed {seed}: {name} ({v.stage}, {steps} steps)")
     if v.stage == "expand":
-        return expand.run(c)
-    teacher = out / f"seed{seed}" / v.teacher / "checkpoint.pt"
-    squeeze.run(c, teacher)
-    return Path(c.squeeze.out) / "checkpoint.pt"
+        init = run_dir(out, seed, v.init) / "checkpoint.pt" if v.init else None
+        return expand.run(c, init=init)
+    squeeze.run(c, run_dir(out, seed, v.teacher) / "checkpoint.pt")
+    return ckpt
 
 
 def transfer_variant(cfg: Config, name: str, ckpt: Path, seed: int, out: Path) -> dict[str, float]:
-    """{downstream dataset: primary metric} for one trained variant and seed."""
-    scores = {}
-    tasks = sorted({d.task for d in cfg.transfer.datasets})
-    for task in tasks:
+    """{downstream dataset: primary metric} of one trained variant and seed (reused from scores.json)."""
+    where = out / f"seed{seed}" / "transfer" / name
+    done = where / "scores.json"
+    names = [d.name for d in cfg.transfer.datasets]
+    if done.exists() and sorted(scores := json.loads(done.read_text())) == sorted(names):
+        return scores
+    v, scores = VARIANTS[name], {}
+    for task in sorted({d.task for d in cfg.transfer.datasets}):
         c = copy.deepcopy(cfg)
         c.transfer.datasets = [d for d in cfg.transfer.datasets if d.task == task]
         c.transfer.seeds = [seed]
-        v = VARIANTS[name]
-        branch = task if v.branch_per_task else ("cls" if name == "ssst" else None)
-        res = transfer.run(c, [str(ckpt)], [name], branch, str(out / f"seed{seed}" / "transfer" / f"{name}-{task}"))
-        for d in c.transfer.datasets:
-            scores[d.name] = res["results"][d.name][name]["mean"]
+        branch = task if v.transfer != "backbone" else ("cls" if name == "ssst" else None)
+        res = transfer.run(c, [str(ckpt)], [name], branch, str(where / task), with_rl=v.transfer == "branch+rl")
+        scores.update({d.name: res["results"][d.name][name]["mean"] for d in c.transfer.datasets})
+    where.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(scores, indent=2))
     return scores
 
 
-def summarise(cfg: Config, scores: dict[str, dict[int, dict[str, float]]]) -> dict:
-    """scores[variant][seed][dataset] -> per dataset and per task mean ± std, and gains over the first variant."""
-    variants = list(scores)
-    tasks = {d.name: d.task for d in cfg.transfer.datasets}
-    rows = {}
-    for d in tasks:
-        rows[d] = {v: mean_std([scores[v][s][d] for s in scores[v]]) for v in variants}
-    for task in ("cls", "det", "seg"):
-        names = [d for d, t in tasks.items() if t == task]
-        if names:  # per-seed task mean first, then mean ± std over seeds
-            rows[f"{task} mean"] = {v: mean_std([sum(scores[v][s][d] for d in names) / len(names) for s in scores[v]])
-                                    for v in variants}
-    return {"variants": variants, "seeds": sorted(next(iter(scores.values()))), "rows": rows, "scores": scores}
+def run_chain(cfg: Config, chain: tuple[str, ...], seed: int, out: Path) -> None:
+    """Train, then transfer, every variant of one chain for one seed (the wanted ones only)."""
+    for name in chain:
+        if name in needed(cfg.ablate.variants):
+            ckpt = train_variant(cfg, name, seed, out)
+            if name in cfg.ablate.variants:
+                transfer_variant(cfg, name, ckpt, seed, out)
 
 
-def to_markdown(summary: dict) -> str:
-    variants, base = summary["variants"], summary["variants"][0]
-    head = ["dataset", *[LABELS.get(v, v) for v in variants], *[f"{v} − {base}" for v in variants[1:]]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, vals in summary["rows"].items():
-        cells = [f"{vals[v][0]:.2f} ± {vals[v][1]:.2f}" for v in variants]
-        gains = [f"{vals[v][0] - vals[base][0]:+.2f}" for v in variants[1:]]
-        name = f"**{row}**" if row.endswith(" mean") else row
-        lines.append("| " + " | ".join([name, *cells, *gains]) + " |")
-    return "\n".join(lines) + f"\n\nmean ± std over seeds {summary['seeds']}; gains in points over {LABELS.get(base, base)}.\n"
+def needed(variants: list[str]) -> set[str]:
+    """The variants to train: the wanted ones and every run they start from."""
+    todo = set(variants)
+    for name in variants:
+        v = VARIANTS[name]
+        for before in (v.init, v.teacher, v.run):
+            if before:
+                todo |= needed([before])
+    return todo
 
 
-def plot(summary: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        dist.log("[ablate] matplotlib not installed (pip install .[plots]): ablation.png skipped")
-        return False
-    rows, variants = list(summary["rows"]), summary["variants"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        means = [summary["rows"][r][v][0] for r in rows]
-        stds = [summary["rows"][r][v][1] for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], means, width, yerr=stds, label=LABELS.get(v, v), capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], rows, rotation=20)
-    ax.set_ylabel("score (%)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+def drop_missing_datasets(cfg: Config) -> list[str]:
+    """Remove the `ablate.optional_datasets` whose files are not there, saying why; returns their names."""
+    dropped = []
+    for d in list(cfg.transfer.datasets):
+        if d.name not in cfg.ablate.optional_datasets:
+            continue
+        try:
+            transfer.open_split(transfer.resolve(d, cfg.transfer), "val", train=False)
+        except DataError as e:
+            dist.log(f"[ablate] skipping downstream dataset {d.name}: its files are missing "
+                     f"({str(e).splitlines()[-1].strip()})")
+            cfg.transfer.datasets.remove(d)
+            dropped.append(d.name)
+    return dropped
 
 
-def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n_seeds: int | None = None) -> dict:
+def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
+    """One of ablate.jobs processes: take (chain, seed) units until none is left."""
+    import torch
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            chain, seed = units.get_nowait()
+        except queue.Empty:
+            return
+        run_chain(cfg, chain, seed, Path(cfg.ablate.out))
+
+
+def train_all(cfg: Config, jobs: int) -> None:
+    """Every (chain, seed) unit, seed by seed, in `jobs` processes (1: in this one)."""
+    units = [(chain, seed) for seed in cfg.ablate.seeds for chain in CHAINS
+             if any(n in needed(cfg.ablate.variants) for n in chain)]
+    if jobs <= 1:
+        for chain, seed in units:
+            run_chain(cfg, chain, seed, Path(cfg.ablate.out))
+        return
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    for u in units:
+        q.put(u)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker, args=(cfg, q, threads), name=f"ablate-{k}") for k in range(jobs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [f"{p.name} exited {p.exitcode}" for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"ablate: {', '.join(failed)}; re-run the same command to resume")
+
+
+def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n_seeds: int | None = None,
+        jobs: int | None = None) -> dict:
     """Train and transfer every variant for every seed under `ablate.out`; write the table to `report_dir`."""
     out = Path(cfg.ablate.out)
     report_dir = Path(report_dir or out)
-    if quick_mode:
-        cfg = quick(cfg)
+    cfg = quick(cfg) if quick_mode else copy.deepcopy(cfg)
     if n_seeds:
         cfg.ablate.seeds = list(range(n_seeds))
     unknown = [v for v in cfg.ablate.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"ablate.variants: unknown {unknown} (choose from {list(VARIANTS)})")
-    # Squeeze variants need their teacher, so train in registry order.
-    variants = [v for v in VARIANTS if v in cfg.ablate.variants or
-                any(VARIANTS[w].teacher == v for w in cfg.ablate.variants)]
-    scores: dict[str, dict[int, dict[str, float]]] = {v: {} for v in cfg.ablate.variants}
+    skipped = drop_missing_datasets(cfg)
+    train_all(cfg, jobs or cfg.ablate.jobs)
+    scores = {v: {} for v in VARIANTS if v in cfg.ablate.variants}
     for seed in cfg.ablate.seeds:
-        for v in variants:
-            ckpt = train_variant(cfg, v, seed, out)
-            if v in scores:
-                scores[v][seed] = transfer_variant(cfg, v, ckpt, seed, out)
-    summary = summarise(cfg, scores)
+        for v in scores:
+            scores[v][seed] = transfer_variant(cfg, v, run_dir(out, seed, v) / "checkpoint.pt", seed, out)
+    summary = ablate_report.summarise(cfg, scores, {v: budget(cfg, v) for v in scores},
+                                      ablate_report.squeeze_ratios(out, cfg.ablate.seeds, cfg, scores), skipped)
     if dist.is_main_process():
-        report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / "ablation.json").write_text(json.dumps(summary, indent=2))
-        md = to_markdown(summary)
-        (report_dir / "ablation.md").write_text(md)
-        plot(summary, report_dir / "ablation.png")
-        dist.log("\n" + md)
+        ablate_report.write(summary, report_dir, {v: VARIANTS[v].label for v in scores})
         dist.log(f"[ablate] wrote {report_dir / 'ablation.md'} and ablation.json (runs in {out})")
     return summary
