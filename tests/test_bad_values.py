@@ -40,7 +40,7 @@ BAD = [
     ("sources.a.image_size=0", "sources.a.image_size: must be >= 1, got 0"),
     ("expand.lr=-0.1", "expand.lr: must be > 0, got -0.1"),
     ("expand.workers=-1", "expand.workers: must be >= 0, got -1"),
-    ('model.arch="resnet9"', "model.arch: expected resnet18|resnet34|resnet50|resnet101|resnet152, got 'resnet9'"),
+    ('model.arch="resnet9"', "model.arch: expected resnet10|resnet18|resnet34|resnet50|resnet101|resnet152, got 'resnet9'"),
     ("model.reconcile_stages=[5]", "model.reconcile_stages: stages are 1..4 (layer1..layer4), got [5]"),
     ("expand.steps=-3", "expand.steps: must be >= 1, got -3"),
     ("expand.ckpt_every=-5", "expand.ckpt_every: must be >= 0, got -5"),
@@ -92,8 +92,12 @@ BAD = [
     ("transfer.seeds=[]", "transfer.seeds: needs distinct seeds >= 0, got []"),
     ("transfer.l2_grid=[-1.0]", "transfer.l2_grid: needs values >= 0, got [-1.0]"),
     ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
-    ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|ssmt|expand_norl|expand_rl|xlearner|"
-                                        "squeeze_norl, got 'mtl'"),
+    ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|ssmt|teacher_rl|teacher_norl|expand_rl|"
+                                        "expand_rl_alone|expand_norl|xlearner|squeeze_norl, got 'mtl'"),
+    ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
+    ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
+    ("sources.a.train_subset=10", "sources.a.train_subset: is for transfer datasets only, got [10, 0]"),
+    ("sources.a.val_subset=-1", "sources.a.val_subset: must be >= 0, got -1"),
     ('ablate.ssst_source="b"', "ablate.ssst_source: must name a cls source ['a'], got 'b'"),
 ]
 

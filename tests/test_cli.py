@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,20 +124,52 @@ def test_expand_export_and_bench(tiny, tmp_path):
             assert result["ratio"] == pytest.approx(a / b, rel=0.01, abs=0.002)
 
 
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist; absent on CI
+FASHION_TOML = f"""
+[[transfer.datasets]]
+name = "FashionMNIST"
+task = "cls"
+format = "torchvision"
+root = "{FASHION}"
+image_size = 32
+batch_size = 64
+train_subset = 10000
+val_subset = 2000
+
+[ablate]
+optional_datasets = ["FashionMNIST"]
+"""
+
+
 def test_ablate_quick(tiny, tmp_path):
-    root, toml = tiny
-    # One seed: every variant still trains and transfers, at half the disk (each 3-branch ResNet-18
-    # expand checkpoint is ~425 MB); mean ± std over seeds is checked by hand in test_ablate.py.
-    run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report"),
-        *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
+    root, _ = tiny
+    toml = demo_toml(root / "world", root / "runs", tmp_path / "ablate.toml", extra=FASHION_TOML)
+    # One seed: every variant still trains and transfers, at a fraction of the disk; the statistics over
+    # seeds are checked by hand in test_ablate.py.
+    res = run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report"),
+              *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
     summary = json.loads((tmp_path / "report" / "ablation.json").read_text())
-    assert summary["variants"] == ["ssst", "ssmt", "expand_norl", "expand_rl", "xlearner", "squeeze_norl"]
+    assert summary["variants"] == [
+        "ssst", "ssmt", "teacher_rl", "expand_rl", "expand_rl_alone", "expand_norl", "xlearner", "squeeze_norl"]
+    assert summary["budgets"] == {"ssst": 8, "ssmt": 8, "teacher_rl": 4, "expand_rl": 8, "expand_rl_alone": 8,
+                                  "expand_norl": 8, "xlearner": 8, "squeeze_norl": 8}
     assert summary["seeds"] == [0]
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed0"]
-    assert list(summary["rows"]) == ["novel-cls", "count-cls", "novel-det", "novel-seg", "cls mean", "det mean", "seg mean"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "seed0").iterdir()) == [
+        "expand_norl", "expand_rl", "ssmt", "ssst", "squeeze_norl", "teacher_norl", "teacher_rl", "transfer", "xlearner"]
+    fashion = ["FashionMNIST"] if FASHION.is_dir() else []
+    assert list(summary["rows"]) == ["novel-cls", "count-cls", "novel-det", "novel-seg", *fashion,
+                                     "cls mean", "det mean", "seg mean"]
+    if not fashion:  # skipped with its reason, and nothing else fails
+        assert "[ablate] skipping downstream dataset FashionMNIST: its files are missing" in res.stdout
+        assert summary["skipped_datasets"] == ["FashionMNIST"]
+    # the expanded variants are transferred with their RL inputs; "branch alone" is its own row
+    assert summary["claims"][0]["claim"] == "X-Learner vs SSST" and {c["verdict"] for c in summary["claims"]} <= {
+        "win", "loss", "tie", "undecided"}
+    assert set(summary["squeeze_ratios"]) == {"xlearner", "squeeze_norl"}
     md = (tmp_path / "report" / "ablation.md").read_text().splitlines()
-    assert md[0] == ("| dataset | SSST | SSMT (hard sharing) | Expand, no RL | Expand + RL | X-Learner (expand+RL, squeeze) "
-                     "| Squeeze of no-RL expand | ssmt − ssst | expand_norl − ssst | expand_rl − ssst | xlearner − ssst "
-                     "| squeeze_norl − ssst |")
-    assert [row.split(" | ")[0] for row in md[2:9]] == ["| novel-cls", "| count-cls", "| novel-det", "| novel-seg",
-                                                       "| **cls mean**", "| **det mean**", "| **seg mean**"]
+    assert md[0] == ("| dataset | SSST | SSMT (hard sharing) | X-Learner's teacher (expand + RL) | Expand + RL "
+                     "| Expand + RL, branch alone | Expand, no RL | X-Learner | Squeeze of no-RL |")
+    assert md[2] == "| steps | 8 | 8 | 4 | 8 | 8 | 8 | 8 | 8 |"
+    assert [row.split(" | ")[0] for row in md[3:10 + len(fashion)]] == [
+        "| novel-cls", "| count-cls", "| novel-det", "| novel-seg", *[f"| {f}" for f in fashion],
+        "| **cls mean**", "| **det mean**", "| **seg mean**"]

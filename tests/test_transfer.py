@@ -413,3 +413,49 @@ def test_with_rl_probe_det_and_seg_heads_run(demo_config, tmp_path):
         (d,) = c.transfer.datasets
         score = res["results"][d.name]["x"]["per_seed"][0][{"cls": "top1", "det": "AP50", "seg": "mIoU"}[task]]
         assert 0 <= score <= 100
+
+
+def test_resnet10_exports_into_torchvisions_resnet_class(tmp_path):
+    """model.arch = "resnet10" is torchvision's own ResNet(BasicBlock, [1, 1, 1, 1]): its export loads there."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+    from xlearner.backbone import build_backbone
+    from xlearner.model import backbone_state_dict
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10")
+    sd = backbone_state_dict(backbone)
+    target = ResNet(BasicBlock, [1, 1, 1, 1])
+    result = target.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
+    assert transfer.infer_arch(sd) == "resnet10"
+    pth = tmp_path / "r10.pth"
+    torch.save(sd, pth)
+    loaded, info = transfer.load_backbone(str(pth), "resnet50")  # the file says its own arch
+    assert info["arch"] == loaded.arch == "resnet10"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        target.eval(), loaded.eval(), backbone.eval()
+        pooled = loaded(x)["layer4"].mean((2, 3))
+        tv = torch.flatten(target.avgpool(target.layer4(target.layer3(target.layer2(target.layer1(
+            target.maxpool(target.relu(target.bn1(target.conv1(x))))))))), 1)
+    assert torch.equal(pooled, tv)
+
+
+def test_fixed_train_and_val_subsets_are_class_stratified(tmp_path):
+    """train_subset / val_subset: one class-stratified subset, the same whatever the seed."""
+    root = tmp_path / "ds"
+    for split, n in (("train", 12), ("val", 6)):
+        for c, rgb in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), rgb).save(root / split / c / f"{i}.png")
+    src = SourceConfig(name="d", task="cls", format="imagefolder", train=str(root / "train"), val=str(root / "val"),
+                       image_size=16, train_subset=9, val_subset=6)
+    train, val = transfer.open_split(src, "train", False), transfer.open_split(src, "val", False)
+    assert len(train) == 9 and len(val) == 6
+    assert Counter(probe.dataset_labels(train)) == {0: 3, 1: 3, 2: 3}
+    assert Counter(probe.dataset_labels(val)) == {0: 2, 1: 2, 2: 2}
+    assert [train[i][1] for i in range(9)] == probe.dataset_labels(train)  # the labels follow the subset
+    again = transfer.open_split(src, "train", False)
+    assert again.indices == train.indices  # fixed: not drawn per seed
+    full = transfer.open_split(SourceConfig(**{**src.__dict__, "train_subset": 0}), "train", False)
+    assert len(full) == 36 and full.indices is None
