@@ -1,18 +1,12 @@
-"""Run configuration: one TOML file describes a whole X-Learner run.
+"""Run configuration: one TOML file describes a whole X-Learner run (docs/DESIGN.md §3).
 
-The file has a `[model]` table, one `[[sources]]` table per upstream source,
-`[expand]` and `[squeeze]` tables for the two training stages, and a
-`[transfer]` table with its `[[transfer.datasets]]` (docs/DESIGN.md §3). It is read
-with the standard library's `tomllib` into the dataclasses below, so every
-key, its type and its default is written down in exactly one place.
-
-Unknown keys, wrong types and bad values (out of range, not an allowed name,
-inconsistent with another key: the `_validate_*` functions below) fail at
-load time, before any torch import, with the file, the dotted key, the value
-and what is allowed. A legal but probably unintended value (a warmup as long
-as the run) prints one warning line. `--set expand.steps=50` overrides any
-key with the same checks. The resolved config is saved as JSON next to every
-checkpoint (`to_dict`).
+`[model]`, one `[[sources]]` per upstream source, `[expand]`, `[squeeze]`, `[transfer]` with its
+`[[transfer.datasets]]`, and `[ablate]`, read with `tomllib` into the dataclasses below: every key,
+its type and its default is written down in exactly one place. Unknown keys, wrong types and bad
+values (the `_validate_*` functions) fail at load time, before any torch import, naming the file,
+the dotted key, the value and what is allowed; a legal but probably unintended value prints one
+warning. `--set expand.steps=50` overrides any key with the same checks. The resolved config is
+saved as JSON next to every checkpoint (`to_dict`).
 """
 from __future__ import annotations
 
@@ -36,26 +30,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"              # resnet10 (ours: torchvision ResNet, 1 BasicBlock per stage) | resnet18/34/50/101/152
+    arch: str = "resnet18"              # resnet10 (torchvision's ResNet, 1 BasicBlock a stage) | resnet18/34/50/101/152
     pretrained: str = ""                # "", a state_dict path, or a torchvision weights name
     tasks: list[str] = field(default_factory=lambda: ["cls", "det", "seg"])
     reconcile: str = "hrnet"            # hrnet | scalar | cross_stitch | none
     reconcile_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     reconcile_detach: bool = True       # stop gradients into the other branches
-    reconcile_width: float = 1.0        # hrnet: 1.0 = HRNet's full-width fuse paths; < 1 runs every path
-                                        # at width * C_l channels, summed, then one shared 1x1 widening
-                                        # (1/16 cuts the ResNet-50 RL from 6.8 to 0.63 GMACs; recipes use it)
-    other_branches_bn: str = "batch"    # BN of the branches an image's task does not own (they feed the RLs):
-                                        # "batch" = the batch's statistics, "running" = their own running
-                                        # statistics; neither updates their buffers (measured: see README)
+    reconcile_width: float = 1.0        # hrnet: 1.0 = HRNet's full-width fuse paths; < 1 runs every path at width * C_l
+                                        # channels, summed, then one 1x1 widening (1/16: R50's RL 6.8 -> 0.63 GMACs)
+    other_branches_bn: str = "batch"    # BN of the branches an image's task does not own (they feed the RLs): "batch"
+                                        # statistics or their own "running" ones; neither updates their buffers
     shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
     compile: bool = False               # torch.compile the backbone stages (measured: see README)
     det_head: str = "faster_rcnn"       # faster_rcnn (FPN + RPN + RoIHeads)
     seg_head: str = "fpn"               # fpn | deeplab
-    # Detection sizes. torchvision's defaults suit 800 px images on GPUs; the
-    # demo config shrinks them (17x cheaper on CPU at 128 px).
+    # Detection sizes: torchvision's defaults suit 800 px images on GPUs (the demo's are 17x cheaper on CPU)
     fpn_channels: int = 256
     rpn_pre_nms_top_n: int = 2000       # per image, train; eval uses half
     rpn_post_nms_top_n: int = 2000      # per image, train; eval uses half (torchvision: 2000 / 1000)
@@ -90,8 +81,7 @@ class SourceConfig:
     metric: str = "top1"                # top1 | mean_per_class (cls)
     protocol: str = ""                  # linear | finetune
     train_fraction: Optional[float] = None
-    # a fixed class-stratified subset of that many images (0 = all), the same for every seed and backbone:
-    # a 10k / 2k Fashion-MNIST costs a sixth of the full set's feature extraction (cls only)
+    # cls: one fixed class-stratified subset of that many images (0 = all), the same for every seed and backbone
     train_subset: int = 0
     val_subset: int = 0
     freeze_backbone: Optional[bool] = None
@@ -137,8 +127,7 @@ class TransferConfig:
     freeze_backbone: bool = True        # det/seg: GV-B protocol freezes the backbone
     epochs: int = 10                    # finetune / det / seg epochs
     lr: float = 0.01
-    clip_grad: float = 10.0             # max global grad norm in det / seg / finetune training (0 = off):
-    #                                     a det head on weak frozen features went to nan once without it
+    clip_grad: float = 10.0             # max grad norm, det/seg/finetune (0 = off); a det head went nan without
     batch_size: int = 32
     seeds: list[int] = field(default_factory=lambda: [0])
     l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
@@ -149,15 +138,14 @@ class TransferConfig:
 
 @dataclass
 class AblateConfig:
-    """`python cli.py ablate`: the paper's comparison in miniature (README, "The miniature table")."""
+    """`python cli.py ablate`, the paper's comparison in miniature. `variants` are the table's columns
+    (tools/ablate.py's VARIANTS); the runs a variant starts from are trained whether listed or not."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    # the columns (tools/ablate.py's VARIANTS); a variant's teacher or init is trained whether listed or not
     variants: list[str] = field(default_factory=lambda: [
         "ssst", "ssmt", "teacher_rl", "xlearner", "expand_rl", "expand_rl_alone", "expand_norl", "squeeze_norl"])
     ssst_source: str = ""               # the single source of SSST; default: the first cls source
     jobs: int = 1                       # processes sharing the runs (each takes cpu_count / jobs threads)
-    optional_datasets: list[str] = field(default_factory=list)  # transfer datasets skipped, with the reason
-    #                                     printed, when their files are missing (Debian's Fashion-MNIST in CI)
+    optional_datasets: list[str] = field(default_factory=list)  # skipped, saying why, if their files are missing
     out: str = "runs/ablate"
 
 
@@ -234,9 +222,8 @@ PROTOCOLS = ("linear", "finetune")
 ABLATE_VARIANTS = ("ssst", "ssmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone", "expand_norl",
                    "xlearner", "squeeze_norl")
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "torchvision": TASKS}
-# Measured on CPU (ResNet-18/50, every task): any image_size >= 1 trains with 2+ images per batch; 0
-# crashes in the resize. With ONE image per batch, training BatchNorm needs more than one value per
-# channel, and layer4 (stride 32) is a single pixel up to 32 px; DeepLab's image-pooling BN always is.
+# Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
+# image per batch, training BN needs 2+ values per channel: layer4 (stride 32) is one pixel up to 32 px.
 MIN_IMAGE_SIZE = 1
 MIN_IMAGE_SIZE_BATCH1 = 33
 
@@ -253,10 +240,6 @@ def _one_of(value: Any, key: str, allowed) -> None:
 def _at_least(obj, prefix: str, low: int | float, *names: str) -> None:
     for n in names:
         _check(getattr(obj, n) >= low, f"{prefix}.{n}", f"must be >= {low}", getattr(obj, n))
-
-
-def _positive(obj, prefix: str, name: str) -> None:
-    _check(getattr(obj, name) > 0, f"{prefix}.{name}", "must be > 0", getattr(obj, name))
 
 
 def _stages(stages: list[int], key: str, allow_empty: bool) -> None:
@@ -301,9 +284,8 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
            s.train_fraction)
     _check(s.epochs is None or s.epochs >= 1, f"{key}.epochs", "must be >= 1", s.epochs)
     _at_least(s, key, 0, "train_subset", "val_subset")
-    for k in ("train_subset", "val_subset"):
-        _check(not getattr(s, k) or s.task == "cls", f"{key}.{k}", "is for cls datasets (a class-stratified subset)",
-               getattr(s, k))
+    _check(s.task == "cls" or not (s.train_subset or s.val_subset), f"{key}.train_subset",
+           "train_subset / val_subset are for cls datasets (a class-stratified subset)", [s.train_subset, s.val_subset])
     if trains and s.batch_size == 1:
         _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
                "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
@@ -333,7 +315,7 @@ def _validate_sources(cfg: Config) -> None:
 def _validate_train(tc: TrainConfig, key: str) -> list[str]:
     """expand / squeeze; returns warnings (values that run but are probably not meant)."""
     _at_least(tc, key, 1, "steps", "grad_accum")
-    _positive(tc, key, "lr")
+    _check(tc.lr > 0, f"{key}.lr", "must be > 0", tc.lr)
     _one_of(tc.optimizer, f"{key}.optimizer", ("sgd", "adamw"))
     _check(0 <= tc.momentum < 1, f"{key}.momentum", "must be in [0, 1)", tc.momentum)
     _one_of(tc.amp, f"{key}.amp", ("off", "bf16", "fp16"))
@@ -355,14 +337,14 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     _at_least(sq, "squeeze", 0, "lambda_task", "lambda_feat", "lambda_kd")
     _check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
            "at least one must be > 0", [sq.lambda_task, sq.lambda_feat, sq.lambda_kd])
-    _positive(sq, "squeeze", "kd_temperature")
+    _check(sq.kd_temperature > 0, "squeeze.kd_temperature", "must be > 0", sq.kd_temperature)
 
 
 def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> None:
     _one_of(tc.protocol, "transfer.protocol", PROTOCOLS)
     _check(0 < tc.train_fraction <= 1, "transfer.train_fraction", "must be in (0, 1]", tc.train_fraction)
     _at_least(tc, "transfer", 1, "epochs", "batch_size")
-    _positive(tc, "transfer", "lr")
+    _check(tc.lr > 0, "transfer.lr", "must be > 0", tc.lr)
     _at_least(tc, "transfer", 0, "clip_grad", "workers")
     _check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
     _check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
@@ -376,9 +358,9 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
            ab.ssst_source)
     _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
     _check(ab.jobs >= 1, "ablate.jobs", "must be >= 1", ab.jobs)
-    names = [d.name for d in tc.datasets]
     for d in ab.optional_datasets:
-        _check(d in names, "ablate.optional_datasets", f"must name transfer datasets {names}", d)
+        _check(d in [x.name for x in tc.datasets], "ablate.optional_datasets", "must name transfer datasets "
+               f"{[x.name for x in tc.datasets]}", d)
 
 
 def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:
@@ -461,9 +443,6 @@ def _warn(message: str) -> None:
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint).
-
-    Keys and types are checked, values are not: they were when the run loaded its config, and a
-    checkpoint written before a rule was added (or by code that built its Config directly) must
-    still load."""
+    """Rebuild a Config from `Config.to_dict()` output (a checkpoint's). Keys and types are checked, values
+    are not: a checkpoint written before a rule was added (or by code that built its Config) must load."""
     return _from_dict(Config, data, "")
