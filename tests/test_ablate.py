@@ -63,8 +63,8 @@ def test_summarise_pairs_seeds_per_task_mean():
     assert det["diff"] == pytest.approx(1.0) and det["verdict"] == "undecided"
     md = ablate_report.to_markdown(s, {"ssst": "SSST", "xlearner": "X-Learner"})
     assert "| steps | 480 | 480 |" in md
-    assert "| X-Learner vs SSST | cls | 5.00 ± 3.73 | win |" in md
-    assert "| X-Learner vs SSST | det | 1.00 ± 2.48 | undecided |" in md
+    assert "| claim (A − B, points) | cls | det |\n|---|---|---|\n" in md
+    assert "| X-Learner vs SSST | +5.00 ± 3.73 win | +1.00 ± 2.48 undecided |" in md
 
 
 def test_budgets_are_equal(demo_config):

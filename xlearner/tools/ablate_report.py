@@ -117,13 +117,8 @@ def to_markdown(summary: dict, labels: dict[str, str]) -> str:
     for row, vals in summary["rows"].items():
         name = f"**{row}**" if row.endswith(" mean") else row
         lines.append(f"| {name} | " + " | ".join(_pm(*vals[v]) for v in vs) + " |")
-    lines += ["", f"Mean ± 95% t-interval half-width over seeds {summary['seeds']}.", "",
-              "| claim | task | difference (points) | verdict |", "|---|---|---|---|"]
-    for c in summary["claims"]:
-        if c["row"].endswith(" mean"):
-            lines.append(f"| {c['claim']} | {c['row'][:-5]} | {_pm(c['diff'], c['half']):s} | {c['verdict']} |")
-    lines += ["", f"Paired over the seeds; win / loss: the 95% interval excludes 0; tie: it lies within "
-              f"±{TIE_POINTS:g} points; undecided: neither."]
+    lines += ["", f"Mean ± 95% t-interval half-width over seeds {summary['seeds']}.", "", verdict_table(summary),
+              "", "Per dataset:", "", verdict_table(summary, per_dataset=True)]
     for v, table in summary["squeeze_ratios"].items():
         lines += ["", f"Squeeze, {labels.get(v, v)}: upstream val metric, student vs teacher",
                   "| source metric | teacher | student | student/teacher |", "|---|---|---|---|"]
@@ -132,6 +127,22 @@ def to_markdown(summary: dict, labels: dict[str, str]) -> str:
     if summary["skipped_datasets"]:
         lines += ["", f"Skipped (files missing): {', '.join(summary['skipped_datasets'])}."]
     return "\n".join(lines) + "\n"
+
+
+def verdict_table(summary: dict, per_dataset: bool = False) -> str:
+    """Claims as rows, task means (or datasets) as columns: the paired difference (A - B) ± its 95%
+    half-width, and the verdict."""
+    tasks = [r for r in summary["rows"] if r.endswith(" mean") != per_dataset]
+    cells: dict[str, dict[str, str]] = {}
+    for c in summary["claims"]:
+        if c["row"] in tasks:
+            diff = "n/a" if c["half"] is None else f"{c['diff']:+.2f} ± {c['half']:.2f}"
+            cells.setdefault(c["claim"], {})[c["row"]] = f"{diff} {c['verdict']}"
+    names = tasks if per_dataset else [t[:-5] for t in tasks]
+    lines = ["| claim (A − B, points) | " + " | ".join(names) + " |", "|" + "---|" * (len(tasks) + 1)]
+    lines += [f"| {claim} | " + " | ".join(row[t] for t in tasks) + " |" for claim, row in cells.items()]
+    return "\n".join(lines + ["", f"Paired over seeds; win / loss: the 95% interval lies above / below 0; tie: it "
+                               f"lies within ±{TIE_POINTS:g} points; undecided: neither."])
 
 
 def plot(summary: dict, labels: dict[str, str], path: Path) -> bool:
