@@ -170,6 +170,11 @@ def test_ablate_quick(tiny, tmp_path):
     assert md[0] == ("| dataset | SSST | SSMT (hard sharing) | X-Learner's teacher (expand + RL) | Expand + RL "
                      "| Expand + RL, branch alone | Expand, no RL | X-Learner | Squeeze of no-RL |")
     assert md[2] == "| steps | 8 | 8 | 4 | 8 | 8 | 8 | 8 | 8 |"
+    # a second run reuses every finished run and transfer: nothing is trained or transferred again
+    again = run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report2"),
+                *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=300)
+    assert "[ablate] seed" not in again.stdout and "[expand] step" not in again.stdout and "seed 0: " not in again.stdout
+    assert json.loads((tmp_path / "report2" / "ablation.json").read_text())["rows"] == summary["rows"]
     assert [row.split(" | ")[0] for row in md[3:10 + len(fashion)]] == [
         "| novel-cls", "| count-cls", "| novel-det", "| novel-seg", *[f"| {f}" for f in fashion],
         "| **cls mean**", "| **det mean**", "| **seg mean**"]
