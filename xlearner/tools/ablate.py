@@ -27,15 +27,19 @@ time. The statistics and the table are ablate_report.py's.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import dist, expand, squeeze, transfer
 from ..config import Config, ConfigError
+from ..data import _PR_SET_PDEATHSIG
 from ..datasets import DataError
 from . import ablate_report
 
@@ -204,6 +208,8 @@ def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
     """One of ablate.jobs processes: take (chain, seed) units until none is left."""
     import torch
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # a parent killed outright stops its workers as a signal would
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     while True:
         try:
             chain, seed = units.get_nowait()
@@ -228,8 +234,24 @@ def train_all(cfg: Config, jobs: int) -> None:
     procs = [ctx.Process(target=_worker, args=(cfg, q, threads), name=f"ablate-{k}") for k in range(jobs)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
+    stopped = []
+
+    def forward(sig, frame):  # a signal to this process alone reaches the workers too; each checkpoints
+        stopped.append(sig)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, sig)
+
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stopped:
+        dist.log("[ablate] stopped by a signal; run the same command again to resume")
+        raise SystemExit(128 + stopped[0])
     failed = [f"{p.name} exited {p.exitcode}" for p in procs if p.exitcode]
     if failed:
         raise RuntimeError(f"ablate: {', '.join(failed)}; re-run the same command to resume")
