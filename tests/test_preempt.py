@@ -294,3 +294,34 @@ def test_a_hung_step_ends_after_the_grace_period(tmp_path):
     assert code == 128 + signal.SIGTERM and "Traceback" not in proc.output, proc.output
     assert "the step did not finish within 1 s of signal 15: no checkpoint written for the unfinished step " \
            "(last checkpoint: step 2)" in proc.output, proc.output
+
+
+# ----------------------------------------------------------------------------
+# the ablation driver: a signal to it alone (a pkill, a scheduler that signals the main PID) must reach the
+# worker processes it spawned (ablate.jobs), which checkpoint and stop, instead of leaving them running
+
+def test_sigterm_to_the_ablate_driver_alone_stops_its_workers(tmp_path, world):
+    from runner import as_sets, demo_toml, tiny_sizes
+    toml = demo_toml(world, tmp_path / "runs", tmp_path / "ablate.toml")
+    sets = ["expand.steps=200", "squeeze.steps=200", "expand.log_every=1", "expand.workers=1", "transfer.workers=0",
+            f'ablate.out="{tmp_path / "abl"}"', *tiny_sizes(cls_batch=2)]
+    proc = Proc(cli("ablate", "--config", str(toml), "--jobs", "2", "--seeds", "2", "--out", str(tmp_path / "report"),
+                    *as_sets(sets)))
+    proc.wait_for(STEP_LINE)
+    proc.p.send_signal(signal.SIGTERM)  # the driver only, not its process group
+    code = proc.finish()
+    assert code == 128 + signal.SIGTERM, proc.output
+    assert "[ablate] stopped by a signal; run the same command again to resume" in proc.output
+    assert proc.output.count("checkpoint written at step") == 2, proc.output  # both workers checkpointed
+    assert "Traceback" not in proc.output, proc.output
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # every process of the session is gone: no orphaned worker
+        try:
+            os.killpg(proc.p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.p.pid, signal.SIGKILL)
+        raise AssertionError(f"processes of the ablate session still running 30 s after the driver exited")
+    assert not (tmp_path / "report" / "ablation.json").exists()

@@ -47,7 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DataWarning(UserWarning):
@@ -196,17 +196,20 @@ def move_to(batch, device):
     return batch
 
 
-def _kill_workers_at_exit() -> None:
-    # At exit, multiprocessing terminate()s (SIGTERM) the daemon children still alive, then joins
-    # them. Loader workers ignore SIGTERM (below), so that join would wait forever for a loader
-    # still referenced at exit (a traceback keeps it alive): end them first, with SIGKILL.
+def kill_loader_workers() -> None:
+    """SIGKILL the loader workers still alive: call it before a process exits (atexit does, below).
+
+    At exit, multiprocessing terminate()s (SIGTERM) the daemon children still alive, then joins
+    them. Loader workers ignore SIGTERM (below), so that join would wait forever for a loader
+    still referenced at exit (a traceback keeps it alive): end them first, with SIGKILL. A
+    multiprocessing.Process child (tools/ablate.py's workers) exits without atexit: it calls this."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()
 
 
-atexit.register(_kill_workers_at_exit)  # after multiprocessing's own hook (imported by torch): runs before it
+atexit.register(kill_loader_workers)  # after multiprocessing's own hook (imported by torch): runs before it
 
 
 def _worker_init(worker_id: int) -> None:
@@ -224,7 +227,7 @@ def _worker_init(worker_id: int) -> None:
     if sys.platform.startswith("linux"):
         # ...and die with the main process if it exits without shutting them down (a second
         # signal, or the grace period for a hung step, ends it with os._exit): PR_SET_PDEATHSIG
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------

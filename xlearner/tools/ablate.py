@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .. import dist, expand, squeeze, transfer
 from ..config import Config, ConfigError
-from ..data import _PR_SET_PDEATHSIG
+from ..data import PR_SET_PDEATHSIG, kill_loader_workers
 from ..datasets import DataError
 from . import ablate_report
 
@@ -209,13 +209,16 @@ def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
     if sys.platform.startswith("linux"):  # a parent killed outright stops its workers as a signal would
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    while True:
-        try:
-            chain, seed = units.get_nowait()
-        except queue.Empty:
-            return
-        run_chain(cfg, chain, seed, Path(cfg.ablate.out))
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        while True:
+            try:
+                chain, seed = units.get_nowait()
+            except queue.Empty:
+                return
+            run_chain(cfg, chain, seed, Path(cfg.ablate.out))
+    finally:  # also on a stop (SystemExit): a multiprocessing child skips atexit, where this would run
+        kill_loader_workers()
 
 
 def train_all(cfg: Config, jobs: int) -> None:
