@@ -391,7 +391,7 @@ def test_with_rl_extractor_equals_branch_alone_at_zero_init_and_differs_after(tm
 def test_with_rl_needs_an_expand_checkpoint_with_branches(tmp_path):
     pth = tmp_path / "plain.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), pth)
-    with pytest.raises(ConfigError, match="plain.pth: --with-rl needs an expand run checkpoint"):
+    with pytest.raises(ConfigError, match=r"plain.pth: --with-rl needs an expand run checkpoint \(not a plain state_dict\)"):
         transfer.load_backbone(str(pth), "resnet18", with_rl=True)
     with pytest.raises(ConfigError, match="random: --with-rl needs an expand run checkpoint"):
         transfer.load_backbone("random", "resnet18", with_rl=True)
@@ -450,12 +450,12 @@ def test_fixed_train_and_val_subsets_are_class_stratified(tmp_path):
                 Image.new("RGB", (16, 16), rgb).save(root / split / c / f"{i}.png")
     src = SourceConfig(name="d", task="cls", format="imagefolder", train=str(root / "train"), val=str(root / "val"),
                        image_size=16, train_subset=9, val_subset=6)
-    train, val = transfer.open_split(src, "train", False), transfer.open_split(src, "val", False)
+    train, val = probe.open_split(src, "train", False), probe.open_split(src, "val", False)
     assert len(train) == 9 and len(val) == 6
     assert Counter(probe.dataset_labels(train)) == {0: 3, 1: 3, 2: 3}
     assert Counter(probe.dataset_labels(val)) == {0: 2, 1: 2, 2: 2}
     assert [train[i][1] for i in range(9)] == probe.dataset_labels(train)  # the labels follow the subset
-    again = transfer.open_split(src, "train", False)
+    again = probe.open_split(src, "train", False)
     assert again.indices == train.indices  # fixed: not drawn per seed
-    full = transfer.open_split(SourceConfig(**{**src.__dict__, "train_subset": 0}), "train", False)
+    full = probe.open_split(SourceConfig(**{**src.__dict__, "train_subset": 0}), "train", False)
     assert len(full) == 36 and full.indices is None

@@ -12,8 +12,8 @@ then refit on all of train and scored on val. No augmentation and no SGD
 schedule to tune, so the score reflects the features.
 
 Also here: the seeded train_fraction subsets (class-stratified for cls, random
-for det/seg) and the dataset label reader, which the trained protocols of
-transfer.py share.
+for det/seg), the fixed train_subset / val_subset (`open_split`) and the
+dataset label reader, which the trained protocols of transfer.py share.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import dist
+from . import data, dist
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import SourceConfig
 from .evaluate import mean_per_class_accuracy
@@ -35,6 +35,7 @@ from .evaluate import mean_per_class_accuracy
 FEATURE_RECIPE = "gap-layer4-v1"   # part of the cache key: bump it if the features change
 PROBE_MAX_ITER = 100               # L-BFGS iterations of the final fit
 PROBE_SWEEP_ITER = 40              # ... of each held-out fit of the sweep (it only has to rank the L2 values)
+SUBSET_SEED = 0                    # train_subset / val_subset: one fixed subset
 
 
 # ----------------------------------------------------------------------------
@@ -94,6 +95,16 @@ def stratified_subset(labels, fraction: float, seed: int) -> list[int]:
         n = max(1, round(fraction * len(idx)))
         keep += idx[torch.randperm(len(idx), generator=g)[:n]].tolist()
     return sorted(keep)
+
+
+def open_split(src: SourceConfig, split: str, train: bool):
+    """data.build_dataset, cut to the dataset's fixed class-stratified `train_subset` / `val_subset` if set
+    (SUBSET_SEED: the same subset for every seed and backbone)."""
+    ds = data.build_dataset(src, split, train=train)
+    n = src.train_subset if split == "train" else src.val_subset
+    if n and n < len(ds):
+        ds.indices = stratified_subset(dataset_labels(ds), n / len(ds), SUBSET_SEED)
+    return ds
 
 
 def random_subset(n: int, fraction: float, seed: int) -> list[int]:

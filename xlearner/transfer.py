@@ -62,23 +62,22 @@ from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
 from .engine import wrap_ddp
 from .evaluate import evaluate, primary_metric
-from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, random_subset,
-                    sha256_file, sha256_text, stratified_subset)
+from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, open_split,
+                    random_subset, sha256_file, sha256_text, stratified_subset)
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
 RANDOM_SEED = 0                    # "random" = "random:0"
 RECORD_VERSION = 1                 # part of each result record's key: bump it if a protocol changes
-SUBSET_SEED = 0                    # train_subset / val_subset: one fixed subset for every seed and backbone
 
 
 # ----------------------------------------------------------------------------
 # backbones
 
 # blocks per stage (layer1..layer4) of torchvision's ResNets, and whether the block is a Bottleneck
-RESNET_LAYOUTS = {((1, 1, 1, 1), False): "resnet10", ((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
-                  ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
-                  ((3, 8, 36, 3), True): "resnet152"}
+RESNET_LAYOUTS = {((1, 1, 1, 1), False): "resnet10", ((2, 2, 2, 2), False): "resnet18",
+                  ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
+                  ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
 
 
 def infer_arch(state: dict) -> str | None:
@@ -92,8 +91,8 @@ def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool
 
     spec: a torchvision-format state_dict (.pth), a run checkpoint (expand or
     squeeze, recognised by its "model" and "meta" keys; `branch` picks an
-    expand branch, default the first task; `with_rl` keeps the whole expanded
-    network, the branch with its RL inputs: model.BranchWithRL), a torchvision weights name such as
+    expand branch, default the first task; `with_rl`: load_branch_with_rl), a
+    torchvision weights name such as
     "ResNet18_Weights.IMAGENET1K_V1" (downloaded only in that case), or
     "random" / "random:SEED". info["hash"] identifies the weights and keys the
     feature cache and the finished results: the file's sha256 (with the branch
@@ -102,11 +101,11 @@ def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool
     state_dict by its block layout), so any ResNet can be evaluated with one config.
     """
     from .backbone import build_backbone, load_torchvision_state_dict
-    from .model import BranchWithRL, backbone_state_dict, model_from_checkpoint
+    from .model import backbone_state_dict, model_from_checkpoint
 
+    if with_rl:
+        return load_branch_with_rl(spec, branch)
     info = {"spec": spec, "arch": arch}
-    if with_rl and not os.path.isfile(spec):
-        raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint (a file)")
     if spec == "random" or spec.startswith("random:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else RANDOM_SEED
         with torch.random.fork_rng(devices=[]):
@@ -133,16 +132,8 @@ def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool
             arch = ckpt["meta"].get("arch", arch)
             if ckpt["meta"].get("kind") == "expanded" and not model.mcfg.shared_backbone:
                 branch = branch or model.tasks[0]  # the default branch, named so that the hash is the same
-            elif with_rl:
-                raise ConfigError(f"{spec}: --with-rl needs an expand checkpoint with one branch per task, "
-                                  f"not a {'shared-backbone ' if model.mcfg.shared_backbone else ''}"
-                                  f"{ckpt['meta'].get('kind')} one")
-            info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch, with_rl=with_rl,
-                        hash=sha256_text(f"{info['file_sha256']}:{branch}" + (":with-rl" if with_rl else "")))
-            if with_rl:
-                return BranchWithRL(model.backbone, branch, arch).eval(), info
-        elif with_rl:
-            raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint, not a plain state_dict")
+            info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch,
+                        hash=sha256_text(f"{info['file_sha256']}:{branch}"))
         else:
             state = ckpt
             arch = infer_arch(state) or arch
@@ -155,17 +146,28 @@ def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool
     return backbone, info
 
 
+def load_branch_with_rl(spec: str, branch: str | None = None):
+    """`--with-rl`: branch `branch` (default the first task) of an expand checkpoint *with* its RL inputs
+    from the other branches, the network it was trained as (model.BranchWithRL); returns (module, info)."""
+    from .model import BranchWithRL, model_from_checkpoint
+
+    ckpt = load_checkpoint(spec) if os.path.isfile(spec) else None
+    if ckpt is None or "model" not in ckpt or "meta" not in ckpt:
+        what = "a file" if ckpt is None else "not a plain state_dict"
+        raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint ({what})")
+    model = model_from_checkpoint(ckpt)
+    kind = ckpt["meta"].get("kind")
+    if kind != "expanded" or model.mcfg.shared_backbone:
+        raise ConfigError(f"{spec}: --with-rl needs an expand checkpoint with one branch per task, not a "
+                          f"{'shared-backbone ' if model.mcfg.shared_backbone else ''}{kind} one")
+    branch, arch, file_sha256 = branch or model.tasks[0], ckpt["meta"]["arch"], sha256_file(spec)
+    info = {"spec": spec, "arch": arch, "file_sha256": file_sha256, "kind": kind, "branch": branch, "with_rl": True,
+            "hash": sha256_text(f"{file_sha256}:{branch}:with-rl")}
+    return BranchWithRL(model.backbone, branch, arch).eval(), info
+
+
 # ----------------------------------------------------------------------------
 # linear probe (probe.py) on one dataset
-
-def open_split(src: SourceConfig, split: str, train: bool):
-    """data.build_dataset, cut to the dataset's fixed class-stratified `train_subset` / `val_subset` if set."""
-    ds = data.build_dataset(src, split, train=train)
-    n = src.train_subset if split == "train" else src.val_subset
-    if n and n < len(ds):
-        ds.indices = stratified_subset(dataset_labels(ds), n / len(ds), SUBSET_SEED)
-    return ds
-
 
 def _check_single_label(src: SourceConfig) -> None:
     if src.multi_label:

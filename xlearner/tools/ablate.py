@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import dist, expand, squeeze, transfer
+from .. import dist, expand, probe, squeeze, transfer
 from ..config import Config, ConfigError
 from ..data import PR_SET_PDEATHSIG, kill_loader_workers
 from ..datasets import DataError
@@ -195,7 +195,7 @@ def drop_missing_datasets(cfg: Config) -> list[str]:
         if d.name not in cfg.ablate.optional_datasets:
             continue
         try:
-            transfer.open_split(transfer.resolve(d, cfg.transfer), "val", train=False)
+            probe.open_split(transfer.resolve(d, cfg.transfer), "val", train=False)
         except DataError as e:
             dist.log(f"[ablate] skipping downstream dataset {d.name}: its files are missing "
                      f"({str(e).splitlines()[-1].strip()})")
