@@ -81,7 +81,7 @@ def quick(cfg: Config) -> Config:
         tc.steps, tc.warmup_steps, tc.eval_every, tc.ckpt_every, tc.log_every = 4, 1, 0, 100, 2
     cfg.transfer.epochs = 1
     for d in cfg.transfer.datasets:
-        d.train_subset, d.val_subset = min(d.train_subset, 200) or 0, min(d.val_subset, 100) or 0
+        d.train_subset, d.val_subset = min(d.train_subset, 200), min(d.val_subset, 100)
     cfg.ablate.seeds = cfg.ablate.seeds[:2]
     return cfg
 
