@@ -130,15 +130,18 @@ def main(debug):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write it (default: data/WORLD).")
 @click.option("--seed", default=0, help="Seed of the procedural generator (same seed = same bytes).")
 @click.option("--scale", default=1.0, help="Multiplier on the number of images per split.")
+@click.option("--downstream-scale", default=1.0,
+              help="A further multiplier for the downstream (transfer) datasets only; the upstream bytes stay the "
+                   "same (make paper-table writes data/ablate with 5).")
 @click.option("--world", default="demo", type=click.Choice(["demo", "standin"]),
               help="demo: the small demo world; standin: configs/xlearner_r50.toml's six sources at full size "
                    "(JPEG; configs/standin.sets points the recipe at it).")
 @_guard
-def demo_data(out, seed, scale, world):
+def demo_data(out, seed, scale, world, downstream_scale):
     """Write the embedded demo world (shapes, textures, boxes, masks) in the real data formats."""
     from .tools.demo import generate
     out = out or f"data/{world}"
-    summary = generate(out, seed=seed, scale=scale, world=world)
+    summary = generate(out, seed=seed, scale=scale, world=world, downstream_scale=downstream_scale)
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"demo world written to {out}")
 

@@ -40,7 +40,7 @@ class ModelConfig:
                                         # channels, summed, then one 1x1 widening (1/16: R50's RL 6.8 -> 0.63 GMACs)
     other_branches_bn: str = "batch"    # BN of the branches an image's task does not own (they feed the RLs): "batch"
                                         # statistics or their own "running" ones; neither updates their buffers
-    shared_backbone: bool = False       # SSMT ablation: one backbone shared by every task
+    shared_backbone: bool = False       # MSMT (hard sharing) ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
     compile: bool = False               # torch.compile the backbone stages (measured: see README)
@@ -111,9 +111,13 @@ class TrainConfig:
 @dataclass
 class SqueezeConfig(TrainConfig):
     out: str = "runs/squeeze"
-    student_init: str = ""              # task:<name> (default: first task) | mean | scratch | path
+    student_init: str = ""              # task:<name> (default: first task) | mean (needs model.pretrained) | scratch | path
+    distill_targets: str = "own"        # own: branch t on task-t images | all: every branch on every image (+ every head's KD)
     distill_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    distill_loss: str = "l2"            # l2 on channel-normalised maps | cka
+    distill_loss: str = "l2"            # l2 on channel-normalised maps | cka | cos_smoothl1 (1 - cos + smooth L1)
+    teacher_norm: str = "none"          # none | standardize: teacher features per channel to mean 0, std 1
+    norm_steps: int = 20                # standardize: loader steps (a batch of every source) that estimate the statistics
+    heads: str = "copy"                 # the student's task heads: copy (trainable) | frozen (the teacher's) | fresh
     lambda_task: float = 1.0            # weight of each source's own task loss
     lambda_feat: float = 1.0
     lambda_kd: float = 1.0
@@ -131,6 +135,8 @@ class TransferConfig:
     batch_size: int = 32
     seeds: list[int] = field(default_factory=lambda: [0])
     l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    dev_fraction: float = 0.0           # > 0: score on a fixed dev split of train (this fraction), train on the rest;
+                                        # for choosing settings without ever reading val
     workers: int = 2
     out: str = "runs/transfer"
     datasets: list[SourceConfig] = field(default_factory=list)
@@ -217,10 +223,14 @@ ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
 DET_HEADS = ("faster_rcnn",)
 SEG_HEADS = ("fpn", "deeplab")
-DISTILL_LOSSES = ("l2", "cka")
+DISTILL_LOSSES = ("l2", "cka", "cos_smoothl1")
+DISTILL_TARGETS = ("own", "all")
+TEACHER_NORMS = ("none", "standardize")
+STUDENT_HEADS = ("copy", "frozen", "fresh")
 PROTOCOLS = ("linear", "finetune")
-ABLATE_VARIANTS = ("ssst", "ssmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone", "expand_norl",
-                   "xlearner", "squeeze_norl")
+ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
+                   "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
+                   "sq_all_copy", "sq_all_lr1")
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
 # image per batch, training BN needs 2+ values per channel: layer4 (stride 32) is one pixel up to 32 px.
@@ -332,8 +342,16 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     if sq.student_init.startswith("task:"):
         _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
+    _check(sq.student_init != "mean" or bool(m.pretrained), "squeeze.student_init",
+           "'mean' averages the branches, which is meaningful only when they start from the same weights "
+           "(model.pretrained); with pretrained = \"\" each branch is an independent random draw: use task:<name>",
+           sq.student_init)
     _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
     _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
+    _one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)
+    _one_of(sq.teacher_norm, "squeeze.teacher_norm", TEACHER_NORMS)
+    _one_of(sq.heads, "squeeze.heads", STUDENT_HEADS)
+    _at_least(sq, "squeeze", 1, "norm_steps")
     _at_least(sq, "squeeze", 0, "lambda_task", "lambda_feat", "lambda_kd")
     _check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
            "at least one must be > 0", [sq.lambda_task, sq.lambda_feat, sq.lambda_kd])
@@ -348,6 +366,7 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
     _at_least(tc, "transfer", 0, "clip_grad", "workers")
     _check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
     _check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
+    _check(0 <= tc.dev_fraction <= 0.5, "transfer.dev_fraction", "must be in [0, 0.5]", tc.dev_fraction)
     for key, seeds in (("transfer.seeds", tc.seeds), ("ablate.seeds", ab.seeds)):
         _check(bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key,
                "needs distinct seeds >= 0", seeds)

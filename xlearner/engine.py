@@ -209,8 +209,15 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False)
 
 
-def _finite_values(losses: dict[str, torch.Tensor], stage: str, step: int) -> dict[str, float]:
+def _flat(losses: dict) -> dict[str, torch.Tensor]:
+    """{source: loss} as is; the squeeze's {source: {term: loss}} as {"source/term": loss}, for the log."""
+    return {f"{k}/{t}" if isinstance(v, dict) else k: x
+            for k, v in losses.items() for t, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def _finite_values(losses: dict, stage: str, step: int) -> dict[str, float]:
     """The losses as floats; a non-finite one stops the run, naming the source and the (1-based) step."""
+    losses = _flat(losses)
     # One host sync per micro-step: the values are needed for this check and for the log.
     values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
     for name, v in values.items():

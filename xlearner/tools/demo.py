@@ -126,7 +126,9 @@ STANDIN_SPECS = (
 WORLDS = {"demo": SPECS, "standin": STANDIN_SPECS}
 
 
-def _count(spec: Spec, split: str, scale: float) -> int:
+def _count(spec: Spec, split: str, scale: float, downstream_scale: float = 1.0) -> int:
+    if spec.name in DOWNSTREAM_DATASETS:
+        scale *= downstream_scale
     n = round((spec.n_train if split == "train" else spec.n_val) * scale)
     if spec.task == "cls":  # a few images per class, so no class folder is ever empty
         return max(n, 3 * len(spec.classes))
@@ -264,13 +266,14 @@ def _coco_json(spec: Spec, split: str, records: list) -> dict:
 # ----------------------------------------------------------------------------
 # the world
 
-def _draw_all(out: Path, world: str, seed: int, scale: float, workers: int) -> dict[tuple[str, str], list]:
+def _draw_all(out: Path, world: str, seed: int, scale: float, workers: int,
+              downstream_scale: float = 1.0) -> dict[tuple[str, str], list]:
     """Draw and save every image of every split, in chunks over `workers` processes; {(source, split): records}."""
     specs = WORLDS[world]
     jobs, chunk = [], 50 if world == "demo" else 10  # full-size images: smaller chunks balance the workers
     for k, spec in enumerate(specs):
         for split in SPLITS:
-            n = _count(spec, split, scale)
+            n = _count(spec, split, scale, downstream_scale)
             jobs += [(str(out), world, k, split, a, min(a + chunk, n), seed) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: the caller may hold threads (torch), and fork would copy their locks.
@@ -310,12 +313,16 @@ def _write_labels(out: Path, world: str, records: dict[tuple[str, str], list]) -
     return summary
 
 
-def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2, world: str = "demo") -> dict:
+def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 2, world: str = "demo",
+             downstream_scale: float = 1.0) -> dict:
     """Write a world under `out`; return {source: {task, format, classes, train, val, ...}}.
 
     `world` is "demo" (SPECS: the small demo world) or "standin" (STANDIN_SPECS:
     the recipe's six sources at full size). `scale` multiplies the number of
-    images of every split (each class keeps at least 3). Any previous world
+    images of every split (each class keeps at least 3); `downstream_scale`
+    multiplies that of the downstream datasets again (the ablation's world: the
+    same upstream bytes, downstream sets large enough that a metric is read to
+    about a point). Any previous world
     under `out` is replaced, source by source, and `out/.complete` is written
     last, so an interrupted run leaves no marker.
     """
@@ -327,12 +334,13 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
     (out / ".complete").unlink(missing_ok=True)
     for spec in specs:
         shutil.rmtree(out / spec.name, ignore_errors=True)
-    summary = _write_labels(out, world, _draw_all(out, world, seed, scale, workers))
-    (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "sources": summary},
+    summary = _write_labels(out, world, _draw_all(out, world, seed, scale, workers, downstream_scale))
+    (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "downstream_scale": downstream_scale,
+                                                "sources": summary},
                                                sort_keys=True, indent=1) + "\n")
     (out / "README.txt").write_text(_readme(summary, seed, scale) if world == "demo" else
                                     _standin_readme(summary, seed, scale))
-    (out / ".complete").write_text(f"seed={seed} scale={scale}\n")
+    (out / ".complete").write_text(f"seed={seed} scale={scale} downstream_scale={downstream_scale}\n")
     return summary
 
 
