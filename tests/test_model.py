@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torchvision
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from xlearner.backbone import Backbone, build_backbone
-from xlearner.config import Config, ModelConfig, SourceConfig
+from xlearner.config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig
 from xlearner.heads import DetHead, SegHead
 from xlearner.model import ExpandedNet, XLearnerModel, backbone_state_dict, model_from_checkpoint
 from xlearner.reconcile import RECONCILE
@@ -356,7 +357,8 @@ def test_squeezed_model_mean_init_and_api():
                 if b.is_floating_point():
                     b.uniform_(0.5, 1.5)
             teacher.backbone.branches[t].layer1[0].bn1.num_batches_tracked.fill_(TASKS.index(t) + 3)
-    student = SqueezedModel.from_expanded(teacher, "mean", [2, 3, 4])
+    teacher.mcfg = dataclasses.replace(teacher.mcfg, pretrained="weights.pth")  # branches from the same start
+    student = SqueezedModel.from_expanded(teacher, "mean", SqueezeConfig(distill_stages=[2, 3, 4]))
     sds = [teacher.backbone.branches[t].state_dict() for t in TASKS]
     for k, v in student.backbone.state_dict().items():
         if v.is_floating_point():
@@ -369,7 +371,7 @@ def test_squeezed_model_mean_init_and_api():
     # adapters: identity at init
     x = torch.randn(2, 3, 64, 64)
     feats = student.features(x, "cls")
-    adapted = student.adapt(feats, "det")
+    adapted = {k: a(feats[k]) for k, a in student.adapters["det"].items()}
     assert set(adapted) == {"layer2", "layer3", "layer4"}
     torch.testing.assert_close(adapted["layer3"], feats["layer3"])
     losses = student(make_batches())
@@ -397,6 +399,10 @@ def test_squeezed_model_task_init_scratch_and_path(tmp_path):
     shared = make_model(shared_backbone=True)
     s = SqueezedModel.from_expanded(shared, "mean")
     torch.testing.assert_close(s.backbone.conv1.weight, shared.backbone.conv1.weight)
+    # independently initialised branches (pretrained = ""): their average is refused, naming the way out
+    with pytest.raises(ConfigError, match=r"student_init = 'mean': the teacher's branches started from independent"
+                                          r" random weights .* use task:<name>"):
+        SqueezedModel.from_expanded(teacher, "mean")
 
 
 def test_model_from_checkpoint_round_trip():
@@ -409,7 +415,7 @@ def test_model_from_checkpoint_round_trip():
     assert isinstance(again, XLearnerModel) and not again.training
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
-    student = SqueezedModel.from_expanded(model, "mean", [3, 4])
+    student = SqueezedModel.from_expanded(model, "task:det", SqueezeConfig(distill_stages=[3, 4]))
     ckpt = {"model": student.state_dict(), "config": cfg.to_dict(),
             "meta": {"kind": "squeezed", "num_classes": NUM_CLASSES, "distill_stages": [3, 4]}}
     again = model_from_checkpoint(ckpt)

@@ -12,7 +12,9 @@
 Commands only parse options, load the config and call the stage's `run()`;
 every engine takes objects, never this module's arguments. Expected failures
 print one clear line, no traceback: exit 2 for a bad config (checked when it
-loads, before torch is imported), 1 for bad data or a bad checkpoint;
+loads, before torch is imported; also a resume whose config changes the
+model, rundir.ResumeError), 1 for bad data, a bad checkpoint or a run
+directory that cannot be used (a file, unwritable, locked by another run);
 `--debug` (or XLEARNER_DEBUG=1) shows their traceback too.
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix, besides ConfigError. Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
     from .datasets import DataError
-    return (CheckpointError, DataError, FileNotFoundError)
+    from .rundir import RunDirError
+    return (CheckpointError, DataError, RunDirError, FileNotFoundError)
 
 
 def _load(config: str | None, sets: tuple[str, ...], out_key: str | None = None, out: str | None = None):
@@ -277,7 +280,7 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 @click.option("--jobs", default=None, type=int, help="Processes sharing the runs (default: ablate.jobs).")
 @_guard
 def ablate(config, sets, out, quick, seeds, jobs):
-    """Train and transfer SSST / SSMT / expand / X-Learner variants on one step budget (the paper's table)."""
+    """Train and transfer SSST / MSST / MSMT / expand / X-Learner variants on one step budget (the paper's table)."""
     cfg = _load(config, sets)
     from .tools.ablate import run
     run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds, jobs=jobs)

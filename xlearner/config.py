@@ -81,6 +81,7 @@ class SourceConfig:
     metric: str = "top1"                # top1 | mean_per_class (cls)
     protocol: str = ""                  # linear | finetune
     train_fraction: Optional[float] = None
+    dev_fraction: Optional[float] = None  # see [transfer]; None: take it from there
     # cls: one fixed class-stratified subset of that many images (0 = all), the same for every seed and backbone
     train_subset: int = 0
     val_subset: int = 0
@@ -148,7 +149,8 @@ class AblateConfig:
     (tools/ablate.py's VARIANTS); the runs a variant starts from are trained whether listed or not."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     variants: list[str] = field(default_factory=lambda: [
-        "ssst", "ssmt", "teacher_rl", "xlearner", "expand_rl", "expand_rl_alone", "expand_norl", "squeeze_norl"])
+        "ssst", "msst", "msmt", "teacher_rl", "xlearner", "xlearner_v1", "expand_rl", "expand_rl_alone", "expand_norl",
+        "squeeze_norl"])
     ssst_source: str = ""               # the single source of SSST; default: the first cls source
     jobs: int = 1                       # processes sharing the runs (each takes cpu_count / jobs threads)
     optional_datasets: list[str] = field(default_factory=list)  # skipped, saying why, if their files are missing
@@ -293,6 +295,8 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
     _check(s.train_fraction is None or 0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
            s.train_fraction)
     _check(s.epochs is None or s.epochs >= 1, f"{key}.epochs", "must be >= 1", s.epochs)
+    _check(s.dev_fraction is None or 0 <= s.dev_fraction <= 0.5, f"{key}.dev_fraction", "must be in [0, 0.5]",
+           s.dev_fraction)
     _at_least(s, key, 0, "train_subset", "val_subset")
     _check(s.task == "cls" or not (s.train_subset or s.val_subset), f"{key}.train_subset",
            "train_subset / val_subset are for cls datasets (a class-stratified subset)", [s.train_subset, s.val_subset])
@@ -342,7 +346,7 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     if sq.student_init.startswith("task:"):
         _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
-    _check(sq.student_init != "mean" or bool(m.pretrained), "squeeze.student_init",
+    _check(sq.student_init != "mean" or bool(m.pretrained) or m.shared_backbone, "squeeze.student_init",
            "'mean' averages the branches, which is meaningful only when they start from the same weights "
            "(model.pretrained); with pretrained = \"\" each branch is an independent random draw: use task:<name>",
            sq.student_init)

@@ -12,7 +12,8 @@ One code path serves a laptop CPU, one GPU and N GPUs on M nodes:
 - Stopping: the engine's signal handler (`GracefulStop`) calls
   `request_stop(signum)`; `stop_requested()` is this process's flag (checked
   between evaluation batches), `agree_on_stop()` the collective that makes
-  every rank stop after the same step.
+  every rank stop after the same step. `on_forced_exit(fn)` registers what
+  must still happen when a stop ends the process at once (rundir.py's lock).
 - `python -m xlearner.dist ARGS` is `torchrun ARGS`, except that a SIGTERM or
   SIGINT to the launcher ends it with exit 128+signal and one line, where
   torchrun's elastic agent prints a traceback and exits 1 (see `torchrun`).
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -174,8 +176,18 @@ def agree_on_stop(device: torch.device | None = None) -> int:
     return int(flag.item())
 
 
-GRACE_ENV = "XLEARNER_STOP_GRACE_S"  # seconds a stopped run waits for its step to finish (default 30)
+GRACE_ENV = "XLEARNER_STOP_GRACE_S"  # seconds a stopped run waits for its step to finish (default 30) ...
+STEP_GRACE_FACTOR = 3.0  # ... or this many times its slowest step so far, if longer: a slow step is not a hung one
 SAME_STOP_S = 2.0  # signals this close to the first are the same stop (a group signal plus torchrun's forward)
+
+_forced_exit_hooks: list[Callable[[], None]] = []
+
+
+def on_forced_exit(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run `fn` (short, signal-safe) before a stop ends the process with os._exit, where no `finally` runs;
+    returns the function that unregisters it."""
+    _forced_exit_hooks.append(fn)
+    return lambda: _forced_exit_hooks.remove(fn)
 
 
 class GracefulStop:
@@ -185,9 +197,11 @@ class GracefulStop:
     rank agrees on the stop (`agree_on_stop`), one checkpoint is written and
     the run exits 128+signal. An evaluation in progress ends at its next batch
     (data.EvalLoader). A step that cannot finish (a hung loader, a rank waiting on
-    a hung one) is ended by a timer thread `grace_s` seconds after the signal
-    (env XLEARNER_STOP_GRACE_S, default 30), without a checkpoint. A second
-    signal, SAME_STOP_S or more after the first, ends the run at once.
+    a hung one) is ended by a timer thread, without a checkpoint, once the
+    signal is `grace()` seconds old: max(XLEARNER_STOP_GRACE_S (default 30),
+    STEP_GRACE_FACTOR x the slowest step seen so far, which the engine reports
+    with `step_took`). A second signal, SAME_STOP_S or more after the first,
+    ends the run at once.
     """
 
     def __init__(self, stage: str, last_ckpt: int | None):
@@ -197,9 +211,18 @@ class GracefulStop:
             self.grace_s = float(grace)
         except ValueError:
             raise ValueError(f"{GRACE_ENV}={grace!r}: expected a number of seconds, e.g. 30") from None
+        self.slowest_step_s = 0.0
         self._first: float | None = None
         self._timer: threading.Timer | None = None
         self._old = {}
+
+    def step_took(self, seconds: float) -> None:
+        """A step of the run took `seconds` (data wait included)."""
+        self.slowest_step_s = max(self.slowest_step_s, seconds)
+
+    def grace(self) -> float:
+        """How long a stopped run waits for its step: the configured grace, or longer for a run of slow steps."""
+        return max(self.grace_s, STEP_GRACE_FACTOR * self.slowest_step_s)
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -216,8 +239,9 @@ class GracefulStop:
         if self._first is None:
             self._first = time.monotonic()
             request_stop(signum)
-            self._timer = threading.Timer(self.grace_s, self._exit_now, (signum, f"the step did not finish within "
-                                          f"{self.grace_s:g} s of signal {signum}"))
+            grace = round(self.grace(), 1)
+            self._timer = threading.Timer(grace, self._exit_now, (signum, f"the step did not finish within "
+                                          f"{grace:g} s of signal {signum}"))
             self._timer.daemon = True
             self._timer.start()
         elif time.monotonic() - self._first >= SAME_STOP_S:
@@ -234,6 +258,9 @@ class GracefulStop:
         last = f"step {self.last_ckpt}" if self.last_ckpt is not None else "none yet"
         with contextlib.suppress(RuntimeError, ValueError, OSError):  # a reentrant flush: lose the buffer, not the exit
             sys.stdout.flush()
+        for hook in list(_forced_exit_hooks):
+            with contextlib.suppress(OSError):  # a hook that fails must not keep a hung run alive
+                hook()
         if is_main_process():
             os.write(2, f"[{self.stage}] {why}: no checkpoint written for the unfinished step (last checkpoint: "
                         f"{last}); run the same command again to resume\n".encode())

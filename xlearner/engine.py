@@ -18,7 +18,7 @@ squeeze. Everything else is the same and lives here, once:
 - atomic checkpoints every `ckpt_every` steps, at the end and on SIGTERM/SIGINT,
   and an exact resume when the same command is run again on the same `out`
   (evaluation never draws from the training RNG, so a resumed run that skips
-  or repeats an evaluation trains on the same random numbers);
+  or repeats an evaluation trains on the same random numbers), once rundir.check_resume has vetted the config;
 - stops that a cluster can rely on (`dist.GracefulStop`): a signal to the whole
   process group finishes the step, checkpoints and exits 128+signal; a second
   signal, or a step that cannot finish within the grace period, exits at once.
@@ -45,6 +45,7 @@ from . import dist
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
 from .config import Config, TrainConfig
 from .data import move_to
+from .rundir import check_resume
 
 
 class NonFiniteLossError(RuntimeError):
@@ -273,7 +274,9 @@ def train(run: Run) -> nn.Module:
         if s.eval_pending and (signalled := _evaluate(s)):
             _stop_run(s, signalled, eval_pending=True)
         while s.step < tc.steps:
+            t_step = time.perf_counter()
             _log_window(s, _train_step(s))
+            s.stop.step_took(time.perf_counter() - t_step)
             # Agree across ranks on a signal, so that every rank stops after the same step.
             signalled = dist.agree_on_stop(run.device)
             eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps
@@ -313,6 +316,7 @@ def _resume(s: _State) -> bool:
     if path is None:
         return False
     ckpt = load_checkpoint(path)
+    check_resume(path, ckpt, s.run.config, s.run.meta, s.run.stage)  # before any weights load
     s.ckpt_module.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.scheduler.load_state_dict(ckpt["scheduler"])

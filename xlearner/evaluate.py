@@ -251,7 +251,8 @@ def _combine_det(dataset, detections: list[dict], img_ids: list[int], max_batche
     if dist.is_main_process():
         all_dets = [d for p in parts for d in p[0]]
         all_ids = [i for p in parts for i in p[1]]
-        res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if max_batches else None)
+        subset = max_batches or getattr(dataset, "indices", None) is not None  # a dev split or val_subset
+        res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if subset else None)
     return dist.broadcast_object(res)
 
 

@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint
 from .config import Config, SourceConfig, check_tasks_have_sources
 from .evaluate import evaluate
 from .model import XLearnerModel
+from .rundir import locked
 
 
 def build_train_datasets(sources: list[SourceConfig]) -> tuple[dict, dict[str, int]]:
@@ -98,6 +99,7 @@ def compile_stages(model: nn.Module, **options) -> int:
     return 4 * len(trunks)
 
 
+@locked("expand")  # OUT/.lock for the life of the run
 def run(cfg: Config, init: Path | None = None) -> Path:
     """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path.
 

@@ -275,7 +275,7 @@ class MultiSourceModel(nn.Module):
 
 
 class XLearnerModel(MultiSourceModel):
-    """The expansion-stage model: an ExpandedNet (or one shared Backbone, the SSMT ablation) + task heads."""
+    """The expansion-stage model: an ExpandedNet (or one shared Backbone: MSMT, hard sharing) + task heads."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int]):
         if mcfg.shared_backbone:
@@ -309,7 +309,7 @@ class XLearnerModel(MultiSourceModel):
         """Build-time report: parameters per branch / RL / head, and expanded-over-single MACs."""
         m = self.mcfg
         if m.shared_backbone:
-            lines = [f"XLearnerModel: one shared {m.arch} for tasks {self.tasks} (SSMT)",
+            lines = [f"XLearnerModel: one shared {m.arch} for tasks {self.tasks} (hard sharing)",
                      f"  backbone: {n_params(self.backbone)} params"]
         else:
             net = self.backbone
@@ -412,7 +412,7 @@ def model_from_checkpoint(ckpt: dict) -> MultiSourceModel:
         from .squeeze import SqueezedModel
 
         stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
-        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages)
+        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages, meta.get("adapter_bias", False))
     else:
         raise ValueError(f"checkpoint meta.kind: expected 'expanded' or 'squeezed', got {kind!r}")
     model.load_state_dict(_strip_prefixes(ckpt["model"]))

@@ -99,11 +99,21 @@ def stratified_subset(labels, fraction: float, seed: int) -> list[int]:
 
 def open_split(src: SourceConfig, split: str, train: bool):
     """data.build_dataset, cut to the dataset's fixed class-stratified `train_subset` / `val_subset` if set
-    (SUBSET_SEED: the same subset for every seed and backbone)."""
-    ds = data.build_dataset(src, split, train=train)
-    n = src.train_subset if split == "train" else src.val_subset
+    (SUBSET_SEED: the same subset for every seed and backbone).
+
+    With `dev_fraction` (transfer.dev_fraction) val is never opened: "val" is a fixed dev split carved
+    out of train (class-stratified for cls, random for det / seg; SUBSET_SEED) and "train" is the rest,
+    so that settings are chosen without reading the val set the final table reports."""
+    dev = src.dev_fraction or 0.0
+    ds = data.build_dataset(src, "train" if dev else split, train=train)
+    n = src.train_subset if split == "train" or dev else src.val_subset
     if n and n < len(ds):
         ds.indices = stratified_subset(dataset_labels(ds), n / len(ds), SUBSET_SEED)
+    if dev:
+        pool = ds.indices if ds.indices is not None else list(range(len(ds)))
+        held = set(stratified_subset(dataset_labels(ds), dev, SUBSET_SEED) if src.task == "cls"
+                   else random_subset(len(pool), dev, SUBSET_SEED))  # positions in `pool`
+        ds.indices = [i for k, i in enumerate(pool) if (k in held) == (split == "val")]
     return ds
 
 
@@ -177,6 +187,7 @@ def dataset_hash(src: SourceConfig, split: str, dataset) -> str:
     data). Images changed in place are not detected: delete out/cache then.
     """
     key = {"recipe": FEATURE_RECIPE, "task": src.task, "format": src.format, "image_size": src.image_size,
+           "dev_fraction": src.dev_fraction or 0.0,
            "path": os.path.abspath(getattr(src, split)) if getattr(src, split) else "",
            "ann": getattr(src, f"{split}_ann"), "root": os.path.abspath(src.root) if src.root else "",
            "split": getattr(src, f"{split}_split"), "len": len(dataset),

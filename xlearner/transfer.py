@@ -65,6 +65,7 @@ from .evaluate import evaluate, primary_metric
 from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, open_split,
                     random_subset, sha256_file, sha256_text, stratified_subset)
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
+from .rundir import locked
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
 RANDOM_SEED = 0                    # "random" = "random:0"
@@ -342,6 +343,7 @@ def resolve(src: SourceConfig, tc: TransferConfig) -> SourceConfig:
     """A copy of a transfer dataset with every "take it from [transfer]" field filled in."""
     return dataclasses.replace(
         src, protocol=src.protocol or tc.protocol, train_fraction=_frac(src, tc),
+        dev_fraction=tc.dev_fraction if src.dev_fraction is None else src.dev_fraction,
         freeze_backbone=tc.freeze_backbone if src.freeze_backbone is None else src.freeze_backbone,
         epochs=tc.epochs if src.epochs is None else src.epochs)
 
@@ -401,6 +403,7 @@ def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: 
     return paths, done
 
 
+@locked("transfer")  # OUT/.lock for the life of the run
 def run(cfg: Config, backbones: list[str], names: list[str] | None = None, branch: str | None = None,
         out: str | None = None, with_rl: bool = False) -> dict:
     """Every backbone on every transfer dataset for every seed; writes results.json and results.md.

@@ -6,16 +6,22 @@ spends it as expand + RL (the teacher), then squeeze; the others spend it all
 on training one model:
 
     ssst             one backbone, one cls source (single-source single-task)
-    ssmt             one shared backbone with every head and source (hard sharing)
+    msst             one backbone, every cls source (multi-source single-task)
+    msmt             one shared backbone with every head and source (hard sharing)
     teacher_rl       expand + RL for expand.steps: X-Learner's teacher, itself half the budget
-    xlearner         teacher_rl, then squeeze for squeeze.steps: X-Learner
+    xlearner         teacher_rl, then squeeze for squeeze.steps ([squeeze] as configured): X-Learner
+    xlearner_v1      the same with the first squeeze recipe (SQUEEZE_V1), so the change is measured
     expand_rl        teacher_rl trained on for squeeze.steps (a fresh warmup + cosine) instead of squeezed
     expand_rl_alone  expand_rl's branches transferred without their RL inputs (a second row, not a run)
     teacher_norl, expand_norl, squeeze_norl   the same three without RL (reconcile = "none")
+    sq_*             the squeeze recipes of the selection grid (GRID; docs/ablation/README.md)
 
+The paper's ladder is SSST -> MSST -> MSMT -> X-Learner. (The paper's SSMT, one
+source labelled for several tasks, has no counterpart here: no demo source
+carries two tasks' labels.)
 Expanded variants are transferred as they were trained: the branch that
 matches each downstream task *with* its RL inputs (model.BranchWithRL).
-ssst and ssmt start from scratch with one warmup + cosine over the whole budget;
+ssst, msst and msmt start from scratch with one warmup + cosine over the whole budget;
 the expanded variants all share their first expand.steps with X-Learner's
 teacher, so each comparison with X-Learner asks what the last squeeze.steps are
 best spent on. Runs and transfers resume: a finished run (its metrics.json at
@@ -48,6 +54,8 @@ from . import ablate_report
 class Variant:
     stage: str = "expand"                        # expand | squeeze | none (another run, transferred differently)
     model: dict = field(default_factory=dict)    # ModelConfig changes (expand)
+    squeeze: dict = field(default_factory=dict)  # SqueezeConfig changes (squeeze)
+    sources: str = "all"                         # all | cls (every cls source) | ssst (ablate.ssst_source)
     budget: str = "both"                         # steps: "expand", "squeeze" or "both" (expand + squeeze)
     init: str = ""                               # expand: start from this variant's final weights
     teacher: str = ""                            # squeeze: which expand variant teaches
@@ -57,21 +65,41 @@ class Variant:
 
 
 NORL = {"reconcile": "none"}
+# The first squeeze recipe (before docs/ablation's selection): own-task targets, init from the cls branch.
+SQUEEZE_V1 = {"distill_targets": "own", "teacher_norm": "none", "distill_loss": "l2", "distill_stages": [2, 3, 4],
+              "heads": "copy", "student_init": "task:cls", "lr": 0.001}
+# Every branch on every image (UNIC / AM-RADIO), standardised targets, heads that cannot carry the task.
+SQUEEZE_ALL = {"distill_targets": "all", "teacher_norm": "standardize", "distill_loss": "cos_smoothl1",
+               "distill_stages": [1, 2, 3, 4], "heads": "frozen", "student_init": "task:cls", "lr": 0.003}
+# The selection grid: recipes squeezed from the same teachers, judged on dev splits (docs/ablation/README.md).
+GRID = {"sq_v1": SQUEEZE_V1, "sq_all": SQUEEZE_ALL,
+        "sq_all_det": {**SQUEEZE_ALL, "student_init": "task:det"},
+        "sq_all_copy": {**SQUEEZE_ALL, "heads": "copy"},
+        "sq_all_lr1": {**SQUEEZE_ALL, "lr": 0.001}}
+
+
+def _squeeze_of(teacher: str, label: str, recipe: dict | None = None) -> Variant:
+    return Variant(stage="squeeze", budget="squeeze", teacher=teacher, squeeze=recipe or {}, label=label)
+
+
 VARIANTS = {
-    "ssst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, label="SSST"),
-    "ssmt": Variant(model={"shared_backbone": True, "reconcile": "none"}, label="SSMT (hard sharing)"),
+    "ssst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="ssst", label="SSST"),
+    "msst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="cls", label="MSST"),
+    "msmt": Variant(model={"shared_backbone": True, "reconcile": "none"}, label="MSMT (hard sharing)"),
     "teacher_rl": Variant(budget="expand", transfer="branch+rl", label="X-Learner's teacher (expand + RL)"),
     "teacher_norl": Variant(model=NORL, budget="expand", transfer="branch", label="Expand, no RL (teacher)"),
     "expand_rl": Variant(budget="squeeze", init="teacher_rl", transfer="branch+rl", label="Expand + RL"),
     "expand_rl_alone": Variant(stage="none", run="expand_rl", transfer="branch", label="Expand + RL, branch alone"),
     "expand_norl": Variant(model=NORL, budget="squeeze", init="teacher_norl", transfer="branch",
                            label="Expand, no RL"),
-    "xlearner": Variant(stage="squeeze", budget="squeeze", teacher="teacher_rl", label="X-Learner"),
-    "squeeze_norl": Variant(stage="squeeze", budget="squeeze", teacher="teacher_norl", label="Squeeze of no-RL"),
+    "xlearner": _squeeze_of("teacher_rl", "X-Learner"),
+    "xlearner_v1": _squeeze_of("teacher_rl", "X-Learner, squeeze v1", SQUEEZE_V1),
+    "squeeze_norl": _squeeze_of("teacher_norl", "Squeeze of no-RL"),
+    **{name: _squeeze_of("teacher_rl", name, recipe) for name, recipe in GRID.items()},
 }
 # Work units: each chain is trained in this order by one process (a variant after the one it starts from).
-CHAINS = (("teacher_rl", "expand_rl", "xlearner", "expand_rl_alone"),
-          ("teacher_norl", "expand_norl", "squeeze_norl"), ("ssmt",), ("ssst",))
+CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alone", *GRID),
+          ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",))
 
 
 def quick(cfg: Config) -> Config:
@@ -108,8 +136,12 @@ def variant_config(cfg: Config, name: str, seed: int, out: Path) -> Config:
     tc.steps, tc.warmup_steps = steps, min(tc.warmup_steps, steps - 1)
     for k, val in v.model.items():
         setattr(c.model, k, val)
-    if name == "ssst":
-        cls_sources = [s for s in c.sources if s.task == "cls"]
+    for k, val in v.squeeze.items():
+        setattr(c.squeeze, k, val)
+    cls_sources = [s for s in c.sources if s.task == "cls"]
+    if v.sources == "cls":
+        c.sources = cls_sources
+    elif v.sources == "ssst":
         pick = cfg.ablate.ssst_source or (cls_sources[0].name if cls_sources else "")
         c.sources = [s for s in c.sources if s.name == pick]
         if not c.sources:
@@ -160,7 +192,7 @@ def transfer_variant(cfg: Config, name: str, ckpt: Path, seed: int, out: Path) -
         c = copy.deepcopy(cfg)
         c.transfer.datasets = [d for d in cfg.transfer.datasets if d.task == task]
         c.transfer.seeds = [seed]
-        branch = task if v.transfer != "backbone" else ("cls" if name == "ssst" else None)
+        branch = task if v.transfer != "backbone" else ("cls" if v.sources != "all" else None)
         res = transfer.run(c, [str(ckpt)], [name], branch, str(where / task), with_rl=v.transfer == "branch+rl")
         scores.update({d.name: res["results"][d.name][name]["mean"] for d in c.transfer.datasets})
     where.mkdir(parents=True, exist_ok=True)
@@ -277,8 +309,10 @@ def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n
     for seed in cfg.ablate.seeds:
         for v in scores:
             scores[v][seed] = transfer_variant(cfg, v, run_dir(out, seed, v) / "checkpoint.pt", seed, out)
+    teachers = {v: VARIANTS[v].teacher for v in scores if VARIANTS[v].stage == "squeeze"}
     summary = ablate_report.summarise(cfg, scores, {v: budget(cfg, v) for v in scores},
-                                      ablate_report.squeeze_ratios(out, cfg.ablate.seeds, cfg, scores), skipped)
+                                      ablate_report.squeeze_ratios(out, cfg.ablate.seeds, cfg, teachers), skipped,
+                                      teachers)
     if dist.is_main_process():
         ablate_report.write(summary, report_dir, {v: VARIANTS[v].label for v in scores})
         dist.log(f"[ablate] wrote {report_dir / 'ablation.md'} and ablation.json (runs in {out})")

@@ -29,9 +29,12 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042)
 # (claim, A, B): A - B per seed. The paper's claims, and the two the RL design rests on.
 CLAIMS = (("X-Learner vs SSST", "xlearner", "ssst"),
-          ("X-Learner vs SSMT (hard sharing)", "xlearner", "ssmt"),
+          ("X-Learner vs MSST", "xlearner", "msst"),
+          ("X-Learner vs MSMT (hard sharing)", "xlearner", "msmt"),
           ("X-Learner vs its teacher (Expand + RL, with RL)", "xlearner", "teacher_rl"),
           ("X-Learner vs Expand + RL at the same budget", "xlearner", "expand_rl"),
+          ("X-Learner: new squeeze vs squeeze v1", "xlearner", "xlearner_v1"),
+          ("Squeeze v1 vs its teacher (with RL)", "xlearner_v1", "teacher_rl"),
           ("RL vs no RL, before squeeze", "expand_rl", "expand_norl"),
           ("RL vs no RL, after squeeze", "xlearner", "squeeze_norl"),
           ("Expand + RL: with RL vs branch alone", "expand_rl", "expand_rl_alone"))
@@ -69,11 +72,15 @@ def task_means(cfg, scores: dict[int, dict[str, float]]) -> dict[str, dict[int, 
 
 
 def summarise(cfg, scores: dict[str, dict[int, dict[str, float]]], budgets: dict[str, int],
-              ratios: dict | None = None, skipped: list[str] | None = None) -> dict:
-    """scores[variant][seed][dataset] -> the table (mean ± half-width), the claims, the squeeze ratios."""
+              ratios: dict | None = None, skipped: list[str] | None = None, teachers: dict | None = None) -> dict:
+    """scores[variant][seed][dataset] -> the table (mean ± half-width), the claims, the squeeze ratios
+    (upstream, `ratios`; downstream, each squeeze variant's score over its teacher's in `teachers`)."""
     per_row = {v: task_means(cfg, s) for v, s in scores.items()}
     row_names = list(next(iter(per_row.values())))
     rows = {r: {v: t_interval(list(per_row[v][r].values())) for v in scores} for r in row_names}
+    transfer_ratios = {v: {r: t_interval([per_row[v][r][s] / per_row[t][r][s] for s in sorted(scores[v])])
+                           for r in row_names if r.endswith(" mean")}
+                       for v, t in (teachers or {}).items() if v in scores and t in scores}
     claims = []
     for claim, a, b in CLAIMS:
         if a not in scores or b not in scores:
@@ -84,16 +91,14 @@ def summarise(cfg, scores: dict[str, dict[int, dict[str, float]]], budgets: dict
             claims.append({"claim": claim, "a": a, "b": b, "row": r, "diff": mean, "half": half,
                            "verdict": verdict(mean, half), "n": len(seeds)})
     return {"variants": list(scores), "seeds": sorted(next(iter(scores.values()))), "budgets": budgets,
-            "rows": rows, "claims": claims, "squeeze_ratios": ratios or {}, "skipped_datasets": skipped or [],
-            "scores": scores}
+            "rows": rows, "claims": claims, "squeeze_ratios": ratios or {}, "transfer_ratios": transfer_ratios,
+            "teachers": teachers or {}, "skipped_datasets": skipped or [], "scores": scores}
 
 
 def squeeze_ratios(out: Path, seeds: list[int], cfg, variants) -> dict:
     """Upstream val metric of each squeeze variant's student and teacher, and student/teacher, over seeds."""
     result = {}
-    for v in ("xlearner", "squeeze_norl"):
-        if v not in variants:
-            continue
+    for v in variants:
         per = {}
         for seed in seeds:
             m = json.loads((out / f"seed{seed}" / v / "metrics.json").read_text())
@@ -119,6 +124,13 @@ def to_markdown(summary: dict, labels: dict[str, str]) -> str:
         lines.append(f"| {name} | " + " | ".join(_pm(*vals[v]) for v in vs) + " |")
     lines += ["", f"Mean ± 95% t-interval half-width over seeds {summary['seeds']}.", "", verdict_table(summary),
               "", "Per dataset:", "", verdict_table(summary, per_dataset=True)]
+    if summary["transfer_ratios"]:
+        tasks = list(next(iter(summary["transfer_ratios"].values())))
+        lines += ["", "Squeeze: downstream transfer, student / its teacher (with RL), per seed, then mean ± 95% "
+                  "t-interval", "", "| student (teacher) | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        for v, r in summary["transfer_ratios"].items():
+            who = f"{labels.get(v, v)} ({labels.get(summary['teachers'][v], summary['teachers'][v])})"
+            lines.append(f"| {who} | " + " | ".join(_pm(*r[t]) for t in tasks) + " |")
     for v, table in summary["squeeze_ratios"].items():
         lines += ["", f"Squeeze, {labels.get(v, v)}: upstream val metric, student vs teacher",
                   "| source metric | teacher | student | student/teacher |", "|---|---|---|---|"]

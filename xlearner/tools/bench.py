@@ -145,7 +145,7 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
         teacher, _ = load_teacher(teacher_path, cfg)
     else:
         teacher = XLearnerModel(cfg.model, cfg.sources, num_classes)
-    student = SqueezedModel.from_expanded(teacher, sq.student_init, sq.distill_stages)
+    student = SqueezedModel.from_expanded(teacher, sq.student_init, sq)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device).train()
     tasks = list(teacher.heads)
     # Floor: the student's plain ResNet (keyed by every task, one module) plus T teacher-branch stand-ins.
