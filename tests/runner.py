@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,3 +115,99 @@ def assert_same_state(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) ->
             assert torch.equal(a[k], b[k]), f"{k} differs"
         else:
             torch.testing.assert_close(a[k].double(), b[k].double(), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+# The tiny expand run of the stop and run-directory tests: ResNet-18, cls sources (plus one det source), 32 px.
+EXPAND_CONFIG = """
+[model]
+arch = "resnet18"
+tasks = {tasks}
+reconcile = "hrnet"
+reconcile_stages = [1, 2]
+reconcile_width = 0.125
+fpn_channels = 32
+rpn_pre_nms_top_n = 100
+rpn_post_nms_top_n = 50
+box_batch_size_per_image = 32
+box_head_dim = 64
+
+{cls_sources}{det}
+[expand]
+steps = {steps}
+lr = 0.003
+optimizer = "adamw"
+weight_decay = 0.05
+warmup_steps = 2
+eval_every = {eval_every}
+ckpt_every = 100
+log_every = 1
+workers = 1
+seed = 0
+out = "{out}"
+"""
+
+EXPAND_DET = """
+[[sources]]
+name = "shapes-det"
+task = "det"
+format = "coco"
+train = "{world}/shapes-det/train"
+train_ann = "{world}/shapes-det/train.json"
+val = "{world}/shapes-det/val"
+val_ann = "{world}/shapes-det/val.json"
+image_size = 64
+batch_size = 1
+"""
+
+
+def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False) -> Path:
+    """tmp_path/NAME.toml: the tiny expand run, writing to tmp_path/NAME."""
+    p = tmp_path / f"{name}.toml"
+    tasks = '["cls", "det"]' if det else '["cls"]'
+    p.write_text(EXPAND_CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every,
+                                      tasks=tasks, cls_sources=CLS_SOURCES.format(world=world, bs=4),
+                                      det=EXPAND_DET.format(world=world) if det else ""))
+    return p
+
+
+class Proc:
+    """A command in its own session (its own process group, as under a cluster's job step); output read by a thread."""
+
+    def __init__(self, cmd: list[str], extra_env: dict | None = None):
+        self.p = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.p.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 240) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.p.poll() is None, f"exited {self.p.returncode} before {pattern.pattern!r}:\n{self.output}"
+                continue
+            self.seen.append(line)
+            if m := pattern.search(line):
+                return m
+        os.killpg(self.p.pid, signal.SIGKILL)
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout} s:\n{self.output}")
+
+    def signal_group(self, sig=signal.SIGTERM) -> None:
+        os.killpg(self.p.pid, sig)
+
+    def finish(self, timeout: float = 240) -> int:
+        try:
+            code = self.p.wait(timeout=timeout)
+        finally:
+            if self.p.poll() is None:
+                os.killpg(self.p.pid, signal.SIGKILL)
+        time.sleep(0.2)  # let the reader thread drain the pipe
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)

@@ -1,69 +1,27 @@
 """Stops the way clusters stop a run: a signal to the whole process group, torchrun, a stop during
-evaluation, a step that never finishes, a second signal. Every stop must end with exit 128+signal,
-one message and no traceback; a stop that could checkpoint must resume to the same weights, bit for bit.
+evaluation, a slow step, a step that never finishes, a second signal. Every stop must end with exit
+128+signal, one message and no traceback, and leave no run lock behind; a stop that could checkpoint
+must resume to the same weights, bit for bit.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from runner import CLS_SOURCES, REPO, assert_same_state, cli, env, model_state, run, train_steps
+from runner import REPO, Proc, assert_same_state, cli, env, model_state, run, train_steps, write_config
 from xlearner import data, expand
 from xlearner.checkpoint import load_checkpoint
 from xlearner.tools.demo import generate
-
-CONFIG = """
-[model]
-arch = "resnet18"
-tasks = {tasks}
-reconcile = "hrnet"
-reconcile_stages = [1, 2]
-reconcile_width = 0.125
-fpn_channels = 32
-rpn_pre_nms_top_n = 100
-rpn_post_nms_top_n = 50
-box_batch_size_per_image = 32
-box_head_dim = 64
-
-{cls_sources}{det}
-[expand]
-steps = {steps}
-lr = 0.003
-optimizer = "adamw"
-weight_decay = 0.05
-warmup_steps = 2
-eval_every = {eval_every}
-ckpt_every = 100
-log_every = 1
-workers = 1
-seed = 0
-out = "{out}"
-"""
-
-DET = """
-[[sources]]
-name = "shapes-det"
-task = "det"
-format = "coco"
-train = "{world}/shapes-det/train"
-train_ann = "{world}/shapes-det/train.json"
-val = "{world}/shapes-det/val"
-val_ann = "{world}/shapes-det/val.json"
-image_size = 64
-batch_size = 1
-"""
 
 STEP_LINE = re.compile(r"\[expand\] step (\d+)/\d+ loss")
 
@@ -73,58 +31,6 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     generate(out, seed=0, scale=0.2)
     return out
-
-
-def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False) -> Path:
-    p = tmp_path / f"{name}.toml"
-    tasks = '["cls", "det"]' if det else '["cls"]'
-    p.write_text(CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every, tasks=tasks,
-                               cls_sources=CLS_SOURCES.format(world=world, bs=4),
-                               det=DET.format(world=world) if det else ""))
-    return p
-
-
-class Proc:
-    """A command in its own session (its own process group, as under a cluster's job step); output read by a thread."""
-
-    def __init__(self, cmd: list[str], extra_env: dict | None = None):
-        self.p = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, start_new_session=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.p.stdout], daemon=True).start()
-
-    def wait_for(self, pattern: re.Pattern, timeout: float = 240) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                assert self.p.poll() is None, f"exited {self.p.returncode} before {pattern.pattern!r}:\n{self.output}"
-                continue
-            self.seen.append(line)
-            if m := pattern.search(line):
-                return m
-        os.killpg(self.p.pid, signal.SIGKILL)
-        raise AssertionError(f"no {pattern.pattern!r} within {timeout} s:\n{self.output}")
-
-    def signal_group(self, sig=signal.SIGTERM) -> None:
-        os.killpg(self.p.pid, sig)
-
-    def finish(self, timeout: float = 240) -> int:
-        try:
-            code = self.p.wait(timeout=timeout)
-        finally:
-            if self.p.poll() is None:
-                os.killpg(self.p.pid, signal.SIGKILL)
-        time.sleep(0.2)  # let the reader thread drain the pipe
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.seen)
 
 
 def assert_clean_stop(proc: Proc, code: int, sig=signal.SIGTERM) -> None:
@@ -145,6 +51,7 @@ def test_group_sigterm_at_a_random_step_resumes_exactly(tmp_path, world):
     proc.wait_for(re.compile(rf"\[expand\] step {at}/6 loss"))
     proc.signal_group()  # main process and its DataLoader worker alike
     assert_clean_stop(proc, proc.finish())
+    assert not (tmp_path / "cut" / ".lock").exists()  # released on the way out of a stop
     stopped = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"]
     assert at <= stopped < 6, (at, stopped)
     resumed = run("expand", "--config", str(cut))
@@ -169,6 +76,7 @@ def test_torchrun_group_sigterm_resumes_exactly(tmp_path, world):
     proc.signal_group()
     assert_clean_stop(proc, proc.finish())
     assert "torchrun: SIGTERM" in proc.output
+    assert not (tmp_path / "cut" / ".lock").exists()  # rank 0's lock, released by rank 0
     resumed = subprocess.run([*launcher, "expand", "--config", str(cut)], cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -237,6 +145,7 @@ import torch
 import torch.nn as nn
 from xlearner import engine
 from xlearner.config import Config, TrainConfig
+from xlearner.rundir import RunLock
 
 class Hangs:
     skipped = {}
@@ -248,6 +157,7 @@ class Hangs:
             print("hanging", flush=True)
             while True:
                 time.sleep(1)
+        time.sleep(STEP_S)
         return {"x": torch.randn(4, 3)}
     def state_dict(self):
         return {"pos": self.pos}
@@ -262,13 +172,15 @@ class Toy(nn.Module):
         return sum(losses.values())
 
 tc = TrainConfig(out=OUT, steps=10, workers=0, log_every=1, ckpt_every=1, warmup_steps=1)
-engine.train(engine.Run(model=Toy(), loader=Hangs(), tc=tc, config=Config(expand=tc), device=torch.device("cpu")))
+with RunLock(OUT, "expand"):  # as a stage holds it: the forced exit must remove it too
+    engine.train(engine.Run(model=Toy(), loader=Hangs(), tc=tc, config=Config(expand=tc), device=torch.device("cpu")))
 """
 
 
-def start_hung(tmp_path: Path, grace: str) -> Proc:
+def start_hung(tmp_path: Path, grace: str, step_s: float = 0.0) -> Proc:
+    """The toy run, whose steps take `step_s` seconds each until the third, which never ends."""
     script = tmp_path / "hung.py"
-    script.write_text(f"OUT = {str(tmp_path / 'run')!r}\n" + HUNG)
+    script.write_text(f"OUT = {str(tmp_path / 'run')!r}\nSTEP_S = {step_s!r}\n" + HUNG)
     proc = Proc([sys.executable, str(script)], extra_env={"XLEARNER_STOP_GRACE_S": grace})
     proc.wait_for(re.compile(r"hanging"), timeout=120)
     return proc
@@ -285,6 +197,7 @@ def test_second_sigterm_ends_a_hung_step_at_once(tmp_path):
     assert "second signal 15: stopping at once: no checkpoint written for the unfinished step " \
            "(last checkpoint: step 2)" in proc.output, proc.output
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    assert not (tmp_path / "run" / ".lock").exists()  # os._exit runs no `finally`: dist.on_forced_exit did it
 
 
 def test_a_hung_step_ends_after_the_grace_period(tmp_path):
@@ -294,6 +207,57 @@ def test_a_hung_step_ends_after_the_grace_period(tmp_path):
     assert code == 128 + signal.SIGTERM and "Traceback" not in proc.output, proc.output
     assert "the step did not finish within 1 s of signal 15: no checkpoint written for the unfinished step " \
            "(last checkpoint: step 2)" in proc.output, proc.output
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_the_grace_of_a_hung_step_is_three_slowest_steps_when_that_is_longer(tmp_path):
+    # steps of 0.5 s, then one that never ends: the grace is max(1 s, 3 x 0.5 s and a little compute)
+    proc = start_hung(tmp_path, grace="1", step_s=0.5)
+    proc.signal_group()
+    code = proc.finish(timeout=60)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in proc.output, proc.output
+    m = re.search(r"the step did not finish within ([\d.]+) s of signal 15: no checkpoint written for the "
+                  r"unfinished step \(last checkpoint: step 2\)", proc.output)
+    assert m and 1.5 <= float(m.group(1)) < 10, proc.output
+
+
+# ----------------------------------------------------------------------------
+# (f) a slow step is not a hung one: the grace grows with the slowest step seen, so a stop during
+# a slow step still finishes it and checkpoints
+
+SLOW_STEPS = """
+import sys
+import time
+from xlearner import data
+from xlearner.cli import main
+
+next_batch = data.MultiSourceLoader.__next__
+calls = []
+
+def slow(self):  # every step after the first waits 2.5 s for its batch (a slow transform, a slow disk)
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(2.5)
+    return next_batch(self)
+
+data.MultiSourceLoader.__next__ = slow
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_a_slow_step_waits_for_it_and_checkpoints(tmp_path, demo_world):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_STEPS)
+    toml = write_config(tmp_path, demo_world, "slow", steps=6)
+    # a 1 s grace alone would end step 3 (2.5 s of waiting) without a checkpoint
+    proc = Proc([sys.executable, str(script), "expand", "--config", str(toml), "--set", "expand.workers=0"],
+                extra_env={"XLEARNER_STOP_GRACE_S": "1"})
+    proc.wait_for(re.compile(r"\[expand\] step 2/6 loss"))  # step 2 was slow: the grace is now >= 7.5 s
+    proc.signal_group()  # during step 3's wait for its batch
+    assert_clean_stop(proc, proc.finish())
+    assert "did not finish" not in proc.output, proc.output
+    assert load_checkpoint(tmp_path / "slow" / "checkpoint.pt")["step"] == 3
+    assert not (tmp_path / "slow" / ".lock").exists()
 
 
 # ----------------------------------------------------------------------------
