@@ -6,7 +6,7 @@ LAUNCH ?= $(PY)
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs/demo
 
-.PHONY: demo test paper-table clean-demo
+.PHONY: demo test paper-table squeeze-grid clean-demo
 
 $(VENV_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -31,8 +31,20 @@ demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	@echo "metrics:        $(DEMO_RUNS)/expand/metrics.json, $(DEMO_RUNS)/squeeze/metrics.json (student vs teacher)"
 	@echo "backbone:       $(DEMO_RUNS)/squeeze/backbone.pth (loads into torchvision.models.resnet18(), only fc.* missing)"
 
-paper-table: $(VENV_STAMP) $(DEMO_DATA)/.complete
+# the ablation's world: the demo world's upstream bytes, downstream sets 5x larger (a metric read to about a point)
+ABLATE_DATA ?= data/ablate
+GRID_VARIANTS = ["teacher_rl", "sq_v1", "sq_all", "sq_all_det", "sq_all_copy", "sq_all_lr1"]
+
+$(ABLATE_DATA)/.complete: $(VENV_STAMP)
+	$(PY) cli.py demo-data --out $(ABLATE_DATA) --downstream-scale 5
+
+paper-table: $(VENV_STAMP) $(ABLATE_DATA)/.complete
 	$(PY) cli.py ablate --config configs/ablate.toml --out docs/ablation
+
+# the squeeze-recipe grid that chose [squeeze]: seeds 100-101, judged on dev splits of downstream train sets
+squeeze-grid: $(VENV_STAMP) $(ABLATE_DATA)/.complete
+	$(PY) cli.py ablate --config configs/ablate.toml --out docs/ablation/grid --set ablate.out=runs/grid \
+	  --set 'ablate.seeds=[100, 101]' --set transfer.dev_fraction=0.2 --set 'ablate.variants=$(GRID_VARIANTS)'
 
 clean-demo:
 	rm -rf $(DEMO_RUNS)

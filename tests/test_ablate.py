@@ -81,6 +81,16 @@ def test_variant_configs(demo_config):
     assert [s.name for s in ssst.sources] == ["shapes-cls"]  # the first cls source
     assert ssst.model.tasks == ["cls"] and ssst.model.reconcile == "none" and ssst.expand.steps == 440
     assert ssst.expand.seed == ssst.squeeze.seed == 1 and ssst.expand.out == "/runs/abl/seed1/ssst"
+    msst = ablate.variant_config(demo_config, "msst", 0, out)  # one backbone over every cls source
+    assert [s.name for s in msst.sources] == ["shapes-cls", "texture-cls"] and msst.model.tasks == ["cls"]
+    assert msst.expand.steps == 440 and msst.model.reconcile == "none"
+    msmt = ablate.variant_config(demo_config, "msmt", 0, out)  # hard sharing: one backbone, every source and head
+    assert msmt.model.shared_backbone and len(msmt.sources) == len(demo_config.sources)
+    v1 = ablate.variant_config(demo_config, "xlearner_v1", 0, out).squeeze
+    assert (v1.distill_targets, v1.teacher_norm, v1.distill_loss, v1.heads, v1.student_init, v1.lr) == (
+        "own", "none", "l2", "copy", "task:cls", 0.001)
+    assert ablate.variant_config(demo_config, "xlearner", 0, out).squeeze.distill_targets == \
+        demo_config.squeeze.distill_targets  # X-Learner squeezes as configured
     norl = ablate.variant_config(demo_config, "expand_norl", 0, out)
     assert norl.model.reconcile == "none" and len(norl.sources) == len(demo_config.sources)
     assert norl.expand.steps == 200  # on top of teacher_norl's 240

@@ -78,7 +78,15 @@ BAD = [
     ('squeeze.student_init="task:det"', "squeeze.student_init (task:<name>): expected cls, got 'det'"),
     ("squeeze.distill_stages=[0, 2]", "squeeze.distill_stages: stages are 1..4 (layer1..layer4), got [0, 2]"),
     ("squeeze.distill_stages=[]", "squeeze.distill_stages: needs at least one stage, got []"),
-    ('squeeze.distill_loss="l1"', "squeeze.distill_loss: expected l2|cka, got 'l1'"),
+    ('squeeze.distill_loss="l1"', "squeeze.distill_loss: expected l2|cka|cos_smoothl1, got 'l1'"),
+    ('squeeze.distill_targets="some"', "squeeze.distill_targets: expected own|all, got 'some'"),
+    ('squeeze.teacher_norm="whiten"', "squeeze.teacher_norm: expected none|standardize, got 'whiten'"),
+    ('squeeze.heads="shared"', "squeeze.heads: expected copy|frozen|fresh, got 'shared'"),
+    ("squeeze.norm_steps=0", "squeeze.norm_steps: must be >= 1, got 0"),
+    ('squeeze.student_init="mean"', "squeeze.student_init: 'mean' averages the branches, which is meaningful only "
+                                    "when they start from the same weights (model.pretrained); with pretrained = \"\" "
+                                    "each branch is an independent random draw: use task:<name>, got 'mean'"),
+    ("transfer.dev_fraction=0.6", "transfer.dev_fraction: must be in [0, 0.5], got 0.6"),
     ("squeeze.lambda_kd=-1", "squeeze.lambda_kd: must be >= 0, got -1.0"),
     ("squeeze.kd_temperature=0", "squeeze.kd_temperature: must be > 0, got 0.0"),
     ('transfer.protocol="knn"', "transfer.protocol: expected linear|finetune, got 'knn'"),
@@ -92,8 +100,9 @@ BAD = [
     ("transfer.seeds=[]", "transfer.seeds: needs distinct seeds >= 0, got []"),
     ("transfer.l2_grid=[-1.0]", "transfer.l2_grid: needs values >= 0, got [-1.0]"),
     ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
-    ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|ssmt|teacher_rl|teacher_norl|expand_rl|"
-                                        "expand_rl_alone|expand_norl|xlearner|squeeze_norl, got 'mtl'"),
+    ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|msst|msmt|teacher_rl|teacher_norl|expand_rl|"
+                                        "expand_rl_alone|expand_norl|xlearner|xlearner_v1|squeeze_norl|sq_v1|sq_all|"
+                                        "sq_all_det|sq_all_copy|sq_all_lr1, got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
     ("sources.a.train_subset=10", "sources.a.train_subset: is for transfer datasets only, got [10, 0]"),

@@ -149,13 +149,15 @@ def test_ablate_quick(tiny, tmp_path):
     res = run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report"),
               *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=1200)
     summary = json.loads((tmp_path / "report" / "ablation.json").read_text())
-    assert summary["variants"] == [
-        "ssst", "ssmt", "teacher_rl", "expand_rl", "expand_rl_alone", "expand_norl", "xlearner", "squeeze_norl"]
-    assert summary["budgets"] == {"ssst": 8, "ssmt": 8, "teacher_rl": 4, "expand_rl": 8, "expand_rl_alone": 8,
-                                  "expand_norl": 8, "xlearner": 8, "squeeze_norl": 8}
+    assert summary["variants"] == ["ssst", "msst", "msmt", "teacher_rl", "expand_rl", "expand_rl_alone", "expand_norl",
+                                   "xlearner", "xlearner_v1", "squeeze_norl"]
+    assert summary["budgets"] == {"ssst": 8, "msst": 8, "msmt": 8, "teacher_rl": 4, "expand_rl": 8,
+                                  "expand_rl_alone": 8, "expand_norl": 8, "xlearner": 8, "xlearner_v1": 8,
+                                  "squeeze_norl": 8}
     assert summary["seeds"] == [0]
     assert sorted(p.name for p in (tmp_path / "runs" / "seed0").iterdir()) == sorted([
-        "ssst", "ssmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_norl", "xlearner", "squeeze_norl", "transfer"])
+        "ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_norl", "xlearner", "xlearner_v1",
+        "squeeze_norl", "transfer"])
     fashion = ["FashionMNIST"] if FASHION.is_dir() else []
     assert list(summary["rows"]) == ["novel-cls", "count-cls", "novel-det", "novel-seg", *fashion,
                                      "cls mean", "det mean", "seg mean"]
@@ -163,13 +165,19 @@ def test_ablate_quick(tiny, tmp_path):
         assert "[ablate] skipping downstream dataset FashionMNIST: its files are missing" in res.stdout
         assert summary["skipped_datasets"] == ["FashionMNIST"]
     # the expanded variants are transferred with their RL inputs; "branch alone" is its own row
-    assert summary["claims"][0]["claim"] == "X-Learner vs SSST" and {c["verdict"] for c in summary["claims"]} <= {
-        "win", "loss", "tie", "undecided"}
-    assert set(summary["squeeze_ratios"]) == {"xlearner", "squeeze_norl"}
+    claims = {c["claim"] for c in summary["claims"]}
+    assert {"X-Learner vs SSST", "X-Learner vs MSST", "X-Learner vs MSMT (hard sharing)",
+            "X-Learner: new squeeze vs squeeze v1"} <= claims
+    assert set(summary["squeeze_ratios"]) == set(summary["transfer_ratios"]) == {"xlearner", "xlearner_v1",
+                                                                                  "squeeze_norl"}
+    # student / teacher downstream, per task mean: the ratio of the two variants' own rows, seed by seed
+    for v, teacher in summary["teachers"].items():
+        for task, (ratio, _) in summary["transfer_ratios"][v].items():
+            assert ratio == pytest.approx(summary["rows"][task][v][0] / summary["rows"][task][teacher][0])
     md = (tmp_path / "report" / "ablation.md").read_text().splitlines()
-    assert md[0] == ("| dataset | SSST | SSMT (hard sharing) | X-Learner's teacher (expand + RL) | Expand + RL "
-                     "| Expand + RL, branch alone | Expand, no RL | X-Learner | Squeeze of no-RL |")
-    assert md[2] == "| steps | 8 | 8 | 4 | 8 | 8 | 8 | 8 | 8 |"
+    assert md[0] == ("| dataset | SSST | MSST | MSMT (hard sharing) | X-Learner's teacher (expand + RL) | Expand + RL "
+                     "| Expand + RL, branch alone | Expand, no RL | X-Learner | X-Learner, squeeze v1 | Squeeze of no-RL |")
+    assert md[2] == "| steps | 8 | 8 | 8 | 4 | 8 | 8 | 8 | 8 | 8 | 8 |"
     # a second run reuses every finished run and transfer: nothing is trained or transferred again
     again = run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report2"),
                 *as_sets(TINY + [f'ablate.out="{tmp_path / "runs"}"']), timeout=300)

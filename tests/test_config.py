@@ -47,9 +47,9 @@ def test_loads_into_dataclasses_with_defaults(tmp_path):
 def test_set_overrides_with_type_checks(tmp_path):
     p = write(tmp_path, GOOD)
     cfg = load_config(p, ["expand.steps=50", "expand.out=runs/x", "model.reconcile_stages=[1,2]",
-                          "sources.a.batch_size=16", 'squeeze.student_init="mean"', "expand.lr=1"])
+                          "sources.a.batch_size=16", 'squeeze.student_init="scratch"', "expand.lr=1"])
     assert cfg.expand.steps == 50 and cfg.expand.out == "runs/x" and cfg.model.reconcile_stages == [1, 2]
-    assert [s.batch_size for s in cfg.sources if s.name == "a"] == [16] and cfg.squeeze.student_init == "mean"
+    assert [s.batch_size for s in cfg.sources if s.name == "a"] == [16] and cfg.squeeze.student_init == "scratch"
     assert cfg.expand.lr == 1.0 and isinstance(cfg.expand.lr, float)  # an int is a valid float
     with pytest.raises(ConfigError, match=r"expand\.steps: expected an integer, got 'many'"):
         load_config(p, ["expand.steps=many"])

@@ -44,10 +44,10 @@ def test_squeeze_freezes_teacher_exports_backbone_and_compares(setup, tmp_path, 
     original = squeeze.load_teacher
 
     def spy(path, cfg):
-        teacher, meta = original(path, cfg)
+        teacher, ckpt = original(path, cfg)
         captured["before"] = copy.deepcopy(teacher.state_dict())
         captured["teacher"] = teacher
-        return teacher, meta
+        return teacher, ckpt
     monkeypatch.setattr(squeeze, "load_teacher", spy)
     cfg = copy.deepcopy(setup["cfg"])
     cfg.squeeze.out = str(tmp_path / "sq")
@@ -69,7 +69,26 @@ def test_squeeze_freezes_teacher_exports_backbone_and_compares(setup, tmp_path, 
     log = [json.loads(l) for l in (tmp_path / "sq" / "log.jsonl").read_text().splitlines()]
     losses = [r for r in log if r["event"] == "train"][-1]["losses"]
     assert {"shapes-cls/task", "shapes-cls/feat", "shapes-cls/kd", "shapes-det/task", "shapes-det/feat"} <= set(losses)
-    assert "shapes-det/kd" not in losses  # logit distillation is for cls sources only
+    assert losses["shapes-det/kd"] == 0.0  # distill_targets = "own": logit distillation is for cls sources only
+
+    # the squeeze continues the teacher's data stream: after its 3 steps every source's loader stands 3 batches
+    # past where the teacher's stopped (it used to restart at batch 0 and replay the teacher's batches)
+    t_state = torch.load(setup["teacher"], weights_only=False)["loader"]
+    s_state = torch.load(tmp_path / "sq" / "checkpoint.pt", weights_only=False)["loader"]
+    assert {n: (st["epoch"], st["batch"]) for n, st in s_state.items()} == {
+        n: (st["epoch"], st["batch"] + cfg.squeeze.steps) for n, st in t_state.items()}
+    assert all(st["batch"] == cfg.expand.steps for st in t_state.values())  # no epoch boundary in between
+
+
+def test_expand_from_init_continues_its_data_stream(setup, tmp_path):
+    """The ablation's "Expand + RL at the same budget" (expand.run(init=...)) must not replay init's batches."""
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.expand.out = str(tmp_path / "more")
+    expand.run(cfg, init=setup["teacher"])
+    t_state = torch.load(setup["teacher"], weights_only=False)["loader"]
+    state = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=False)["loader"]
+    assert {n: (st["epoch"], st["batch"]) for n, st in state.items()} == {
+        n: (st["epoch"], st["batch"] + cfg.expand.steps) for n, st in t_state.items()}
 
 
 def test_distillation_signal_alone_pulls_student_to_teacher(setup):
@@ -77,7 +96,7 @@ def test_distillation_signal_alone_pulls_student_to_teacher(setup):
     cfg.squeeze.lambda_task, cfg.squeeze.lambda_kd, cfg.squeeze.lambda_feat = 0.0, 0.0, 1.0
     teacher, _ = squeeze.load_teacher(setup["teacher"], cfg)
     torch.manual_seed(0)
-    student = SqueezedModel.from_expanded(teacher, "scratch", cfg.squeeze.distill_stages)
+    student = SqueezedModel.from_expanded(teacher, "scratch", cfg.squeeze)
     distiller = squeeze.Distiller(student, teacher, cfg.sources, cfg.squeeze).train()
     datasets = {s.name: data.build_dataset(s, "train", train=False) for s in cfg.sources}
     loader = data.MultiSourceLoader(cfg.sources, datasets, seed=0, workers=0)
@@ -90,7 +109,8 @@ def test_distillation_signal_alone_pulls_student_to_teacher(setup):
         total = 0.0
         for s in cfg.sources:
             x, _ = student.heads[s.task].prepare(batch[s.name], s.name)
-            adapted = student.adapt(student.features(x), s.task)
+            feats = student.features(x)
+            adapted = {k: a(feats[k]) for k, a in student.adapters[s.task].items()}
             target = teacher.features(x, s.task)
             total += sum(squeeze.feature_loss_l2(adapted[k], target[k]).item() for k in adapted)
         return total

@@ -104,19 +104,24 @@ def run(cfg: Config, init: Path | None = None) -> Path:
     """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path.
 
     `init`: an expand checkpoint of the same model whose weights (branches, RLs, heads) start this run, with a
-    fresh optimiser and schedule (tools/ablate.py's "trained on instead of squeezed"); a resume overrides it."""
+    fresh optimiser and schedule (tools/ablate.py's "trained on instead of squeezed"), and whose data stream it
+    continues (the loader starts where init's stopped, so no batch of init's run is replayed); a resume
+    overrides both."""
     check_tasks_have_sources(cfg.model, cfg.sources)
     device = dist.init_distributed()
     tc = cfg.expand
     engine.seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     datasets, num_classes = build_train_datasets(cfg.sources)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes)  # channels_last already, when configured
-    if init is not None:
-        model.load_state_dict(load_checkpoint(init)["model"])
+    init_ckpt = load_checkpoint(init) if init is not None else None
+    if init_ckpt is not None:
+        model.load_state_dict(init_ckpt["model"])
     if cfg.model.compile:
         compile_stages(model)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                     seed=tc.seed, workers=tc.workers)
+    if init_ckpt is not None:
+        loader.load_state_dict(init_ckpt["loader"])
     meta = {"kind": "expanded", "num_classes": num_classes, "arch": cfg.model.arch,
             "classes": {k: list(getattr(d, "classes", [])) for k, d in datasets.items()}}
     engine.train(engine.Run(
