@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the full-scale recipe (README, "Full scale"), on one H100/H200: at most 385 s of cases
 # (their time limits; not yet run on a GPU) plus about 30 s to write the stand-in world if missing.
-# configs/xlearner_r50.toml runs unchanged but for configs/standin.sets, over the full-size stand-in
-# world (written first if missing). One JSON line per case:
+# configs/xlearner_r50.toml runs unchanged but for configs/standin.sets (data_root), over the full-size
+# stand-in world in the real datasets' layouts (written first if missing). One JSON line per case:
 #   backbone          a bare torchvision ResNet-50 training step, bf16, channels_last, batch 256: images/s
 #   recipe            30 expand steps of the recipe, 6 sources, the real loader (8 workers per source):
 #                     step time, images/s per source, data-wait fraction, peak memory (last 10 steps)
@@ -52,9 +52,11 @@ else
   SIZES=""
   STEPS=8; RECIPE_STEPS=30; LOG_EVERY=10; BACKBONE_BATCH=256; SLOW=1
 fi
-[ -f "$WORLD/.complete" ] || $PY cli.py demo-data --world standin --out "$WORLD" --scale $SCALE > "$OUT/world.log" || exit 1
+# a world written before the stand-in took the real layouts has no coco/annotations/: write it again
+[ -f "$WORLD/.complete" ] && [ -f "$WORLD/coco/annotations/instances_train2017.json" ] \
+  || $PY cli.py demo-data --world standin --out "$WORLD" --scale $SCALE > "$OUT/world.log" || exit 1
 # the recipe over the stand-in world; no evaluation (val = ""): this check times training only
-STANDIN=$(grep -v '^#' configs/standin.sets | sed -e "s#data/standin#$WORLD#" -e 's/^/--set /')
+STANDIN="$(grep -v '^#' configs/standin.sets | sed 's/^/--set /') --set data_root=$WORLD"
 NO_VAL=""
 for s in imagenet places365 inat2021 coco objects365 ade20k; do NO_VAL+=" --set sources.$s.val=\"\""; done
 R50="--config configs/xlearner_r50.toml $STANDIN $NO_VAL $SIZES"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, load_config  # no torch: a bad config is refused in a fraction of a second
+from .config import ROOT_FORMATS, ConfigError, load_config  # no torch: a bad config is refused in a fraction of a second
 
 SET_HELP = "Override a config key, e.g. --set expand.steps=50 (repeatable; sources.NAME.key for a source)."
 # --debug or XLEARNER_DEBUG=1: show the traceback of expected errors too (set by main())
@@ -111,7 +111,7 @@ def _preflight(cfg, stage: str, config: str) -> None:
     except ConfigError as e:
         raise ConfigError(f"{config}: {e}") from None
     for s in cfg.sources:
-        if s.val or s.format == "torchvision":
+        if s.val or s.format in ROOT_FORMATS:
             build_dataset(s, "val", train=False)  # DataError naming the source, the file and the reason
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 TASKS = ("cls", "det", "seg")
-FORMATS = ("imagefolder", "csv", "coco", "masks", "torchvision")
+FORMATS = ("imagefolder", "csv", "coco", "masks", "ade20k", "cityscapes", "torchvision")
+# formats whose files are found from `root` and the split names train_split / val_split (not `train` / `val`)
+ROOT_FORMATS = ("cityscapes", "torchvision")
+# formats with a fixed label space (datasets.py / tvdatasets.py read them; num_classes may only repeat it)
+FIXED_CLASSES = {"ade20k": 150, "cityscapes": 19}
+# the keys of a [[sources]] / [[transfer.datasets]] entry that are paths: relative ones resolve against data_root
+PATH_KEYS = ("train", "val", "train_ann", "val_ann", "root")
 
 
 class ConfigError(ValueError):
@@ -61,8 +67,9 @@ class ModelConfig:
 class SourceConfig:
     name: str = ""
     task: str = "cls"                   # cls | det | seg
-    format: str = "imagefolder"         # imagefolder | csv | coco | masks | torchvision
-    train: str = ""                     # split dir (imagefolder/masks), csv file, or coco image dir
+    format: str = "imagefolder"         # imagefolder | csv | coco | masks | ade20k | cityscapes | torchvision
+    train: str = ""                     # split dir (imagefolder/masks), csv file, coco image dir, or the
+                                        # ADEChallengeData2016 folder (ade20k: train and val both name it)
     val: str = ""
     train_ann: str = ""                 # coco instances JSON for train
     val_ann: str = ""
@@ -72,7 +79,7 @@ class SourceConfig:
     image_size: int = 224               # train/eval size (shorter side for det)
     multi_label: bool = False           # cls: BCE instead of softmax CE
     ignore_index: int = 255             # seg: label of pixels that carry no loss
-    # format = "torchvision": a torchvision.datasets class by name
+    # format = "torchvision": a torchvision.datasets class by name; "cityscapes": torchvision's Cityscapes
     root: str = ""
     train_split: str = "train"
     val_split: str = "test"
@@ -159,6 +166,8 @@ class AblateConfig:
 
 @dataclass
 class Config:
+    data_root: str = ""                 # relative data paths of [[sources]] / [[transfer.datasets]] resolve
+                                        # against it when the config loads; "" = the working directory
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     expand: TrainConfig = field(default_factory=TrainConfig)
@@ -233,7 +242,8 @@ PROTOCOLS = ("linear", "finetune")
 ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
                    "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
                    "sq_all_copy", "sq_all_lr1")
-FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "torchvision": TASKS}
+FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "ade20k": ("seg",),
+                "cityscapes": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
 # image per batch, training BN needs 2+ values per channel: layer4 (stride 32) is one pixel up to 32 px.
 MIN_IMAGE_SIZE = 1
@@ -286,6 +296,11 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
     _check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
            f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
     _at_least(s, key, 0, "num_classes", "weight")
+    fixed = FIXED_CLASSES.get(s.format)
+    _check(not fixed or s.num_classes in (0, fixed), f"{key}.num_classes", f"format {s.format!r} has {fixed} classes "
+           "(0 or omitted means the same)", s.num_classes)
+    _check(s.format != "cityscapes" or s.val_split != "test", f"{key}.val_split",
+           "Cityscapes' test labels are not public: use val_split = \"val\"", s.val_split)
     _at_least(s, key, 1, "batch_size")
     _at_least(s, key, MIN_IMAGE_SIZE, "image_size")
     _check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
@@ -452,7 +467,24 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] 
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     for w in warnings:
         _warn(f"{path}: {w}" if path else w)
+    resolve_data_paths(cfg)
     return cfg
+
+
+def resolve_data_paths(cfg: Config) -> None:
+    """Join every relative data path (PATH_KEYS) of every source and transfer dataset to `cfg.data_root`.
+
+    Done once, when a TOML config loads: the resolved paths are what a run stores (config.json, the
+    checkpoint), and config_from_dict reads them back as they are, so nothing is ever joined twice.
+    Absolute paths, empty ones and every path of a config without data_root stay as written."""
+    if not cfg.data_root:
+        return
+    root = os.path.expanduser(cfg.data_root)
+    for s in cfg.sources + cfg.transfer.datasets:
+        for key in PATH_KEYS:
+            value = getattr(s, key)
+            if value and not os.path.isabs(value):
+                setattr(s, key, os.path.join(root, value))
 
 
 _warned: set[str] = set()

@@ -22,6 +22,8 @@ Formats (`SourceConfig.format`):
   uint8 values in [0, num_classes) or ignore_index. Without `num_classes` in
   the config it is read from the train masks (a full scan: set it for big sets),
   for both splits: a val mask value beyond it is a bad sample.
+- `ade20k`, `cityscapes` (seglayouts.py): those datasets as they ship, their
+  label maps turned into training labels (150 and 19 classes).
 - `torchvision` (tvdatasets.py): `name` is a `torchvision.datasets` class ("FashionMNIST",
   "CIFAR10", "VOCDetection", ...); a suffix after '@' is a tag so two sources
   can share a class, and is the `year` for VOC ("VOCSegmentation@2007").
@@ -53,7 +55,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import dist
-from .config import SourceConfig
+from .config import ROOT_FORMATS, SourceConfig
 
 
 class DataError(ValueError):
@@ -337,26 +339,41 @@ def infer_num_classes(masks_dir: str, ignore_index: int) -> int:
     return top + 1
 
 
-class MaskReader(Reader):
+def read_label_map(mask_path: str, img: Image.Image, image_path: str) -> np.ndarray:
+    """A PNG label map as uint8 [H, W] (a palette image's indices are its labels), the size of `img`."""
+    try:
+        with Image.open(mask_path) as m:
+            if m.mode not in ("L", "P"):
+                raise BadSample(mask_path, f"mask must be a uint8 label map (mode L or P), got mode {m.mode}")
+            mask = np.array(m)
+    except FileNotFoundError:
+        raise BadSample(mask_path, "mask file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample(mask_path, f"cannot decode mask ({type(e).__name__}: {e})") from None
+    if mask.shape != (img.height, img.width):
+        raise BadSample(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
+                                   f"but image {image_path} is {img.width}x{img.height}")
+    return mask
+
+
+class LabelMapReader(Reader):
+    """Base of the seg formats that pair `<stem>.(jpg|png)` images with `<stem>.png` label maps."""
+
     task = "seg"
 
-    def __init__(self, split_dir: str, num_classes: int, ignore_index: int, train_dir: str = ""):
+    def __init__(self, ignore_index: int):
         super().__init__()
-        self.ignore_index = ignore_index
-        img_dir, mask_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
-        for d in (img_dir, mask_dir):
+        self.ignore_index, self.num_classes = ignore_index, 0
+
+    def _dirs_found(self, *dirs: str) -> bool:
+        for d in dirs:
             if not os.path.isdir(d):
                 self.problem(d, "directory not found")
-        if self.problems:
-            return
-        if not num_classes:
-            train_masks = os.path.join(train_dir or split_dir, "masks")
-            if not os.path.isdir(train_masks):
-                return self.problem(train_masks, "directory not found (needed to count classes: "
-                                                 "or set num_classes)")
-            num_classes = infer_num_classes(train_masks, ignore_index)
-        self.num_classes = num_classes
-        self.classes = [str(k) for k in range(num_classes)]
+        return not self.problems
+
+    def _pair(self, img_dir: str, mask_dir: str) -> None:
+        """items = (image, mask) pairs matched by stem; an image without a mask, or a mask without an image, is
+        a problem."""
         images = {}
         for p in _image_files(img_dir):
             stem, ext = os.path.splitext(os.path.basename(p))
@@ -378,23 +395,34 @@ class MaskReader(Reader):
     def load(self, i):
         path, mask_path = self.items[i]
         img = decode_image(path)
-        try:
-            with Image.open(mask_path) as m:
-                if m.mode not in ("L", "P"):
-                    raise BadSample(mask_path, f"mask must be a uint8 label map (mode L or P), got mode {m.mode}")
-                mask = np.array(m)  # P: the palette indices are the labels
-        except FileNotFoundError:
-            raise BadSample(mask_path, "mask file not found") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadSample(mask_path, f"cannot decode mask ({type(e).__name__}: {e})") from None
-        if mask.shape != (img.height, img.width):
-            raise BadSample(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
-                                       f"but image {path} is {img.width}x{img.height}")
+        return img, self.labels(read_label_map(mask_path, img, path), mask_path)
+
+    def labels(self, mask: np.ndarray, mask_path: str) -> np.ndarray:
+        """The training labels of a stored map: values in [0, num_classes) or ignore_index (BadSample if not)."""
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
             raise BadSample(mask_path, f"mask values {np.unique(mask[bad])[:8].tolist()} are outside "
                                        f"[0, {self.num_classes}) and not ignore_index {self.ignore_index}")
-        return img, mask
+        return mask
+
+
+class MaskReader(LabelMapReader):
+    """format = "masks": `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`, stored as trained."""
+
+    def __init__(self, split_dir: str, num_classes: int, ignore_index: int, train_dir: str = ""):
+        super().__init__(ignore_index)
+        img_dir, mask_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
+        if not self._dirs_found(img_dir, mask_dir):
+            return
+        if not num_classes:
+            train_masks = os.path.join(train_dir or split_dir, "masks")
+            if not os.path.isdir(train_masks):
+                return self.problem(train_masks, "directory not found (needed to count classes: "
+                                                 "or set num_classes)")
+            num_classes = infer_num_classes(train_masks, ignore_index)
+        self.num_classes = num_classes
+        self.classes = [str(k) for k in range(num_classes)]
+        self._pair(img_dir, mask_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -403,12 +431,14 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
     """The reader of one split ("train" or "val") of a source; problems are collected, not raised."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if src.format == "torchvision":
-        # imported here, not at the top: tvdatasets.py subclasses Reader (defined above) and so imports
-        # this module; a top-level import in both directions would be a cycle
-        from .tvdatasets import TorchvisionReader
+    # imported here, not at the top: tvdatasets.py and seglayouts.py subclass the readers defined above and
+    # so import this module; a top-level import in both directions would be a cycle
+    from .seglayouts import ADE20KReader, CityscapesReader
+    from .tvdatasets import TorchvisionReader
 
-        return TorchvisionReader(src, src.train_split if split == "train" else src.val_split)
+    if src.format in ROOT_FORMATS:
+        reader = CityscapesReader if src.format == "cityscapes" else TorchvisionReader
+        return reader(src, src.train_split if split == "train" else src.val_split)
     path = src.train if split == "train" else src.val
     if not path:
         reader = Reader()
@@ -427,6 +457,8 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
         return CocoReader(path, ann, train_ann=src.train_ann)
     if src.format == "masks":
         return MaskReader(path, src.num_classes, src.ignore_index, train_dir=src.train)
+    if src.format == "ade20k":
+        return ADE20KReader(path, split, src.ignore_index)
     raise DataError(f"sources.{src.name}.format: unknown format {src.format!r}")
 
 

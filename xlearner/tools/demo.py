@@ -66,6 +66,7 @@ class Spec:
     ext: str = ".png"            # ".png", or ".jpg" / ".JPEG" (JPEG; seg masks stay PNG)
     num_categories: int = 0      # det/seg: pad the label space to the real dataset's size with
     #                              classes that never occur (a detector's box predictor is sized by it)
+    layout: str = ""             # a key of LAYOUTS: the real dataset's file layout; "": the demo's own
 
     @property
     def shape_hw(self) -> tuple[int, int]:
@@ -102,27 +103,57 @@ UPSTREAM_SOURCES = tuple(s.name for s in SPECS[:5])
 DOWNSTREAM_DATASETS = tuple(s.name for s in SPECS[5:])
 
 # The full-size stand-in (`demo-data --world standin`): the six sources of configs/xlearner_r50.toml
-# at their real image sizes and file types (JPEG; PNG label maps), so that the recipe, its loader
-# and scripts/gpu_check.sh run end to end without the real datasets (configs/standin.sets points the
-# recipe at it). Three different cls label spaces (shape, background pattern, object count) and
+# at their real image sizes and file types (JPEG; PNG label maps), in the real datasets' layouts
+# (LAYOUTS), so that the recipe, its loader and scripts/gpu_check.sh run end to end on it with only
+# data_root changed (configs/standin.sets), through the readers the real data goes through. Three different cls label spaces (shape, background pattern, object count) and
 # boxes by shape and by colour, as ImageNet / Places / iNaturalist and COCO / Objects365 label the
 # same visual world differently. det and seg pad their label spaces to the real datasets' sizes
 # (COCO 80, Objects365 365, ADE20K 150 classes), which size the detector's box predictor and the
 # seg classifier; cls class counts come from configs/standin.sets (num_classes = 1000, 365, 10000).
 STANDIN_SPECS = (
     Spec("imagenet", "cls", "imagefolder", 500, UPSTREAM, "shape", 320, 64, (1, 4), (0.2, 0.3), main=True,
-         height=375, ext=".JPEG"),
+         height=375, ext=".JPEG", layout="imagenet"),
     Spec("places365", "cls", "imagefolder", 500, UPSTREAM, "pattern", 320, 50, (1, 4), (0.08, 0.16),
-         height=375, ext=".jpg"),
+         height=375, ext=".jpg", layout="places365"),
     Spec("inat2021", "cls", "imagefolder", 500, UPSTREAM, "count", 320, 50, (1, 5), (0.07, 0.11), min_visible=0.9,
-         height=375, ext=".jpg"),
+         height=375, ext=".jpg", layout="inat2021"),
     Spec("coco", "det", "coco", 640, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
-         num_categories=80, height=480, ext=".jpg"),
+         num_categories=80, height=480, ext=".jpg", layout="coco"),
     Spec("objects365", "det", "coco", 640, UPSTREAM, "colour", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
-         num_categories=365, height=480, ext=".jpg"),
-    Spec("ade20k", "seg", "masks", 512, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.2), num_categories=149,
-         ext=".jpg"),
+         num_categories=365, height=480, ext=".jpg", layout="objects365"),
+    Spec("ade20k", "seg", "ade20k", 512, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.2), num_categories=150,
+         ext=".jpg", layout="ade20k"),
 )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A real dataset's file layout (docs/DESIGN.md §6), as far as the stand-in needs it. Paths are inside
+    `folder` (under the world), format strings of {c} the class folder, {n} the 1-based image number and
+    {p} its patch (100 images a patch); (train, val) pairs."""
+    folder: str
+    images: tuple[str, str]
+    masks: tuple[str, str] = ("", "")
+    anns: tuple[str, str] = ("", "")   # coco: the instances JSON; its file_name is the image path inside its
+    #                                    first folder (the config's image dir)
+    class_dir: str = "{label}"         # imagefolder: the class folder of label `label`, class index `k`
+
+
+LAYOUTS = {
+    "imagenet": Layout("imagenet", ("train/{c}/{c}_{n}.JPEG", "val/{c}/ILSVRC2012_val_{n:08d}.JPEG"),
+                       class_dir="n{k:08d}"),  # WordNet ids (made up): n00000000 ...
+    "places365": Layout("places365_standard", ("train/{c}/{n:08d}.jpg", "val/{c}/Places365_val_{n:08d}.jpg")),
+    "inat2021": Layout("inat2021", ("train_mini/{c}/{n:08d}.jpg", "val/{c}/{n:08d}.jpg"),
+                       class_dir="{k:05d}_Standin_count_{label}"),  # iNat's "<5-digit id>_<taxonomy>"
+    "coco": Layout("coco", ("train2017/{n:012d}.jpg", "val2017/{n:012d}.jpg"),
+                   anns=("annotations/instances_train2017.json", "annotations/instances_val2017.json")),
+    "objects365": Layout("objects365", ("train/patch{p}/objects365_v2_{n:08d}.jpg",
+                                        "val/patch{p}/objects365_v2_{n:08d}.jpg"),
+                         anns=("annotations/zhiyuan_objv2_train.json", "annotations/zhiyuan_objv2_val.json")),
+    "ade20k": Layout("ADEChallengeData2016", ("images/training/ADE_train_{n:08d}.jpg",
+                                              "images/validation/ADE_val_{n:08d}.jpg"),
+                     masks=("annotations/training/ADE_train_{n:08d}.png", "annotations/validation/ADE_val_{n:08d}.png")),
+}
 WORLDS = {"demo": SPECS, "standin": STANDIN_SPECS}
 
 
@@ -220,32 +251,51 @@ def _save(image: Image.Image, path: Path) -> None:
         image.save(path, format="PNG")
 
 
+def _folder(spec: Spec) -> str:
+    """The source's folder under the world: its dataset's own name (LAYOUTS), or the source name."""
+    return LAYOUTS[spec.layout].folder if spec.layout else spec.name
+
+
+def _paths(spec: Spec, split: str, i: int, label: str | None) -> tuple[str, str]:
+    """(image, label map or "") of image i of a split, relative to the source's folder."""
+    if spec.layout:
+        layout, s = LAYOUTS[spec.layout], SPLITS.index(split)
+        c = layout.class_dir.format(k=spec.classes.index(label), label=label) if spec.task == "cls" else ""
+        fields = {"c": c, "n": i + 1, "p": i // 100}
+        return layout.images[s].format(**fields), layout.masks[s].format(**fields)
+    stem = f"{i:05d}{spec.ext}"
+    return {"imagefolder": (f"{split}/{label}/{stem}", ""), "csv": (f"images/{split}/{stem}", ""),
+            "coco": (f"{split}/{stem}", ""), "masks": (f"{split}/images/{stem}", f"{split}/masks/{i:05d}.png")}[spec.fmt]
+
+
+def _ann_path(spec: Spec, split: str) -> str:
+    """A coco source's instances JSON, relative to its folder."""
+    return LAYOUTS[spec.layout].anns[SPLITS.index(split)] if spec.layout else f"{split}.json"
+
+
 def _work(job) -> list:
     """Render and write images [start, stop) of one split; return their label records."""
     out, world, spec_index, split, start, stop, seed = job
     spec = WORLDS[world][spec_index]
-    root = Path(out) / spec.name
+    root = Path(out) / _folder(spec)
     records = []
     for i in range(start, stop):
         image, labels, label, objects = render(spec, _image_rng(seed, spec_index, split, i), i)
-        stem = f"{i:05d}{spec.ext}"
+        image_path, mask_path = _paths(spec, split, i, label)
+        _save(image, root / image_path)
         if spec.fmt == "imagefolder":
-            _save(image, root / split / label / stem)
             records.append(label)
         elif spec.fmt == "csv":
-            _save(image, root / "images" / split / stem)
-            records.append((f"images/{split}/{stem}", label))
+            records.append((image_path, label))
         elif spec.fmt == "coco":
-            _save(image, root / split / stem)
             boxes = []
             for c, vis in objects:
                 ys, xs = np.nonzero(vis)
                 x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
                 boxes.append((c, [x0, y0, x1 - x0, y1 - y0], int(vis.sum())))  # w, h >= 1
-            records.append(boxes)
-        else:  # masks
-            _save(image, root / split / "images" / stem)
-            _save(Image.fromarray(labels, "L"), root / split / "masks" / f"{i:05d}.png")
+            records.append((image_path.split("/", 1)[1], boxes))  # file_name: inside the image dir
+        else:  # masks, ade20k
+            _save(Image.fromarray(labels, "L"), root / mask_path)
             records.append(None)
     return records
 
@@ -253,8 +303,8 @@ def _work(job) -> list:
 def _coco_json(spec: Spec, split: str, records: list) -> dict:
     ids, (height, width) = spec.category_ids, spec.shape_hw
     images, anns = [], []
-    for i, boxes in enumerate(records):
-        images.append({"id": i + 1, "file_name": f"{i:05d}{spec.ext}", "width": width, "height": height})
+    for i, (file_name, boxes) in enumerate(records):
+        images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         for c, bbox, area in boxes:
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ids[c], "bbox": bbox,
                          "area": area, "iscrowd": 0})
@@ -303,12 +353,16 @@ def _write_labels(out: Path, world: str, records: dict[tuple[str, str], list]) -
                 (out / spec.name / f"{split}.csv").write_text("\n".join(lines) + "\n")
             elif spec.fmt == "coco":
                 coco = _coco_json(spec, split, recs)
-                (out / spec.name / f"{split}.json").write_text(json.dumps(coco, sort_keys=True))
+                ann = out / _folder(spec) / _ann_path(spec, split)
+                ann.parent.mkdir(parents=True, exist_ok=True)
+                ann.write_text(json.dumps(coco, sort_keys=True))
                 info[f"{split}_boxes"] = len(coco["annotations"])
         if spec.fmt == "coco":
             info["category_ids"] = spec.category_ids
-        if spec.task == "seg":
-            info["num_classes"] = len(spec.classes) + 1
+        if spec.task == "seg":  # masks: 0 = background is a class; ade20k: 0 = other is ignored
+            info["num_classes"] = len(spec.classes) + (spec.fmt == "masks")
+        if spec.layout:
+            info["folder"] = _folder(spec)
         summary[spec.name] = info
     return summary
 
@@ -333,7 +387,8 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, workers: int = 
     out.mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
     for spec in specs:
-        shutil.rmtree(out / spec.name, ignore_errors=True)
+        for folder in sorted({spec.name, _folder(spec)}):  # the stand-in's layouts moved it: clear both
+            shutil.rmtree(out / folder, ignore_errors=True)
     summary = _write_labels(out, world, _draw_all(out, world, seed, scale, workers, downstream_scale))
     (out / "world.json").write_text(json.dumps({"seed": seed, "scale": scale, "downstream_scale": downstream_scale,
                                                 "sources": summary},
@@ -385,23 +440,30 @@ def _readme(summary: dict, seed: int, scale: float) -> str:
 
 def _standin_readme(summary: dict, seed: int, scale: float) -> str:
     lines = _provenance("full-size stand-in world (`python cli.py demo-data --world standin`", seed, scale) + [
-        "The six sources of configs/xlearner_r50.toml at their real image sizes and file types, drawn by",
-        "the demo world's painter; configs/standin.sets points the recipe at them. Not for accuracy:",
-        "for running the recipe, its loader and scripts/gpu_check.sh end to end.",
+        "The six sources of configs/xlearner_r50.toml at their real image sizes and file types, in their",
+        "datasets' own layouts, drawn by the demo world's painter; `--set data_root=<this folder>`",
+        "(configs/standin.sets) points the recipe at them. Not for accuracy: for running the recipe, its",
+        "loader and scripts/gpu_check.sh end to end.",
         "",
-        "source       task format       size     train  val  classes",
+        "source       folder               task format       size     train  val  classes",
     ]
     for name, s in summary.items():
         shown = s["classes"][:8] + (["..."] if len(s["classes"]) > 8 else [])
-        count = s.get("num_classes", len(s["classes"]))  # seg: with the background class
-        lines.append(f"{name:<12} {s['task']:<4} {s['format']:<12} {str(s['image_size']):<8} {s['train']:>5} "
-                     f"{s['val']:>4}  {count}: {' '.join(shown)}")
-    lines += [
+        count = s.get("num_classes", len(s["classes"]))
+        lines.append(f"{name:<12} {s['folder']:<20} {s['task']:<4} {s['format']:<12} {str(s['image_size']):<8} "
+                     f"{s['train']:>5} {s['val']:>4}  {count}: {' '.join(shown)}")
+    lines += [""] + [f"{spec.name}: {', '.join(_layout_lines(spec))}" for spec in STANDIN_SPECS] + [
         "",
-        "Layout: imagefolder <source>/<split>/<class>/<idx>.(JPEG|jpg); coco <source>/<split>/<idx>.jpg +",
-        "<source>/<split>.json (categories padded with never-drawn 'unused-k' to 80 / 365);",
-        "masks <source>/<split>/images/<idx>.jpg + <source>/<split>/masks/<idx>.png (0 = background,",
-        "1..8 = shape; the config's num_classes = 150 covers them).",
+        "Class folders: imagenet n<8 digits> (made-up WordNet ids, n00000000 = the first class above),",
+        "inat2021 <5-digit id>_Standin_count_<label>, places365 the class name. coco and objects365",
+        "categories are padded with never-drawn 'unused-k' to 80 / 365; ADE20K maps hold 0 = other",
+        "(ignored) and 1..8 = the shapes, of 150 classes.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _layout_lines(spec: Spec) -> list[str]:
+    """Where one stand-in source's files are, as format strings ({c}: class folder, {n}: image number)."""
+    layout = LAYOUTS[spec.layout]
+    return [f"{layout.folder}/{p}" for p in layout.images + layout.masks + layout.anns if p]
