@@ -30,6 +30,7 @@ demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	@echo "checkpoints:    $(DEMO_RUNS)/expand/checkpoint.pt, $(DEMO_RUNS)/squeeze/checkpoint.pt (re-run to resume)"
 	@echo "metrics:        $(DEMO_RUNS)/expand/metrics.json, $(DEMO_RUNS)/squeeze/metrics.json (student vs teacher)"
 	@echo "backbone:       $(DEMO_RUNS)/squeeze/backbone.pth (loads into torchvision.models.resnet18(), only fc.* missing)"
+	@if $(PY) -c "import matplotlib" 2>/dev/null; then $(PY) cli.py plot $(DEMO_RUNS)/expand $(DEMO_RUNS)/squeeze | sed 's/^wrote \(.*\)/curves:         \1 (expand and squeeze overlaid)/'; fi
 
 # the ablation's world: the demo world's upstream bytes, downstream sets 5x larger (a metric read to about a point)
 ABLATE_DATA ?= data/ablate

@@ -213,3 +213,16 @@ def test_the_recipe_moves_with_data_root():
             assert (old, new) == ("", "") or (old.startswith(a.data_root + "/") and
                                               new == "/my/datasets" + old[len(a.data_root):]), (s.name, key)
     assert [s.format for s in b.sources] == ["imagefolder"] * 3 + ["coco"] * 2 + ["ade20k"]
+
+
+def test_transfer12_moves_with_data_root_and_offers_cityscapes(tmp_path):
+    text = (REPO / "configs" / "transfer12.toml").read_text()
+    cfg = load_config(REPO / "configs" / "transfer12.toml", ["data_root=/my/datasets"])
+    assert len(cfg.transfer.datasets) == 12
+    assert all((d.root or d.train).startswith("/my/datasets/") for d in cfg.transfer.datasets)
+    block = text[text.index("# [[transfer.datasets]]\n# name = \"Cityscapes\""):]
+    uncommented = tmp_path / "with_cityscapes.toml"
+    uncommented.write_text(text + "\n" + "\n".join(ln[2:] for ln in block.splitlines()) + "\n")
+    (cs,) = [d for d in load_config(uncommented).transfer.datasets if d.format == "cityscapes"]
+    assert (cs.task, cs.root, cs.train_split, cs.val_split, cs.metric) == ("seg", "/datasets/cityscapes", "train",
+                                                                          "val", "mIoU")

@@ -8,6 +8,7 @@
     python cli.py export --checkpoint RUN/checkpoint.pt --out backbone.pth [--branch cls]
     python cli.py bench {loader,expand,squeeze,transfer,backbone} --config C
     python cli.py ablate --config configs/ablate.toml
+    python cli.py plot RUN [RUN ...]
 
 Commands only parse options, load the config and call the stage's `run()`;
 every engine takes objects, never this module's arguments. Expected failures
@@ -38,7 +39,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
     from .datasets import DataError
     from .rundir import RunDirError
-    return (CheckpointError, DataError, RunDirError, FileNotFoundError)
+    from .tools.plot import PlotError
+    return (CheckpointError, DataError, RunDirError, PlotError, FileNotFoundError)
 
 
 def _load(config: str | None, sets: tuple[str, ...], out_key: str | None = None, out: str | None = None):
@@ -284,6 +286,17 @@ def ablate(config, sets, out, quick, seeds, jobs):
     cfg = _load(config, sets)
     from .tools.ablate import run
     run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds, jobs=jobs)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Where to write the PNG "
+              "(default: the first RUN's curves.png).")
+@_guard
+def plot(runs, out):
+    """Training curves of one or more runs (overlaid) from RUN/log.jsonl: losses, lr, throughput, metrics."""
+    from .tools.plot import plot_runs
+    click.echo(f"wrote {plot_runs(list(runs), out)}")
 
 
 if __name__ == "__main__":
