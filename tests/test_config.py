@@ -93,8 +93,8 @@ def test_semantic_validation(tmp_path):
         load_config(write(tmp_path, GOOD), ['expand.amp="fp8"'])
     with pytest.raises(ConfigError, match=r"model\.reconcile_width: must be in \(0, 1\], got 0\.0"):
         load_config(write(tmp_path, GOOD), ["model.reconcile_width=0.0"])
-    with pytest.raises(ConfigError, match=r"sources\.b\.format: expected imagefolder\|csv\|coco\|masks\|torchvision, "
-                                         r"got 'parquet'$"):
+    with pytest.raises(ConfigError, match=r"sources\.b\.format: expected imagefolder\|csv\|coco\|masks\|ade20k\|"
+                                         r"cityscapes\|torchvision, got 'parquet'$"):
         load_config(write(tmp_path, GOOD.replace('format = "masks"', 'format = "parquet"')))
 
 
