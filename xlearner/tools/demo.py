@@ -63,7 +63,7 @@ class Spec:
     first_id: int = 1            # det: COCO category id of class i = first_id + id_step * i
     id_step: int = 1
     height: int = 0              # 0: square images
-    ext: str = ".png"            # ".png", or ".jpg" / ".JPEG" (JPEG; seg masks stay PNG)
+    ext: str = ".png"            # ".png", or ".jpg" / ".JPEG" (JPEG; seg masks stay PNG); a layout names its own
     num_categories: int = 0      # det/seg: pad the label space to the real dataset's size with
     #                              classes that never occur (a detector's box predictor is sized by it)
     layout: str = ""             # a key of LAYOUTS: the real dataset's file layout; "": the demo's own
@@ -105,24 +105,24 @@ DOWNSTREAM_DATASETS = tuple(s.name for s in SPECS[5:])
 # The full-size stand-in (`demo-data --world standin`): the six sources of configs/xlearner_r50.toml
 # at their real image sizes and file types (JPEG; PNG label maps), in the real datasets' layouts
 # (LAYOUTS), so that the recipe, its loader and scripts/gpu_check.sh run end to end on it with only
-# data_root changed (configs/standin.sets), through the readers the real data goes through. Three different cls label spaces (shape, background pattern, object count) and
-# boxes by shape and by colour, as ImageNet / Places / iNaturalist and COCO / Objects365 label the
+# data_root changed (configs/standin.sets), through the readers the real data goes through. Three
+# different cls label spaces (shape, background pattern, object count) and boxes by shape and by colour, as ImageNet / Places / iNaturalist and COCO / Objects365 label the
 # same visual world differently. det and seg pad their label spaces to the real datasets' sizes
 # (COCO 80, Objects365 365, ADE20K 150 classes), which size the detector's box predictor and the
 # seg classifier; cls class counts come from configs/standin.sets (num_classes = 1000, 365, 10000).
 STANDIN_SPECS = (
     Spec("imagenet", "cls", "imagefolder", 500, UPSTREAM, "shape", 320, 64, (1, 4), (0.2, 0.3), main=True,
-         height=375, ext=".JPEG", layout="imagenet"),
+         height=375, layout="imagenet"),
     Spec("places365", "cls", "imagefolder", 500, UPSTREAM, "pattern", 320, 50, (1, 4), (0.08, 0.16),
-         height=375, ext=".jpg", layout="places365"),
+         height=375, layout="places365"),
     Spec("inat2021", "cls", "imagefolder", 500, UPSTREAM, "count", 320, 50, (1, 5), (0.07, 0.11), min_visible=0.9,
-         height=375, ext=".jpg", layout="inat2021"),
+         height=375, layout="inat2021"),
     Spec("coco", "det", "coco", 640, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
-         num_categories=80, height=480, ext=".jpg", layout="coco"),
+         num_categories=80, height=480, layout="coco"),
     Spec("objects365", "det", "coco", 640, UPSTREAM, "colour", 200, 40, (2, 8), (0.05, 0.18), p_empty=0.02,
-         num_categories=365, height=480, ext=".jpg", layout="objects365"),
+         num_categories=365, height=480, layout="objects365"),
     Spec("ade20k", "seg", "ade20k", 512, UPSTREAM, "shape", 200, 40, (2, 8), (0.05, 0.2), num_categories=150,
-         ext=".jpg", layout="ade20k"),
+         layout="ade20k"),
 )
 
 
@@ -454,10 +454,8 @@ def _standin_readme(summary: dict, seed: int, scale: float) -> str:
                      f"{s['train']:>5} {s['val']:>4}  {count}: {' '.join(shown)}")
     lines += [""] + [f"{spec.name}: {', '.join(_layout_lines(spec))}" for spec in STANDIN_SPECS] + [
         "",
-        "Class folders: imagenet n<8 digits> (made-up WordNet ids, n00000000 = the first class above),",
-        "inat2021 <5-digit id>_Standin_count_<label>, places365 the class name. coco and objects365",
-        "categories are padded with never-drawn 'unused-k' to 80 / 365; ADE20K maps hold 0 = other",
-        "(ignored) and 1..8 = the shapes, of 150 classes.",
+        "imagenet's class folders are made-up WordNet ids (n00000000 = the first class above); coco and",
+        "objects365 pad their categories with never-drawn 'unused-k'; ADE20K maps hold 0 = other, 1..8.",
         "",
     ]
     return "\n".join(lines)
