@@ -221,6 +221,24 @@ def test_the_grace_of_a_hung_step_is_three_slowest_steps_when_that_is_longer(tmp
     assert m and 1.5 <= float(m.group(1)) < 10, proc.output
 
 
+def test_a_step_reported_just_after_the_signal_still_lengthens_the_grace(monkeypatch):
+    from xlearner import dist
+    monkeypatch.setenv(dist.GRACE_ENV, "0.2")
+    stop = dist.GracefulStop("expand", last_ckpt=None)
+    ended = []
+    monkeypatch.setattr(stop, "_exit_now", lambda signum, why: ended.append(why))
+    try:
+        stop._handle(signal.SIGTERM, None)  # the signal lands between the end of a 0.5 s step and its report
+        stop.step_took(0.5)  # the grace is now max(0.2, 3 x 0.5) = 1.5 s from the signal
+        time.sleep(0.8)
+        assert ended == []
+        time.sleep(1.2)
+        assert ended == ["the step did not finish within 1.5 s of signal 15"]
+    finally:
+        stop.step_finished()
+        dist.request_stop(0)
+
+
 # ----------------------------------------------------------------------------
 # (f) a slow step is not a hung one: the grace grows with the slowest step seen, so a stop during
 # a slow step still finishes it and checkpoints
@@ -237,6 +255,7 @@ calls = []
 def slow(self):  # every step after the first waits 2.5 s for its batch (a slow transform, a slow disk)
     calls.append(1)
     if len(calls) > 1:
+        print(f"slow batch {len(calls)}", flush=True)
         time.sleep(2.5)
     return next_batch(self)
 
@@ -252,7 +271,7 @@ def test_sigterm_during_a_slow_step_waits_for_it_and_checkpoints(tmp_path, demo_
     # a 1 s grace alone would end step 3 (2.5 s of waiting) without a checkpoint
     proc = Proc([sys.executable, str(script), "expand", "--config", str(toml), "--set", "expand.workers=0"],
                 extra_env={"XLEARNER_STOP_GRACE_S": "1"})
-    proc.wait_for(re.compile(r"\[expand\] step 2/6 loss"))  # step 2 was slow: the grace is now >= 7.5 s
+    proc.wait_for(re.compile(r"slow batch 3"))  # step 2 took 2.5 s: the grace is now >= 7.5 s
     proc.signal_group()  # during step 3's wait for its batch
     assert_clean_stop(proc, proc.finish())
     assert "did not finish" not in proc.output, proc.output

@@ -212,6 +212,7 @@ class GracefulStop:
         except ValueError:
             raise ValueError(f"{GRACE_ENV}={grace!r}: expected a number of seconds, e.g. 30") from None
         self.slowest_step_s = 0.0
+        self._step_done = False
         self._first: float | None = None
         self._timer: threading.Timer | None = None
         self._old = {}
@@ -239,16 +240,27 @@ class GracefulStop:
         if self._first is None:
             self._first = time.monotonic()
             request_stop(signum)
-            grace = round(self.grace(), 1)
-            self._timer = threading.Timer(grace, self._exit_now, (signum, f"the step did not finish within "
-                                          f"{grace:g} s of signal {signum}"))
-            self._timer.daemon = True
-            self._timer.start()
+            self._arm(signum)
         elif time.monotonic() - self._first >= SAME_STOP_S:
             self._exit_now(signum, f"second signal {signum}: stopping at once")
 
+    def _arm(self, signum: int) -> None:
+        """Wait out the grace, then end the run; re-read at expiry, as a step that ended just after the signal
+        (its time not yet reported when the signal came) may have made it longer."""
+        if self._step_done:
+            return
+        grace = round(self.grace(), 1)
+        left = grace - (time.monotonic() - self._first)
+        if left > 0:
+            self._timer = threading.Timer(left, self._arm, (signum,))
+            self._timer.daemon = True
+            self._timer.start()
+        else:
+            self._exit_now(signum, f"the step did not finish within {grace:g} s of signal {signum}")
+
     def step_finished(self) -> None:
         """The step is over: no need to end it by force (the checkpoint write that follows may take long)."""
+        self._step_done = True  # a timer thread re-arming right now must not start another
         if self._timer is not None:
             self._timer.cancel()
 
