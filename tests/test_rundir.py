@@ -97,7 +97,10 @@ def test_torchrun_refuses_a_lock_from_another_host_on_every_rank(tmp_path, demo_
     foreign = {"host": "elsewhere.example", "pid": 4242, "stage": "expand", "since": "2026-01-01T00:00:00+00:00",
                "command": "python cli.py expand"}
     (tmp_path / "t" / LOCK).write_text(json.dumps(foreign))
-    launcher = [sys.executable, "-m", "xlearner.dist", "--standalone", "--nproc_per_node=2", str(REPO / "cli.py")]
+    # --monitor-interval: the agent looks at its workers every 2 s, so it does not stop rank 1 for rank 0's exit
+    # before rank 1 has said why it stops too
+    launcher = [sys.executable, "-m", "xlearner.dist", "--standalone", "--nproc_per_node=2", "--monitor-interval=2",
+                str(REPO / "cli.py")]
     p = subprocess.run([*launcher, "expand", "--config", str(toml), *FAST], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 1, p.stderr[-3000:]
