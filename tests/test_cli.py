@@ -48,7 +48,7 @@ def test_readme_test_blocks_run(tmp_path):
 
 
 OPTIONS = {  # every command's options, exactly (check-data --out and export --set were dead: removed)
-    "demo-data": ["--out", "--seed", "--scale", "--world"],
+    "demo-data": ["--out", "--seed", "--scale", "--downstream-scale", "--world"],
     "check-data": ["--config", "--set"],
     "expand": ["--config", "--set", "--out"],
     "squeeze": ["--config", "--set", "--teacher", "--out"],
@@ -56,6 +56,7 @@ OPTIONS = {  # every command's options, exactly (check-data --out and export --s
     "export": ["--checkpoint", "--out", "--branch"],
     "bench": ["--config", "--set", "--steps", "--teacher", "--backbone", "--out"],
     "ablate": ["--config", "--set", "--out", "--quick", "--seeds", "--jobs"],
+    "plot": ["--out"],
 }
 
 

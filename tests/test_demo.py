@@ -40,6 +40,22 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
 
 
+def test_downstream_scale_grows_only_the_downstream_sets(tmp_path):
+    """The ablation's world (make paper-table: --downstream-scale 5): the same upstream bytes, larger downstream."""
+    small = generate(tmp_path / "a", seed=0, scale=0.1, workers=1)
+    big = generate(tmp_path / "b", seed=0, scale=0.1, workers=1, downstream_scale=3)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    upstream = [s.name for s in SPECS if small[s.name]["role"] == "upstream"]
+    assert len(upstream) == 5
+    for name in upstream:
+        assert {k: v for k, v in a.items() if k.startswith(name + "/")} == {
+            k: v for k, v in b.items() if k.startswith(name + "/")}
+    for spec in SPECS:
+        if small[spec.name]["role"] == "downstream":  # e.g. novel-cls: 400 x 0.1 = 40 -> 120 train images
+            assert big[spec.name]["train"] == round(spec.n_train * 0.3) == 3 * small[spec.name]["train"]
+            assert big[spec.name]["val"] == round(spec.n_val * 0.3)
+
+
 def test_another_seed_another_world(tmp_path):
     generate(tmp_path / "a", seed=0, scale=0.02, workers=1)
     generate(tmp_path / "b", seed=1, scale=0.02, workers=1)
