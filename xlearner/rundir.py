@@ -91,6 +91,7 @@ class RunLock:
         self.out, self.stage = Path(out), stage
         self.path = self.out / LOCK
         self._fd: int | None = None
+        self._created: list[Path] = []
         self._old_sigterm = None
         self._unhook = None
 
@@ -105,6 +106,8 @@ class RunLock:
         """Take the lock or raise RunDirError naming the reason (a file, unwritable, held) in one line."""
         if self.out.exists() and not self.out.is_dir():
             raise RunDirError(f"{self.out}: exists and is not a directory; --out names a run directory")
+        # the directories this run creates, deepest first: a run that fails before writing anything leaves none
+        self._created = [p for p in (self.out, *self.out.parents) if not p.exists()]
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             fd = _open_flocked(self.path)
@@ -162,6 +165,11 @@ class RunLock:
         self._unlink()
         os.close(self._fd)
         self._fd = None
+        for d in self._created:  # rmdir removes only empty directories: a run that wrote anything keeps them
+            try:
+                d.rmdir()
+            except OSError:
+                break
         self._unhook()
         if self._old_sigterm is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
             signal.signal(signal.SIGTERM, self._old_sigterm)
