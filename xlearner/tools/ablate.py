@@ -67,7 +67,8 @@ class Variant:
 NORL = {"reconcile": "none"}
 # The first squeeze recipe (before docs/ablation's selection): own-task targets, init from the cls branch.
 SQUEEZE_V1 = {"distill_targets": "own", "teacher_norm": "none", "distill_loss": "l2", "distill_stages": [2, 3, 4],
-              "heads": "copy", "student_init": "task:cls", "lr": 0.001}
+              "heads": "copy", "student_init": "task:cls", "lr": 0.001, "lambda_task": 1.0, "lambda_feat": 1.0,
+              "lambda_kd": 1.0, "kd_temperature": 4.0}
 # Every branch on every image (UNIC / AM-RADIO), standardised targets, heads that cannot carry the task.
 SQUEEZE_ALL = {"distill_targets": "all", "teacher_norm": "standardize", "distill_loss": "cos_smoothl1",
                "distill_stages": [1, 2, 3, 4], "heads": "frozen", "student_init": "task:cls", "lr": 0.003}
