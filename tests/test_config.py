@@ -41,7 +41,7 @@ def test_loads_into_dataclasses_with_defaults(tmp_path):
     assert cfg.model.tasks == ["cls", "seg"] and cfg.model.reconcile == "hrnet"
     assert [s.name for s in cfg.sources] == ["a", "b"]
     assert cfg.sources[0].batch_size == 4 and cfg.sources[1].num_classes == 3
-    assert cfg.expand.steps == 10 and cfg.expand.lr == 0.1 and cfg.squeeze.distill_stages == [2, 3, 4]
+    assert cfg.expand.steps == 10 and cfg.expand.lr == 0.1 and cfg.squeeze.distill_stages == [1, 2, 3, 4]
 
 
 def test_set_overrides_with_type_checks(tmp_path):

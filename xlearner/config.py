@@ -120,12 +120,14 @@ class TrainConfig:
 class SqueezeConfig(TrainConfig):
     out: str = "runs/squeeze"
     student_init: str = ""              # task:<name> (default: first task) | mean (needs model.pretrained) | scratch | path
-    distill_targets: str = "own"        # own: branch t on task-t images | all: every branch on every image (+ every head's KD)
-    distill_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    distill_loss: str = "l2"            # l2 on channel-normalised maps | cka | cos_smoothl1 (1 - cos + smooth L1)
-    teacher_norm: str = "none"          # none | standardize: teacher features per channel to mean 0, std 1
+    # The defaults are the recipe chosen on dev splits (docs/ablation/README.md); the first recipe was
+    # distill_targets = "own", teacher_norm = "none", distill_stages = [2, 3, 4], distill_loss = "l2", heads = "copy".
+    distill_targets: str = "all"        # own: branch t on task-t images | all: every branch on every image (+ every head's KD)
+    distill_stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    distill_loss: str = "cos_smoothl1"  # l2 on channel-normalised maps | cka | cos_smoothl1 (1 - cos + smooth L1)
+    teacher_norm: str = "standardize"   # none | standardize: teacher features per channel to mean 0, std 1
     norm_steps: int = 20                # standardize: loader steps (a batch of every source) that estimate the statistics
-    heads: str = "copy"                 # the student's task heads: copy (trainable) | frozen (the teacher's) | fresh
+    heads: str = "frozen"               # the student's task heads: copy (trainable) | frozen (the teacher's) | fresh
     lambda_task: float = 1.0            # weight of each source's own task loss
     lambda_feat: float = 1.0
     lambda_kd: float = 1.0
