@@ -14,7 +14,14 @@ $(VENV_STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(VENV_STAMP)
 
-test: $(VENV_STAMP)
+# the tests also draw (tools/plot.py, ablation.png): they get the optional plots extra
+PLOTS_STAMP := .venv/.plots
+
+$(PLOTS_STAMP): $(VENV_STAMP)
+	$(PY) -m pip install -q "matplotlib>=3.7"
+	touch $(PLOTS_STAMP)
+
+test: $(VENV_STAMP) $(PLOTS_STAMP)
 	$(PY) -m pytest -q tests
 
 $(DEMO_DATA)/.complete: $(VENV_STAMP)

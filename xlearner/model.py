@@ -412,7 +412,9 @@ def model_from_checkpoint(ckpt: dict) -> MultiSourceModel:
         from .squeeze import SqueezedModel
 
         stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
-        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages, meta.get("adapter_bias", False))
+        state = _strip_prefixes(ckpt["model"])  # adapters carry a bias when the teacher's features were standardised
+        bias = any(k.startswith("adapters.") and k.endswith(".bias") for k in state)
+        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages, bias)
     else:
         raise ValueError(f"checkpoint meta.kind: expected 'expanded' or 'squeezed', got {kind!r}")
     model.load_state_dict(_strip_prefixes(ckpt["model"]))

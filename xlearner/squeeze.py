@@ -367,7 +367,7 @@ def build(cfg: Config, teacher_path: str | Path, device: torch.device):
         stats_loader.close()
     meta = {"kind": "squeezed", "num_classes": num_classes, "arch": teacher.mcfg.arch, "teacher": str(teacher_path),
             "teacher_sha256": sha256_file(teacher_path),  # its identity for a resume (rundir.RESUME_KEYS)
-            "distill_stages": list(sq.distill_stages), "adapter_bias": sq.teacher_norm == "standardize",
+            "distill_stages": list(sq.distill_stages),
             "student_init": init, "tasks": list(teacher.tasks)}
     return distiller, student, teacher, train_loader, meta
 
