@@ -21,7 +21,8 @@ from xlearner.tools.bench import bench_loader
 from xlearner.config import Config, SourceConfig
 from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataWarning, MultiSourceLoader, build_dataset,
                            build_eval_loader, collate_fn, move_to)
-from xlearner.datasets import DataError, check_data
+from xlearner.datasets import DataError
+from xlearner.formats import check_data
 from xlearner.tvdatasets import prepare_mnist_like
 
 RNG = np.random.default_rng(0)

@@ -93,7 +93,7 @@ def test_torchrun_two_processes_demo_config(tmp_path, world):
     from xlearner import data
     from xlearner.checkpoint import load_checkpoint
     from xlearner.evaluate import evaluate
-    from xlearner.model import model_from_checkpoint
+    from xlearner.weights import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
     for src in load_config(toml).sources:
         if src.task != "det":
@@ -123,7 +123,7 @@ def test_compile_stages_in_place_keeps_keys_loss_and_grads():
     import torch
 
     from xlearner.config import ModelConfig, SourceConfig
-    from xlearner.expand import compile_stages
+    from xlearner.backbone import compile_stages
     from xlearner.model import XLearnerModel
 
     src = [SourceConfig(name="a", task="cls", image_size=64, batch_size=2)]

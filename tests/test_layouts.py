@@ -15,7 +15,7 @@ from PIL import Image
 from xlearner import expand
 from xlearner.config import ConfigError, FIXED_CLASSES, load_config
 from xlearner.data import build_dataset
-from xlearner.datasets import check_data, make_reader
+from xlearner.formats import check_data, make_reader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def cityscapes_tree(root: Path) -> Path:
 
 
 def test_cityscapes_label_ids_become_train_ids(tmp_path):
-    root = cityscapes_tree(tmp_path / "cityscapes")
+    cityscapes_tree(tmp_path / "cityscapes")
     cfg = load_config(None, [f'data_root="{tmp_path}"', 'sources=[{name="cs", task="seg", format="cityscapes", '
                                                        'root="cityscapes", train_split="val", val_split="val"}]'])
     src = cfg.sources[0]

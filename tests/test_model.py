@@ -12,9 +12,9 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from xlearner.backbone import Backbone, build_backbone
 from xlearner.config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig
 from xlearner.heads import DetHead, SegHead
-from xlearner.model import ExpandedNet, XLearnerModel, backbone_state_dict, model_from_checkpoint
-from xlearner.reconcile import RECONCILE
-from xlearner.squeeze import SqueezedModel
+from xlearner.model import SqueezedModel, XLearnerModel
+from xlearner.reconcile import RECONCILE, ExpandedNet
+from xlearner.weights import backbone_state_dict, model_from_checkpoint
 
 TASKS = ["cls", "det", "seg"]
 # small detection sizes: the torchvision defaults are meant for 800 px images

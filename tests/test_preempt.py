@@ -306,5 +306,5 @@ def test_sigterm_to_the_ablate_driver_alone_stops_its_workers(tmp_path, world):
         time.sleep(0.5)
     else:
         os.killpg(proc.p.pid, signal.SIGKILL)
-        raise AssertionError(f"processes of the ablate session still running 30 s after the driver exited")
+        raise AssertionError("processes of the ablate session still running 30 s after the driver exited")
     assert not (tmp_path / "report" / "ablation.json").exists()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from xlearner import expand, squeeze
 from xlearner.config import load_config
-from xlearner.datasets import check_data
+from xlearner.formats import check_data
 from xlearner.tools.demo import STANDIN_SPECS, generate
 
 REPO = Path(__file__).resolve().parents[1]

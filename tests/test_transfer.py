@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from xlearner import probe, results, transfer
+from xlearner import probe, results, transfer, weights
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig
 from xlearner.datasets import DataError
@@ -173,25 +173,25 @@ def test_run_writes_results_for_several_backbones(tiny_cfg, tmp_path):
 
 def test_load_backbone_specs(tmp_path):
     pytest.importorskip("xlearner.model")
-    a, info_a = transfer.load_backbone("random", "resnet18")
-    b, info_b = transfer.load_backbone("random", "resnet18")
+    a, info_a = weights.load_backbone("random", "resnet18")
+    b, info_b = weights.load_backbone("random", "resnet18")
     assert info_a["hash"] == info_b["hash"] and info_a["seed"] == 0
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    _, info_c = transfer.load_backbone("random:1", "resnet18")
+    _, info_c = weights.load_backbone("random:1", "resnet18")
     assert info_c["hash"] != info_a["hash"]
     pth = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), pth)  # with fc.*: ignored
-    bb, info = transfer.load_backbone(str(pth), "resnet18")
+    bb, info = weights.load_backbone(str(pth), "resnet18")
     assert len(info["hash"]) == 64 and info["hash"] == info["file_sha256"]
     # a plain state_dict says its own arch (block layout), whatever model.arch is
-    assert transfer.load_backbone(str(pth), "resnet34")[1]["arch"] == "resnet18"
+    assert weights.load_backbone(str(pth), "resnet34")[1]["arch"] == "resnet18"
     for arch in ("resnet34", "resnet50"):  # the same block counts: told apart by the block type
-        assert transfer.infer_arch(getattr(torchvision.models, arch)().state_dict()) == arch
+        assert weights.infer_arch(getattr(torchvision.models, arch)().state_dict()) == arch
     other = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(1)}, other)  # not a ResNet: model.arch is tried, and named
     from xlearner.config import ConfigError
     with pytest.raises(ConfigError, match=r"other\.pth: not a state_dict of this architecture.*model\.arch is 'resnet34'"):
-        transfer.load_backbone(str(other), "resnet34")
+        weights.load_backbone(str(other), "resnet34")
 
 
 def test_load_backbone_from_expand_checkpoint(tmp_path):
@@ -205,10 +205,10 @@ def test_load_backbone_from_expand_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
                 "meta": {"kind": "expanded", "num_classes": {"c": 3, "s": 2}, "arch": "resnet18"}}, ckpt)
-    default, info_default = transfer.load_backbone(str(ckpt), "resnet50")  # the checkpoint's arch wins
-    seg, info_seg = transfer.load_backbone(str(ckpt), "resnet18", branch="seg")
+    default, info_default = weights.load_backbone(str(ckpt), "resnet50")  # the checkpoint's arch wins
+    seg, info_seg = weights.load_backbone(str(ckpt), "resnet18", branch="seg")
     assert info_default["branch"] == "cls" and info_default["arch"] == "resnet18"
-    assert info_default["hash"] == transfer.load_backbone(str(ckpt), "resnet18", branch="cls")[1]["hash"]
+    assert info_default["hash"] == weights.load_backbone(str(ckpt), "resnet18", branch="cls")[1]["hash"]
     assert info_seg["hash"] != info_default["hash"]
     for name, branch in (("cls", default), ("seg", seg)):
         ref = model.backbone.branches[name].state_dict()
@@ -360,12 +360,12 @@ def _expand_checkpoint(tmp_path, arch="resnet10", reconcile="hrnet"):
 
 
 def test_with_rl_extractor_equals_branch_alone_at_zero_init_and_differs_after(tmp_path):
-    from xlearner.model import BranchWithRL
+    from xlearner.reconcile import BranchWithRL
     model, path = _expand_checkpoint(tmp_path)
     x = torch.randn(2, 3, 64, 64)
     for task in ("cls", "det", "seg"):
-        alone, info_alone = transfer.load_backbone(str(path), "resnet18", branch=task)
-        with_rl, info_rl = transfer.load_backbone(str(path), "resnet18", branch=task, with_rl=True)
+        alone, info_alone = weights.load_backbone(str(path), "resnet18", branch=task)
+        with_rl, info_rl = weights.load_backbone(str(path), "resnet18", branch=task, with_rl=True)
         assert isinstance(with_rl, BranchWithRL) and with_rl.arch == alone.arch == "resnet10"
         assert info_rl["hash"] != info_alone["hash"]  # their features are cached apart
         with torch.no_grad():
@@ -378,8 +378,8 @@ def test_with_rl_extractor_equals_branch_alone_at_zero_init_and_differs_after(tm
     nonzero = tmp_path / "nonzero.pt"
     ckpt = torch.load(path, weights_only=True)
     torch.save({**ckpt, "model": model.state_dict()}, nonzero)
-    alone, _ = transfer.load_backbone(str(nonzero), "resnet18", branch="det")
-    with_rl, _ = transfer.load_backbone(str(nonzero), "resnet18", branch="det", with_rl=True)
+    alone, _ = weights.load_backbone(str(nonzero), "resnet18", branch="det")
+    with_rl, _ = weights.load_backbone(str(nonzero), "resnet18", branch="det", with_rl=True)
     with torch.no_grad():
         fa, fr = alone.eval()(x), with_rl.eval()(x)
     diffs = {k: (fa[k] - fr[k]).abs().max().item() for k in fa}
@@ -392,9 +392,9 @@ def test_with_rl_needs_an_expand_checkpoint_with_branches(tmp_path):
     pth = tmp_path / "plain.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), pth)
     with pytest.raises(ConfigError, match=r"plain.pth: --with-rl needs an expand run checkpoint \(not a plain state_dict\)"):
-        transfer.load_backbone(str(pth), "resnet18", with_rl=True)
+        weights.load_backbone(str(pth), "resnet18", with_rl=True)
     with pytest.raises(ConfigError, match="random: --with-rl needs an expand run checkpoint"):
-        transfer.load_backbone("random", "resnet18", with_rl=True)
+        weights.load_backbone("random", "resnet18", with_rl=True)
 
 
 def test_with_rl_probe_det_and_seg_heads_run(demo_config, tmp_path):
@@ -419,17 +419,17 @@ def test_resnet10_exports_into_torchvisions_resnet_class(tmp_path):
     """model.arch = "resnet10" is torchvision's own ResNet(BasicBlock, [1, 1, 1, 1]): its export loads there."""
     from torchvision.models.resnet import BasicBlock, ResNet
     from xlearner.backbone import build_backbone
-    from xlearner.model import backbone_state_dict
+    from xlearner.weights import backbone_state_dict
     torch.manual_seed(0)
     backbone = build_backbone("resnet10")
     sd = backbone_state_dict(backbone)
     target = ResNet(BasicBlock, [1, 1, 1, 1])
     result = target.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
-    assert transfer.infer_arch(sd) == "resnet10"
+    assert weights.infer_arch(sd) == "resnet10"
     pth = tmp_path / "r10.pth"
     torch.save(sd, pth)
-    loaded, info = transfer.load_backbone(str(pth), "resnet50")  # the file says its own arch
+    loaded, info = weights.load_backbone(str(pth), "resnet50")  # the file says its own arch
     assert info["arch"] == loaded.arch == "resnet10"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -41,7 +41,8 @@ from torchvision.transforms import v2
 
 from . import dist
 from .config import SourceConfig
-from .datasets import BadSample, DataError, make_reader
+from .datasets import BadSample, DataError
+from .formats import make_reader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,6 +154,18 @@ def build_dataset(src: SourceConfig, split: str, train: bool) -> SourceDataset:
 
 # ----------------------------------------------------------------------------
 # batching
+
+def build_train_datasets(sources: list[SourceConfig]) -> tuple[dict, dict[str, int]]:
+    """Every source's train split, and its class count (the config's, or what the data says)."""
+    datasets = {s.name: build_dataset(s, "train", train=True) for s in sources}
+    num_classes = {s.name: s.num_classes or datasets[s.name].num_classes for s in sources}
+    return datasets, num_classes
+
+
+def images_per_step(sources: list[SourceConfig]) -> int:
+    """Images in one step of the multi-source loader: one batch of every source."""
+    return sum(s.batch_size for s in sources)
+
 
 def collate_fn(task: str, ignore_index: int = 255):
     """Batch samples of one task; None samples (undecodable images) are dropped and counted."""

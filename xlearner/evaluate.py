@@ -26,10 +26,12 @@ import contextlib
 import copy
 import io
 import math
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
-from . import dist
+from . import data, dist
 from .config import SourceConfig
 
 
@@ -265,3 +267,28 @@ def _combine_seg(conf: torch.Tensor) -> dict:
     majority[:, per_class_pixels.argmax()] = per_class_pixels
     return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class],
             "mIoU_majority": miou_from_confusion(majority)[0]}
+
+
+def make_evaluator(model: nn.Module, sources: list[SourceConfig], device: torch.device, amp: str,
+                   workers: int) -> Callable[[int], dict]:
+    """A function step -> {source: metrics} over each source's val split, sharded across ranks.
+
+    The val datasets and loaders are built on first use and then reused, so a
+    periodic evaluation costs only the forward passes.
+    """
+    cache: dict[str, tuple] = {}
+
+    def run_eval(step: int) -> dict:
+        results = {}
+        for s in sources:
+            if not s.val:
+                continue
+            if s.name not in cache:
+                ds = data.build_dataset(s, "val", train=False)
+                cache[s.name] = (ds, data.build_eval_loader(s, ds, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                                                            batch_size=s.batch_size, workers=workers))
+            ds, loader = cache[s.name]
+            results[s.name] = evaluate(model, s, loader, ds, device, amp=amp)
+        return results
+
+    return run_eval
