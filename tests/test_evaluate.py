@@ -137,7 +137,6 @@ class _DS:
 
 
 def test_evaluate_loop_cls_and_seg():
-    pytest.importorskip("xlearner.data")
     m = _FakeModel()
     m.outputs = [torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[3.0, 1.0]])]
     loader = [{"images": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([0, 0])},

@@ -108,7 +108,6 @@ def _imagefolder(root, n_train=6, n_val=3, size=24):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    pytest.importorskip("xlearner.data")
     root = _imagefolder(tmp_path / "colors")
     ds = SourceConfig(name="colors", task="cls", format="imagefolder", train=str(root / "train"),
                       val=str(root / "val"), image_size=32, batch_size=8)
@@ -172,7 +171,6 @@ def test_run_writes_results_for_several_backbones(tiny_cfg, tmp_path):
 
 
 def test_load_backbone_specs(tmp_path):
-    pytest.importorskip("xlearner.model")
     a, info_a = weights.load_backbone("random", "resnet18")
     b, info_b = weights.load_backbone("random", "resnet18")
     assert info_a["hash"] == info_b["hash"] and info_a["seed"] == 0
@@ -195,7 +193,6 @@ def test_load_backbone_specs(tmp_path):
 
 
 def test_load_backbone_from_expand_checkpoint(tmp_path):
-    pytest.importorskip("xlearner.model")
     from xlearner.config import ModelConfig
     from xlearner.model import XLearnerModel
     cfg = Config(model=ModelConfig(arch="resnet18", tasks=["cls", "seg"]),
