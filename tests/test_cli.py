@@ -13,17 +13,16 @@ import torch
 import torchvision
 
 from runner import REPO, as_sets, demo_toml, env, run, tiny_sizes
-from xlearner.tools.demo import generate
 
 TINY = ["expand.steps=2", "squeeze.steps=2", "expand.workers=0", "squeeze.workers=0", "transfer.workers=0",
         "transfer.epochs=1", *tiny_sizes(cls_batch=4)]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, demo_world):
+    """(the demo world, configs/demo.toml pointed at it)"""
     root = tmp_path_factory.mktemp("cli")
-    generate(root / "world", seed=0, scale=0.05)
-    return root, demo_toml(root / "world", root / "runs", root / "demo.toml")
+    return demo_world, demo_toml(demo_world, root / "runs", root / "demo.toml")
 
 
 def readme_blocks() -> list[str]:
@@ -76,13 +75,13 @@ def test_every_command_documents_defaults():
 
 
 def test_check_data_lists_every_problem(tiny, tmp_path):
-    root, toml = tiny
+    demo_world, toml = tiny
     ok = run("check-data", "--config", str(toml))
     assert ok.stdout == "ok: 9 source(s) checked, no problems\n"  # 5 sources + 4 transfer datasets
     # break two sources in a copy of the world: a corrupt image and an out-of-range mask
     import shutil
     world = tmp_path / "world"
-    shutil.copytree(root / "world", world)
+    shutil.copytree(demo_world, world)
     img = sorted((world / "shapes-cls" / "train").rglob("*.png"))[0]
     img.write_bytes(b"\x89PNG broken")
     mask = sorted((world / "shapes-seg" / "val" / "masks").glob("*.png"))[0]
@@ -97,7 +96,7 @@ def test_check_data_lists_every_problem(tiny, tmp_path):
 
 
 def test_expand_export_and_bench(tiny, tmp_path):
-    root, toml = tiny
+    _, toml = tiny
     run("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *as_sets(TINY))
     for branch in ("cls", "det", "seg"):
         out = tmp_path / f"{branch}.pth"
@@ -143,8 +142,8 @@ optional_datasets = ["FashionMNIST"]
 
 
 def test_ablate_quick(tiny, tmp_path):
-    root, _ = tiny
-    toml = demo_toml(root / "world", root / "runs", tmp_path / "ablate.toml", extra=FASHION_TOML)
+    demo_world, _ = tiny
+    toml = demo_toml(demo_world, tmp_path / "demo-runs", tmp_path / "ablate.toml", extra=FASHION_TOML)
     # One seed: every variant still trains and transfers, at a fraction of the disk; the statistics over
     # seeds are checked by hand in test_ablate.py.
     res = run("ablate", "--config", str(toml), "--quick", "--seeds", "1", "--out", str(tmp_path / "report"),

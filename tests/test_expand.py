@@ -9,7 +9,6 @@ from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_st
                     train_steps)
 from xlearner import expand
 from xlearner.config import load_config
-from xlearner.tools.demo import generate
 
 CLS_ONLY = """
 [model]
@@ -32,10 +31,8 @@ out = "{out}"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate(out, seed=0, scale=0.2)
-    return out
+def world(make_world):
+    return make_world(0.2)
 
 
 def cls_config(tmp_path, world, name, bs, accum=1):

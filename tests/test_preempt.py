@@ -21,16 +21,13 @@ import torch
 from runner import REPO, Proc, assert_same_state, cli, env, model_state, run, train_steps, write_config
 from xlearner import data, expand
 from xlearner.checkpoint import load_checkpoint
-from xlearner.tools.demo import generate
 
 STEP_LINE = re.compile(r"\[expand\] step (\d+)/\d+ loss")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate(out, seed=0, scale=0.2)
-    return out
+def world(make_world):
+    return make_world(0.2)
 
 
 def assert_clean_stop(proc: Proc, code: int, sig=signal.SIGTERM) -> None:

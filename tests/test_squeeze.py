@@ -20,13 +20,10 @@ SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A demo world, its config at tiny sizes, and a 3-step expand teacher."""
-    from xlearner.tools.demo import generate
+def setup(tmp_path_factory, make_world):
+    """The 10% demo world, its config at tiny sizes, and a 3-step expand teacher."""
     root = tmp_path_factory.mktemp("sq")
-    world = root / "world"
-    generate(world, seed=0, scale=0.1)
-    toml = demo_toml(world, root / "runs", root / "demo.toml")
+    toml = demo_toml(make_world(0.1), root / "runs", root / "demo.toml")
     cfg = load_config(toml, SMALL)
     teacher = expand.run(cfg)
     return {"root": root, "toml": toml, "cfg": cfg, "teacher": teacher}

@@ -34,10 +34,8 @@ def standin_sets(world: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("standin")
-    generate(out, seed=0, scale=0.02, world="standin")  # 3 images per cls class, 4 per det/seg split
-    return out
+def world(make_world) -> Path:
+    return make_world(0.02, "standin")  # 3 images per cls class, 4 per det/seg split
 
 
 def _files(root: Path) -> dict[str, bytes]:
