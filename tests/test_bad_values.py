@@ -67,7 +67,8 @@ BAD = [
     ("model.tasks=[]", "model.tasks: expected distinct tasks, got []"),
     ('model.reconcile="attention"', "model.reconcile: expected hrnet|scalar|cross_stitch|none, got 'attention'"),
     ("model.reconcile_width=1.5", "model.reconcile_width: must be in (0, 1], got 1.5"),
-    ('model.det_head="retinanet"', "model.det_head: expected faster_rcnn, got 'retinanet'"),
+    ('model.det_head="faster_rcnn"', "model.det_head: no longer a key (detection is always Faster R-CNN; delete the line)"),
+    ('model.other_branches_bn="eval"', "model.other_branches_bn: expected batch|running, got 'eval'"),
     ('model.seg_head="unet"', "model.seg_head: expected fpn|deeplab, got 'unet'"),
     ("model.fpn_channels=0", "model.fpn_channels: must be >= 1, got 0"),
     ("model.rpn_post_nms_top_n=0", "model.rpn_post_nms_top_n: must be >= 1, got 0"),
@@ -105,8 +106,8 @@ BAD = [
                                         "sq_all_det|sq_all_copy|sq_all_lr1, got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
-    ("sources.a.train_subset=10", "sources.a.train_subset: is for transfer datasets only, got [10, 0]"),
-    ("sources.a.val_subset=-1", "sources.a.val_subset: must be >= 0, got -1"),
+    ("sources.a.train_subset=10", "sources.a.train_subset: a [[transfer.datasets]] key; a [[sources]] entry does not take it"),
+    ('transfer.datasets=[{name="t", val_subset=-1}]', "transfer.datasets.t.val_subset: must be >= 0, got -1"),
     ('ablate.ssst_source="b"', "ablate.ssst_source: must name a cls source ['a'], got 'b'"),
 ]
 

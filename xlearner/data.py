@@ -40,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from . import dist
-from .config import SourceConfig
+from .config import DataConfig, SourceConfig
 from .datasets import BadSample, DataError
 from .formats import make_reader
 
@@ -87,7 +87,7 @@ def sample_seed(seed: int, source: str, epoch: int, index: int) -> int:
 class SourceDataset(Dataset):
     """One split of one source: reader + task transform. Index with an int or `(index, aug_seed)`."""
 
-    def __init__(self, src: SourceConfig, split: str, reader, train: bool):
+    def __init__(self, src: DataConfig, split: str, reader, train: bool):
         self.source, self.split, self.task, self.train = src, split, src.task, train
         self.reader = reader
         self.indices: list[int] | None = None  # a subset of the reader's samples (transfer's train/val_subset)
@@ -138,7 +138,7 @@ class SourceDataset(Dataset):
         return img, mask.as_subclass(torch.Tensor).long()
 
 
-def build_dataset(src: SourceConfig, split: str, train: bool) -> SourceDataset:
+def build_dataset(src: DataConfig, split: str, train: bool) -> SourceDataset:
     """One split of a source with its train or eval transform; DataError if the split has problems."""
     reader = make_reader(src, split)
     if reader.problems:
@@ -365,7 +365,7 @@ class EvalLoader(DataLoader):
             yield batch
 
 
-def build_eval_loader(src: SourceConfig, dataset, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
+def build_eval_loader(src: DataConfig, dataset, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
                       workers: int = 2) -> DataLoader:
     """This rank's shard `range(rank, N, world_size)` in order: no shuffle, no padding duplicates."""
     return EvalLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world_size)),

@@ -7,10 +7,10 @@ list of raw samples: `reader.load(i) -> (PIL RGB image, target)` with
 - det: {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
   "image_id": int}, crowd (and VOC "difficult") boxes already left out,
 - seg: a uint8 [H, W] label map (numpy).
-formats.py maps `SourceConfig.format` to its reader; transforms, batching and
+formats.py maps a config's `format` to its reader; transforms, batching and
 the multi-source loader live in data.py.
 
-Formats (`SourceConfig.format`), this module's first:
+Formats (a config's `format`), this module's first:
 - `imagefolder`: `<split>/<class>/<image>`; classes sorted by name; val must
   have the train class set.
 - `csv`: header `path,label`, paths relative to the CSV; multi-label sources

@@ -286,7 +286,7 @@ def train(run: Run) -> nn.Module:
                 _stop_run(s, signalled, eval_pending=eval_step)
             if _every(s.step, tc.ckpt_every) or s.step == tc.steps:
                 _save(s)
-        if (not resumed or s.step > 0) and (signalled := _evaluate(s)):
+        if signalled := _evaluate(s):  # (a resumed run has step >= 1: every run evaluates its last step)
             _stop_run(s, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
     s.bar.close()
     _log_event(s.out, {"event": "end", "step": s.step})
@@ -421,7 +421,7 @@ def _evaluate(s: _State) -> int:
         return 0
     if s.train_model is not s.model:  # DDP syncs BN running stats at the start of a forward: after the
         for b in s.model.buffers():   # last step each rank still has its own, so evaluate rank 0's (the
-            torch.distributed.broadcast(b, src=0)  # checkpointed) ones
+            dist.broadcast_tensor(b)          # checkpointed) ones
     dist.log(f"[{run.stage}] step {step}: evaluating")
     rng = rng_state()  # evaluation must leave the training RNG (RPN/RoI samplers) exactly as it was
     s.model.eval()

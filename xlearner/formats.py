@@ -1,4 +1,4 @@
-"""Which reader reads which format: `SourceConfig.format` -> a Reader of one split, and the data check.
+"""Which reader reads which format: `format` of a source or transfer dataset -> a Reader of one split, and the data check.
 
 The readers themselves live by kind (docs/DESIGN.md §6): datasets.py (the base
 class, `imagefolder`, `csv`, `coco`), seglayouts.py (`masks`, `ade20k`,
@@ -9,7 +9,7 @@ that knows them all, so none of them imports another's module but the base's.
 from __future__ import annotations
 
 from . import dist
-from .config import SourceConfig
+from .config import DataConfig
 from .datasets import CocoReader, CsvReader, DataError, ImageFolderReader, Reader
 from .seglayouts import ADE20KReader, CityscapesReader, MaskReader
 from .tvdatasets import TorchvisionReader
@@ -21,7 +21,7 @@ def _missing(key: str, reason: str) -> Reader:
     return reader
 
 
-def _coco(src: SourceConfig, split: str, path: str) -> Reader:
+def _coco(src: DataConfig, split: str, path: str) -> Reader:
     ann = src.train_ann if split == "train" else src.val_ann
     if not ann:
         return _missing(f"sources.{src.name}.{split}_ann", "coco sources need an instances JSON")
@@ -40,7 +40,7 @@ PATH_READERS = {
 ROOT_READERS = {"cityscapes": CityscapesReader, "torchvision": TorchvisionReader}
 
 
-def make_reader(src: SourceConfig, split: str) -> Reader:
+def make_reader(src: DataConfig, split: str) -> Reader:
     """The reader of one split ("train" or "val") of a source; problems are collected, not raised."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -54,7 +54,7 @@ def make_reader(src: SourceConfig, split: str) -> Reader:
     return PATH_READERS[src.format](src, split, path)
 
 
-def check_data(sources: list[SourceConfig], progress: bool = False) -> list[str]:
+def check_data(sources: list[DataConfig], progress: bool = False) -> list[str]:
     """Every problem of every split of every source (each image fully decoded), as "path: reason"."""
     problems: list[str] = []
     for src in sources:

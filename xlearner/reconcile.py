@@ -123,7 +123,7 @@ class HRNetReconcile(Reconcile):
     the narrow outputs are summed, and one 1x1 m -> C_l + zero-init BN per
     target stage (`widen`) brings the sum to branch t's width. On resnet50
     (cls + seg, 224 px) width 1/16 cuts the RL forward from 6.8 to 0.7 GMACs
-    (tests/test_model.py); README "Measured numbers" has the step times.
+    (tests/test_model.py); docs/RESULTS.md, "The demo, benches and the first GPU check", has the step times.
     """
 
     def __init__(self, tasks, channels, stages, width=1.0, detach=True):
@@ -234,8 +234,8 @@ class ExpandedNet(nn.Module):
     normalise task t's images in training is `other_bn`: "batch" (default) with
     the batch's statistics, as a train-mode branch would, or "running" with
     their own running statistics (eval mode), which is what an RL reads at test
-    time. The demo measured both (README): "running" gave the better teacher,
-    "batch" the better squeezed student."""
+    time. The demo measured both (docs/RESULTS.md, "Per-task BN statistics"):
+    "running" gave the better teacher, "batch" the better squeezed student."""
 
     def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
                  detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,

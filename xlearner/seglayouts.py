@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import Cityscapes
 
-from .config import FIXED_CLASSES, SourceConfig
+from .config import FIXED_CLASSES, DataConfig
 from .datasets import BadSample, Reader, image_files, decode_image
 
 
@@ -179,7 +179,7 @@ def cityscapes_train_ids() -> tuple[list[str], list[tuple[int, int]]]:
 class CityscapesReader(LabelMapReader):
     """One split (`src.train_split` / `src.val_split`) of the fine annotations under `src.root`."""
 
-    def __init__(self, src: SourceConfig, split: str):
+    def __init__(self, src: DataConfig, split: str):
         super().__init__(src.ignore_index)
         self.classes, pairs = cityscapes_train_ids()
         self.num_classes = len(self.classes)

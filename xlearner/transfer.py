@@ -59,9 +59,9 @@ from torch.utils.data import DataLoader, Subset
 
 from . import data, dist
 from .backbone import freeze_bn, load_torchvision_state_dict
-from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
+from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
 from .engine import wrap_ddp
-from .evaluate import evaluate, primary_metric
+from .evaluate import evaluate
 from .model import XLearnerModel
 from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, open_split,
                     random_subset, sha256_text, stratified_subset)
@@ -77,12 +77,12 @@ RECORD_VERSION = 1                 # part of each result record's key: bump it i
 # ----------------------------------------------------------------------------
 # linear probe (probe.py) on one dataset
 
-def _check_single_label(src: SourceConfig) -> None:
+def _check_single_label(src: TransferDatasetConfig) -> None:
     if src.multi_label:
         raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
 
 
-def linear_transfer(backbone, info: dict, src: SourceConfig, tc: TransferConfig, seed: int,
+def linear_transfer(backbone, info: dict, src: TransferDatasetConfig, tc: TransferConfig, seed: int,
                     device: torch.device, cache_dir: str | Path) -> dict:
     """The `linear` protocol on one cls dataset for one seed (features from the cache when possible)."""
     _check_single_label(src)
@@ -121,7 +121,7 @@ class _Classifier(nn.Module):
         return F.cross_entropy(logits, batch["labels"])
 
 
-HEAD_KEYS = ("det_head", "seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
+HEAD_KEYS = ("seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
              "rpn_batch_size_per_image", "box_batch_size_per_image", "box_head_dim", "box_detections_per_img",
              "seg_channels")  # the [model] keys that size the det / seg heads trained here
 
@@ -131,7 +131,7 @@ class _HeadModel(nn.Module):
 
     Built on the backbone's own arch, not model.arch: a ResNet-50 is evaluated with any config."""
 
-    def __init__(self, cfg: Config, src: SourceConfig, backbone, num_classes: int):
+    def __init__(self, cfg: Config, src: TransferDatasetConfig, backbone, num_classes: int):
         super().__init__()
         sizes = {k: getattr(cfg.model, k) for k in HEAD_KEYS}
         # detection practice: BN frozen (small per-GPU batches); seg keeps BN trainable when fine-tuned
@@ -139,7 +139,7 @@ class _HeadModel(nn.Module):
         mcfg = ModelConfig(arch=backbone.arch, tasks=[src.task], shared_backbone=True, reconcile="none",
                            frozen_bn=frozen_bn, **sizes)
         self.name = src.name
-        self.model = XLearnerModel(mcfg, [src], {src.name: num_classes})
+        self.model = XLearnerModel(mcfg, [as_source(src)], {src.name: num_classes})
         if isinstance(backbone, BranchWithRL):  # the whole expanded network stands in for the backbone
             self.model.backbone = freeze_bn(copy.deepcopy(backbone)) if frozen_bn else copy.deepcopy(backbone)
         else:
@@ -209,7 +209,7 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
     bar.close()
 
 
-def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device: torch.device) -> dict:
+def trained_transfer(backbone, cfg: Config, src: TransferDatasetConfig, seed: int, device: torch.device) -> dict:
     """finetune (cls), det or seg on one dataset for one seed (`src` resolved); `backbone` is not modified.
 
     Batch size: the dataset's `batch_size` (per process), for training and evaluation.
@@ -240,11 +240,11 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
 # ----------------------------------------------------------------------------
 # the driver
 
-def _frac(src: SourceConfig, tc: TransferConfig) -> float:
+def _frac(src: TransferDatasetConfig, tc: TransferConfig) -> float:
     return src.train_fraction if src.train_fraction is not None else tc.train_fraction
 
 
-def resolve(src: SourceConfig, tc: TransferConfig) -> SourceConfig:
+def resolve(src: TransferDatasetConfig, tc: TransferConfig) -> TransferDatasetConfig:
     """A copy of a transfer dataset with every "take it from [transfer]" field filled in."""
     return dataclasses.replace(
         src, protocol=src.protocol or tc.protocol, train_fraction=_frac(src, tc),
@@ -253,7 +253,7 @@ def resolve(src: SourceConfig, tc: TransferConfig) -> SourceConfig:
         epochs=tc.epochs if src.epochs is None else src.epochs)
 
 
-def transfer_one(backbone, info: dict, cfg: Config, src: SourceConfig, seed: int, device: torch.device,
+def transfer_one(backbone, info: dict, cfg: Config, src: TransferDatasetConfig, seed: int, device: torch.device,
                  cache_dir: str | Path) -> dict:
     """One (backbone, dataset, seed): the metrics dict of the dataset's protocol."""
     src = resolve(src, cfg.transfer)
@@ -272,7 +272,7 @@ def _default_names(backbones: list[str]) -> list[str]:
     return names
 
 
-def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
+def open_datasets(datasets: list[TransferDatasetConfig], cfg: Config) -> dict[str, str]:
     """Open every (resolved) transfer dataset before any training, DataError / ConfigError naming the
     first bad one; returns each one's result key (`dataset_key`)."""
     keys = {}
@@ -285,7 +285,7 @@ def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
     return keys
 
 
-def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
+def dataset_key(src: TransferDatasetConfig, cfg: Config, splits: dict[str, str]) -> str:
     """What a result on `src` depends on besides the backbone and the seed: the resolved dataset entry,
     the [transfer] values its protocol reads, the det/seg head sizes, and each split as the feature cache
     keys it (size and classes as read from disk; probe.dataset_hash)."""
@@ -296,7 +296,7 @@ def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
     return sha256_text(json.dumps(key, sort_keys=True))
 
 
-def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: list[SourceConfig],
+def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: list[TransferDatasetConfig],
               data_keys: dict[str, str]) -> tuple[dict, dict]:
     """(record path, finished result) of every (name, dataset, seed), the second from rank 0's records."""
     paths = {(name, d.name, seed): record_path(out, info["hash"], data_keys[d.name], d, seed)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SourceConfig
+from .config import DataConfig
 from .datasets import BadSample, Reader
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -72,7 +72,7 @@ def _mnist_root(cls, root: str) -> str:
 
 
 class TorchvisionReader(Reader):
-    def __init__(self, src: SourceConfig, split: str):
+    def __init__(self, src: DataConfig, split: str):
         super().__init__()
         import torchvision.datasets as tvd
 
