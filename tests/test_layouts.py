@@ -121,7 +121,8 @@ def test_two_expand_steps_on_ade20k(tmp_path):
     log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
     (evaluation,) = [r for r in log if r["event"] == "eval"]
-    assert 0 <= evaluation["metrics"]["ade20k"]["mIoU"] <= 100
+    # regression pin: two seeded steps are deterministic, measured with torch 2.14.1 on CPU (1 and 2 threads alike)
+    assert evaluation["metrics"]["ade20k"]["mIoU"] == pytest.approx(5.069124, abs=1e-4)
     assert len(evaluation["metrics"]["ade20k"]["per_class_iou"]) == 150
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     stored = stored.get("config", stored)
