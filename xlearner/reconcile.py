@@ -136,15 +136,14 @@ class HRNetReconcile(Reconcile):
                 m = max(8, int(round(c_out * width))) if self.narrow else c_out  # each path's output width
                 paths = {f"{u}_layer{k}": path(channels[f"layer{k}"], m, k, l)
                          for u in tasks if u != t for k in range(1, l + 1)}
-                if self.narrow:
-                    paths["widen"] = nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
+                paths["widen"] = (nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                                  if self.narrow else nn.Identity())
                 self.into[t][f"layer{l}"] = nn.ModuleDict(paths)
 
     def forward(self, t, l, x):
         R = self.into[t][f"layer{l}"]
-        paths = sum(R[f"{u}_layer{k}"](self.sg(x[u][k])) for u in self.others(t) for k in range(1, l + 1))
-        # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
-        return x[t][l] + (R["widen"](paths) if self.narrow else paths)
+        return x[t][l] + R["widen"](sum(R[f"{u}_layer{k}"](self.sg(x[u][k])) for u in self.others(t) for k in range(1, l + 1)))
 
 
 class ScalarPath(nn.Module):
