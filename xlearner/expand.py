@@ -24,6 +24,7 @@ from .config import Config, check_tasks_have_sources
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
 from .model import XLearnerModel
+from .rng import seed_everything
 from .rundir import locked
 
 
@@ -38,7 +39,7 @@ def run(cfg: Config, init: Path | None = None) -> Path:
     check_tasks_have_sources(cfg.model, cfg.sources)
     device = dist.init_distributed()
     tc = cfg.expand
-    engine.seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     datasets, num_classes = build_train_datasets(cfg.sources)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes)  # channels_last already, when configured
     init_ckpt = load_checkpoint(init) if init is not None else None

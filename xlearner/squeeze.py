@@ -47,6 +47,7 @@ from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
 from .model import SqueezedModel, XLearnerModel, resolve_student_init
 from .probe import sha256_file
+from .rng import seed_everything
 from .rundir import locked
 from .weights import backbone_state_dict, model_from_checkpoint
 
@@ -259,7 +260,7 @@ def run(cfg: Config, teacher_path: str | Path) -> Path:
     """Run (or resume) the squeeze stage; returns the path of the exported backbone."""
     device = dist.init_distributed()
     sq = cfg.squeeze
-    engine.seed_everything(sq.seed)
+    seed_everything(sq.seed)
     distiller, student, teacher, loader, meta = build(cfg, teacher_path, device)
     out = Path(sq.out)
 

@@ -44,6 +44,7 @@ from ..config import Config, ConfigError
 from ..data import build_train_datasets, images_per_step
 from ..model import SqueezedModel, XLearnerModel
 from ..probe import extract_features
+from ..rng import seed_everything
 from ..squeeze import Distiller, load_teacher
 from ..weights import load_backbone
 
@@ -114,7 +115,7 @@ def _result(name, times, **extra) -> dict:
 def bench_expand(cfg: Config, steps: int = 20) -> dict:
     device = dist.init_distributed()
     tc = cfg.expand
-    engine.seed_everything(tc.seed)
+    seed_everything(tc.seed)
     batches, num_classes = _batches(cfg, tc, min(steps, 4), device)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes).to(device).train()
     tasks = list(model.heads)
@@ -140,7 +141,7 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
 def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
     device = dist.init_distributed()
     sq = cfg.squeeze
-    engine.seed_everything(sq.seed)
+    seed_everything(sq.seed)
     batches, num_classes = _batches(cfg, sq, min(steps, 4), device)
     if teacher_path:
         teacher, _ = load_teacher(teacher_path, cfg)
@@ -183,7 +184,7 @@ def bench_backbone(cfg: Config, steps: int = 20) -> dict:
     src = next((s for s in cfg.sources if s.task == "cls"), None)
     if src is None:
         raise ConfigError("bench backbone: needs a cls source (its image_size and batch_size set the step)")
-    engine.seed_everything(tc.seed)
+    seed_everything(tc.seed)
     classes = src.num_classes or 1000
     model = BACKBONES[cfg.model.arch](num_classes=classes).to(device).train()
     if cfg.model.channels_last:
