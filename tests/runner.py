@@ -131,7 +131,7 @@ rpn_post_nms_top_n = 50
 box_batch_size_per_image = 32
 box_head_dim = 64
 
-{cls_sources}{det}
+{cls_sources}{det}{seg}
 [expand]
 steps = {steps}
 lr = 0.003
@@ -160,13 +160,29 @@ batch_size = 1
 """
 
 
-def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False) -> Path:
-    """tmp_path/NAME.toml: the tiny expand run, writing to tmp_path/NAME."""
+EXPAND_SEG = """
+[[sources]]
+name = "shapes-seg"
+task = "seg"
+format = "masks"
+train = "{world}/shapes-seg/train"
+val = "{world}/shapes-seg/val"
+num_classes = 9
+image_size = 32
+batch_size = {bs}
+"""
+
+
+def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False,
+                 seg: bool = False, bs: int = 4, extra: str = "") -> Path:
+    """tmp_path/NAME.toml: the tiny expand run (cls sources of batch `bs`, det and seg sources if asked; the seg
+    source's batch is `bs` too), writing to tmp_path/NAME, plus `extra` TOML appended."""
     p = tmp_path / f"{name}.toml"
-    tasks = '["cls", "det"]' if det else '["cls"]'
+    tasks = ["cls"] + ["det"] * det + ["seg"] * seg
     p.write_text(EXPAND_CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every,
-                                      tasks=tasks, cls_sources=CLS_SOURCES.format(world=world, bs=4),
-                                      det=EXPAND_DET.format(world=world) if det else ""))
+                                      tasks=str(tasks).replace("'", '"'), cls_sources=CLS_SOURCES.format(world=world, bs=bs),
+                                      det=EXPAND_DET.format(world=world) if det else "",
+                                      seg=EXPAND_SEG.format(world=world, bs=bs) if seg else "") + extra)
     return p
 
 
