@@ -12,7 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,24 @@ def tiny_sizes(cls_batch: int = 4) -> list[str]:
     cls, dense = ("shapes-cls", "texture-cls"), ("shapes-det", "colors-det", "shapes-seg")
     return ([f"sources.{s}.batch_size={cls_batch}" for s in cls] + [f"sources.{s}.batch_size=2" for s in dense] +
             [f"sources.{s}.image_size={64 if s.endswith('-det') else 32}" for s in (*cls, *dense)])
+
+
+def image_folder(root: Path, classes: dict[str, tuple[int, int, int] | None], per_split: dict[str, int], size: int,
+                 noise: int = 0, seed: int = 0) -> Path:
+    """The tiny imagefolders of the tests: root/SPLIT/CLASS/I.png, `per_split[SPLIT]` square images of `size` px
+    per class, each its class's RGB colour plus uniform noise in [0, noise] (colour None: random pixels). Seeded:
+    the same call writes the same bytes."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_split.items():
+        for c, rgb in classes.items():
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                if rgb is None:
+                    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                else:
+                    arr = np.clip(np.array(rgb) + rng.integers(0, noise + 1, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    return root
 
 
 def as_sets(overrides: list[str]) -> list[str]:

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
-from runner import REPO, cli, env
+from runner import REPO, cli, env, image_folder
 from xlearner import config
 from xlearner.config import load_config
 
@@ -116,11 +115,7 @@ BAD = [
 def tiny(tmp_path_factory):
     """A one-source cls config over 2 classes x 2 images of 32 px (train and val)."""
     root = tmp_path_factory.mktemp("bad_values")
-    for split in ("train", "val"):
-        for c, rgb in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
-            (root / "data" / split / c).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (32, 32), rgb).save(root / "data" / split / c / f"{i}.png")
+    image_folder(root / "data", {"red": (220, 20, 20), "blue": (20, 20, 220)}, {"train": 2, "val": 2}, 32)
     (root / "c.toml").write_text(TOML)
     return root
 

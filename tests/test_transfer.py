@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
+from runner import image_folder
 from xlearner import probe, results, transfer, weights
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig, TransferDatasetConfig
@@ -95,15 +95,8 @@ def test_results_markdown_shape():
 
 def _imagefolder(root, n_train=6, n_val=3, size=24):
     """Two colour classes: red-ish vs blue-ish squares with noise."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, rgb in (("blue", (0.1, 0.1, 0.9)), ("red", (0.9, 0.1, 0.1))):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                x = (torch.tensor(rgb).view(3, 1, 1) + 0.2 * torch.rand(3, size, size, generator=g)).clamp(0, 1)
-                Image.fromarray((x.permute(1, 2, 0) * 255).byte().numpy()).save(d / f"{i}.png")
-    return root
+    return image_folder(root, {"blue": (26, 26, 230), "red": (230, 26, 26)}, {"train": n_train, "val": n_val}, size,
+                        noise=51)
 
 
 @pytest.fixture
@@ -448,12 +441,8 @@ def test_resnet10_exports_into_torchvisions_resnet_class(tmp_path):
 
 def test_fixed_train_and_val_subsets_are_class_stratified(tmp_path):
     """train_subset / val_subset: one class-stratified subset, the same whatever the seed."""
-    root = tmp_path / "ds"
-    for split, n in (("train", 12), ("val", 6)):
-        for c, rgb in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (16, 16), rgb).save(root / split / c / f"{i}.png")
+    root = image_folder(tmp_path / "ds", {"a": (200, 0, 0), "b": (0, 200, 0), "c": (0, 0, 200)}, {"train": 12, "val": 6},
+                        16)
     src = TransferDatasetConfig(name="d", task="cls", format="imagefolder", train=str(root / "train"), val=str(root / "val"),
                        image_size=16, train_subset=9, val_subset=6)
     train, val = probe.open_split(src, "train", False), probe.open_split(src, "val", False)
