@@ -164,6 +164,7 @@ def test_warning_is_printed_once_per_process(tiny, capsys):
                                        "the whole run is warmup (no cosine decay)\n")
 
 
+@pytest.mark.slow
 def test_bad_files_fail_before_training(tiny):
     """Files the config names are opened before the first step: one message, no traceback, exit 2 or 1."""
     import torch
@@ -185,6 +186,7 @@ def test_bad_files_fail_before_training(tiny):
         assert not (tiny / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_teacher_or_student_init_fails_before_training(tiny):
     """squeeze: a student_init file is checked before the teacher is read; a bad teacher is one message."""
     cases = [(["--teacher", "c.toml"], 1, "Error: c.toml: corrupt or truncated checkpoint (not a complete "

@@ -31,6 +31,7 @@ def readme_blocks() -> list[str]:
     return re.findall(r"<!-- readme-test -->\n```bash\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_test_blocks_run(tmp_path):
     blocks = readme_blocks()
     assert blocks, "README.md has no block marked <!-- readme-test -->"
@@ -74,6 +75,7 @@ def test_every_command_documents_defaults():
     assert "[default: 20]" in run("bench", "--help").stdout
 
 
+@pytest.mark.slow
 def test_check_data_lists_every_problem(tiny, tmp_path):
     demo_world, toml = tiny
     ok = run("check-data", "--config", str(toml))
@@ -95,6 +97,7 @@ def test_check_data_lists_every_problem(tiny, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_expand_export_and_bench(tiny, tmp_path):
     _, toml = tiny
     run("expand", "--config", str(toml), "--out", str(tmp_path / "exp"), *as_sets(TINY))
@@ -146,6 +149,7 @@ optional_datasets = ["FashionMNIST"]
 """
 
 
+@pytest.mark.slow
 def test_ablate_quick(tiny, tmp_path):
     demo_world, _ = tiny
     toml = demo_toml(demo_world, tmp_path / "demo-runs", tmp_path / "ablate.toml", extra=FASHION_TOML)

@@ -41,6 +41,7 @@ def cls_config(tmp_path, world, name, bs, accum=1):
     return p
 
 
+@pytest.mark.slow
 def test_two_processes_of_b_equal_one_process_of_2b(tmp_path, world):
     run("expand", "--config", str(cls_config(tmp_path, world, "ddp", bs=4)), nproc=2)
     run("expand", "--config", str(cls_config(tmp_path, world, "single", bs=8)), nproc=1)
@@ -58,6 +59,7 @@ def test_grad_accum_2_of_b_equals_2b(tmp_path, world):
                       rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_resumes_exactly(tmp_path, world):
     """Three tasks, workers=2: a run stopped by SIGTERM and re-run equals an uninterrupted run, bit for bit."""
     toml = demo_toml(world, tmp_path / "runs", tmp_path / "demo.toml")
@@ -77,6 +79,7 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, world):
     assert {"AP", "AP50", "AP75"} <= set(metrics["shapes-det"]) and "mIoU" in metrics["shapes-seg"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_demo_config(tmp_path, world):
     """The issue's CI command: torchrun --nproc_per_node=2 cli.py expand --config demo --set expand.steps=20."""
     toml = demo_toml(world, tmp_path / "runs", tmp_path / "demo.toml")

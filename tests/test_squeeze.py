@@ -37,6 +37,7 @@ def sets(extra=()):
     return out
 
 
+@pytest.mark.slow
 def test_squeeze_freezes_teacher_exports_backbone_and_compares(setup, tmp_path, monkeypatch):
     captured = {}
     original = squeeze.load_teacher
@@ -79,6 +80,7 @@ def test_squeeze_freezes_teacher_exports_backbone_and_compares(setup, tmp_path, 
     assert all(st["batch"] == cfg.expand.steps for st in t_state.values())  # no epoch boundary in between
 
 
+@pytest.mark.slow
 def test_expand_from_init_continues_its_data_stream(setup, tmp_path):
     """The ablation's "Expand + RL at the same budget" (expand.run(init=...)) must not replay init's batches."""
     cfg = copy.deepcopy(setup["cfg"])
@@ -90,6 +92,7 @@ def test_expand_from_init_continues_its_data_stream(setup, tmp_path):
         n: (st["epoch"], st["batch"] + cfg.expand.steps) for n, st in t_state.items()}
 
 
+@pytest.mark.slow
 def test_distillation_signal_alone_pulls_student_to_teacher(setup):
     cfg = copy.deepcopy(setup["cfg"])
     cfg.squeeze.lambda_task, cfg.squeeze.lambda_kd, cfg.squeeze.lambda_feat = 0.0, 0.0, 1.0
@@ -131,6 +134,7 @@ def test_distillation_signal_alone_pulls_student_to_teacher(setup):
     assert end < 0.8 * start, (start, end)
 
 
+@pytest.mark.slow
 def test_teacher_mismatch_is_named(setup, tmp_path):
     cfg = load_config(setup["toml"], SMALL + ["sources.shapes-seg.num_classes=5"])
     with pytest.raises(CheckpointError, match=r"source 'shapes-seg' has 9 classes in the teacher but num_classes = 5"):
@@ -164,6 +168,7 @@ def train_losses(log) -> list[dict]:
     return [r["losses"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "train"]
 
 
+@pytest.mark.slow
 def test_two_process_squeeze_of_b_equals_one_process_of_2b(tmp_path, make_world):
     """torchrun x 2 (gloo) at batch B and one process at 2B: the same student, step for step. Frozen BN, since
     BN statistics of B and 2B differ by design; the teacher's norms are all-reduced over the ranks."""
@@ -189,6 +194,7 @@ def test_two_process_squeeze_of_b_equals_one_process_of_2b(tmp_path, make_world)
                for k in one if k.startswith("backbone.layer")) > 2e-3
 
 
+@pytest.mark.slow
 def test_squeeze_sigterm_then_rerun_resumes_exactly(setup, tmp_path):
     toml, teacher = str(setup["toml"]), str(setup["teacher"])
     s = sets(["squeeze.steps=5", "squeeze.ckpt_every=100", "squeeze.workers=2"])

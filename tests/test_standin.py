@@ -111,6 +111,7 @@ def test_standin_sets_point_the_unchanged_recipe_at_the_world(world):
     assert check_data(cfg.sources) == []  # every image decodes with the real readers
 
 
+@pytest.mark.slow
 def test_recipe_one_expand_and_one_squeeze_step_on_cpu(world, tmp_path):
     """The recipe's structure: 3 x ResNet-50 with hrnet RLs, 6 sources, det included; small images and batches.
     The recipe reads the world with only data_root changed (the rest are CPU sizes)."""
