@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runner import REPO
 from xlearner import expand
 from xlearner.config import ConfigError, FIXED_CLASSES, load_config
 from xlearner.data import build_dataset
 from xlearner.formats import check_data, make_reader
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, arr: np.ndarray, fmt: str) -> Path:

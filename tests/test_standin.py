@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runner import REPO
 from xlearner import expand, squeeze
 from xlearner.config import load_config
 from xlearner.formats import check_data
 from xlearner.tools.demo import STANDIN_SPECS, generate
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "xlearner_r50.toml"
 SETS = REPO / "configs" / "standin.sets"
 

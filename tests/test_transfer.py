@@ -1,20 +1,19 @@
 """Transfer evaluator: the linear probe, the feature cache, train_fraction subsets and the results table."""
 import copy
 import json
-import os
 from collections import Counter
 
 import pytest
 import torch
 import torchvision
 
-from runner import image_folder
+from runner import REPO, image_folder
 from xlearner import probe, results, transfer, weights
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig, TransferDatasetConfig
 from xlearner.datasets import DataError
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = str(REPO / "README.md")
 
 
 # ----------------------------------------------------------------------------- linear probe
