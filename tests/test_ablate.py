@@ -120,3 +120,22 @@ def test_missing_optional_dataset_is_skipped_with_the_reason(demo_config, tmp_pa
     assert "[ablate] skipping downstream dataset FashionMNIST: its files are missing" in capsys.readouterr().out
     demo_config.ablate.optional_datasets = []  # a dataset that is not optional is not dropped: it fails later
     assert ablate.drop_missing_datasets(demo_config) == []
+
+
+def test_a_worker_takes_every_unit_even_while_another_holds_the_queue():
+    """multiprocessing.Queue.get_nowait() raises Empty while another process holds the read lock, though
+    units remain: a worker must not take that for the end (one did, and one process ran a whole table)."""
+    import queue
+
+    class Contended:
+        def __init__(self, items):
+            self.items = list(items)
+
+        def get_nowait(self):
+            raise queue.Empty  # what a busy read lock looks like to get_nowait
+
+        def get(self):
+            return self.items.pop(0)
+
+    units = [(("teacher_rl",), 0), (("msmt",), 0), (("ssst",), 1)]
+    assert list(ablate.take_units(Contended(units + [None, None]))) == units

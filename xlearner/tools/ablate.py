@@ -37,11 +37,11 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .. import dist, expand, probe, squeeze, transfer
 from ..config import Config, ConfigError
@@ -237,6 +237,14 @@ def drop_missing_datasets(cfg: Config) -> list[str]:
     return dropped
 
 
+def take_units(units) -> Iterator[tuple]:
+    """The queue's units up to its None sentinel (one per worker). A blocking get: get_nowait() raises
+    queue.Empty whenever another process holds the queue's read lock, which once sent a worker home
+    at the start and left the whole table to the other."""
+    while (unit := units.get()) is not None:
+        yield unit
+
+
 def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
     """One of ablate.jobs processes: take (chain, seed) units until none is left."""
     import torch
@@ -244,11 +252,7 @@ def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
     if sys.platform.startswith("linux"):  # a parent killed outright stops its workers as a signal would
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     try:
-        while True:
-            try:
-                chain, seed = units.get_nowait()
-            except queue.Empty:
-                return
+        for chain, seed in take_units(units):
             run_chain(cfg, chain, seed, Path(cfg.ablate.out))
     finally:  # also on a stop (SystemExit): a multiprocessing child skips atexit, where this would run
         kill_loader_workers()
@@ -264,7 +268,7 @@ def train_all(cfg: Config, jobs: int) -> None:
         return
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    for u in units:
+    for u in units + [None] * jobs:  # the units, then one sentinel per worker
         q.put(u)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     procs = [ctx.Process(target=_worker, args=(cfg, q, threads), name=f"ablate-{k}") for k in range(jobs)]
