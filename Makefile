@@ -6,7 +6,7 @@ LAUNCH ?= $(PY)
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs/demo
 
-.PHONY: demo test paper-table squeeze-grid clean-demo
+.PHONY: demo test test-fast paper-table squeeze-grid clean-demo
 
 $(VENV_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -23,6 +23,10 @@ $(PLOTS_STAMP): $(VENV_STAMP)
 
 test: $(VENV_STAMP) $(PLOTS_STAMP)
 	$(PY) -m pytest -q tests
+
+# the fast lane: every test not marked slow (pyproject.toml's markers): about 2 min of tests on 2 busy CPU cores
+test-fast: $(VENV_STAMP) $(PLOTS_STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 $(DEMO_DATA)/.complete: $(VENV_STAMP)
 	$(PY) cli.py demo-data --out $(DEMO_DATA)

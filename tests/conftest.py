@@ -1,8 +1,11 @@
-"""Shared fixtures: the repo on sys.path, a tiny demo world, and a config pointing into it."""
+"""Shared fixtures: the repo on sys.path, the one world factory, the demo world and a config pointing into it.
+
+Every test that needs a generated world asks `make_world` (or `demo_world`, its 5% demo world); every
+test that needs configs/demo.toml pointed at a world uses runner.demo_toml (or `demo_config`, built on it).
+"""
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,29 +14,31 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from xlearner.config import Config, config_from_dict  # noqa: E402
+from runner import demo_toml  # noqa: E402
+from xlearner.config import Config, load_config  # noqa: E402
 from xlearner.tools.demo import generate  # noqa: E402
-
-DEMO_CONFIG = REPO / "configs" / "demo.toml"
 
 
 @pytest.fixture(scope="session")
-def demo_world(tmp_path_factory) -> Path:
-    """The demo world at 5% scale (a few images per class), written once per test session."""
-    out = tmp_path_factory.mktemp("demo")
-    generate(out, seed=0, scale=0.05)
-    return out
+def make_world(tmp_path_factory):
+    """make_world(scale, world="demo") -> the world `cli.py demo-data --world WORLD --scale SCALE` writes (seed 0).
+
+    Written once per test session for each (scale, world) and shared read-only by every test that asks."""
+    made: dict[tuple[float, str], Path] = {}
+
+    def make(scale: float, world: str = "demo") -> Path:
+        if (scale, world) not in made:
+            out = tmp_path_factory.mktemp(f"{world}-{scale}")
+            generate(out, seed=0, scale=scale, world=world)
+            made[scale, world] = out
+        return made[scale, world]
+    return make
 
 
-def _rewrite(node, old: str, new: str):
-    """Replace the `old` path prefix in every string of a nested TOML dict / list."""
-    if isinstance(node, dict):
-        return {k: _rewrite(v, old, new) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_rewrite(v, old, new) for v in node]
-    if isinstance(node, str) and (node == old or node.startswith(old + "/")):
-        return new + node[len(old):]
-    return node
+@pytest.fixture(scope="session")
+def demo_world(make_world) -> Path:
+    """The demo world at 5% scale (a few images per class)."""
+    return make_world(0.05)
 
 
 @pytest.fixture
@@ -42,7 +47,4 @@ def demo_config(demo_world, tmp_path) -> Config:
 
     A fresh Config per test, so a test may change it freely.
     """
-    data = tomllib.loads(DEMO_CONFIG.read_text())
-    data = _rewrite(data, "data/demo", str(demo_world))
-    data = _rewrite(data, "runs/demo", str(tmp_path / "runs"))
-    return config_from_dict(data)
+    return load_config(demo_toml(demo_world, tmp_path / "runs", tmp_path / "demo_config.toml"))

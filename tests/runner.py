@@ -12,7 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,24 @@ def tiny_sizes(cls_batch: int = 4) -> list[str]:
     cls, dense = ("shapes-cls", "texture-cls"), ("shapes-det", "colors-det", "shapes-seg")
     return ([f"sources.{s}.batch_size={cls_batch}" for s in cls] + [f"sources.{s}.batch_size=2" for s in dense] +
             [f"sources.{s}.image_size={64 if s.endswith('-det') else 32}" for s in (*cls, *dense)])
+
+
+def image_folder(root: Path, classes: dict[str, tuple[int, int, int] | None], per_split: dict[str, int], size: int,
+                 noise: int = 0, seed: int = 0) -> Path:
+    """The tiny imagefolders of the tests: root/SPLIT/CLASS/I.png, `per_split[SPLIT]` square images of `size` px
+    per class, each its class's RGB colour plus uniform noise in [0, noise] (colour None: random pixels). Seeded:
+    the same call writes the same bytes."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_split.items():
+        for c, rgb in classes.items():
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                if rgb is None:
+                    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                else:
+                    arr = np.clip(np.array(rgb) + rng.integers(0, noise + 1, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    return root
 
 
 def as_sets(overrides: list[str]) -> list[str]:
@@ -131,7 +151,7 @@ rpn_post_nms_top_n = 50
 box_batch_size_per_image = 32
 box_head_dim = 64
 
-{cls_sources}{det}
+{cls_sources}{det}{seg}
 [expand]
 steps = {steps}
 lr = 0.003
@@ -160,13 +180,29 @@ batch_size = 1
 """
 
 
-def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False) -> Path:
-    """tmp_path/NAME.toml: the tiny expand run, writing to tmp_path/NAME."""
+EXPAND_SEG = """
+[[sources]]
+name = "shapes-seg"
+task = "seg"
+format = "masks"
+train = "{world}/shapes-seg/train"
+val = "{world}/shapes-seg/val"
+num_classes = 9
+image_size = 32
+batch_size = {bs}
+"""
+
+
+def write_config(tmp_path: Path, world: Path, name: str, *, steps: int, eval_every: int = 0, det: bool = False,
+                 seg: bool = False, bs: int = 4, extra: str = "") -> Path:
+    """tmp_path/NAME.toml: the tiny expand run (cls sources of batch `bs`, det and seg sources if asked; the seg
+    source's batch is `bs` too), writing to tmp_path/NAME, plus `extra` TOML appended."""
     p = tmp_path / f"{name}.toml"
-    tasks = '["cls", "det"]' if det else '["cls"]'
+    tasks = ["cls"] + ["det"] * det + ["seg"] * seg
     p.write_text(EXPAND_CONFIG.format(world=world, out=tmp_path / name, steps=steps, eval_every=eval_every,
-                                      tasks=tasks, cls_sources=CLS_SOURCES.format(world=world, bs=4),
-                                      det=EXPAND_DET.format(world=world) if det else ""))
+                                      tasks=str(tasks).replace("'", '"'), cls_sources=CLS_SOURCES.format(world=world, bs=bs),
+                                      det=EXPAND_DET.format(world=world) if det else "",
+                                      seg=EXPAND_SEG.format(world=world, bs=bs) if seg else "") + extra)
     return p
 
 

@@ -111,8 +111,8 @@ def test_variant_configs(demo_config):
 
 
 def test_missing_optional_dataset_is_skipped_with_the_reason(demo_config, tmp_path, capsys):
-    from xlearner.config import SourceConfig
-    demo_config.transfer.datasets.append(SourceConfig(name="FashionMNIST", task="cls", format="torchvision",
+    from xlearner.config import TransferDatasetConfig
+    demo_config.transfer.datasets.append(TransferDatasetConfig(name="FashionMNIST", task="cls", format="torchvision",
                                                       root=str(tmp_path / "nowhere"), image_size=32))
     demo_config.ablate.optional_datasets = ["FashionMNIST"]
     assert ablate.drop_missing_datasets(demo_config) == ["FashionMNIST"]

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
-from runner import REPO, cli, env
+from runner import REPO, cli, env, image_folder
 from xlearner import config
 from xlearner.config import load_config
 
@@ -67,7 +66,8 @@ BAD = [
     ("model.tasks=[]", "model.tasks: expected distinct tasks, got []"),
     ('model.reconcile="attention"', "model.reconcile: expected hrnet|scalar|cross_stitch|none, got 'attention'"),
     ("model.reconcile_width=1.5", "model.reconcile_width: must be in (0, 1], got 1.5"),
-    ('model.det_head="retinanet"', "model.det_head: expected faster_rcnn, got 'retinanet'"),
+    ('model.det_head="faster_rcnn"', "model.det_head: no longer a key (detection is always Faster R-CNN; delete the line)"),
+    ('model.other_branches_bn="eval"', "model.other_branches_bn: expected batch|running, got 'eval'"),
     ('model.seg_head="unet"', "model.seg_head: expected fpn|deeplab, got 'unet'"),
     ("model.fpn_channels=0", "model.fpn_channels: must be >= 1, got 0"),
     ("model.rpn_post_nms_top_n=0", "model.rpn_post_nms_top_n: must be >= 1, got 0"),
@@ -105,8 +105,8 @@ BAD = [
                                         "sq_all_det|sq_all_copy|sq_all_lr1, got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
-    ("sources.a.train_subset=10", "sources.a.train_subset: is for transfer datasets only, got [10, 0]"),
-    ("sources.a.val_subset=-1", "sources.a.val_subset: must be >= 0, got -1"),
+    ("sources.a.train_subset=10", "sources.a.train_subset: a [[transfer.datasets]] key; a [[sources]] entry does not take it"),
+    ('transfer.datasets=[{name="t", val_subset=-1}]', "transfer.datasets.t.val_subset: must be >= 0, got -1"),
     ('ablate.ssst_source="b"', "ablate.ssst_source: must name a cls source ['a'], got 'b'"),
 ]
 
@@ -115,11 +115,7 @@ BAD = [
 def tiny(tmp_path_factory):
     """A one-source cls config over 2 classes x 2 images of 32 px (train and val)."""
     root = tmp_path_factory.mktemp("bad_values")
-    for split in ("train", "val"):
-        for c, rgb in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
-            (root / "data" / split / c).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (32, 32), rgb).save(root / "data" / split / c / f"{i}.png")
+    image_folder(root / "data", {"red": (220, 20, 20), "blue": (20, 20, 220)}, {"train": 2, "val": 2}, 32)
     (root / "c.toml").write_text(TOML)
     return root
 
@@ -168,6 +164,7 @@ def test_warning_is_printed_once_per_process(tiny, capsys):
                                        "the whole run is warmup (no cosine decay)\n")
 
 
+@pytest.mark.slow
 def test_bad_files_fail_before_training(tiny):
     """Files the config names are opened before the first step: one message, no traceback, exit 2 or 1."""
     import torch
@@ -189,6 +186,7 @@ def test_bad_files_fail_before_training(tiny):
         assert not (tiny / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_teacher_or_student_init_fails_before_training(tiny):
     """squeeze: a student_init file is checked before the teacher is read; a bad teacher is one message."""
     cases = [(["--teacher", "c.toml"], 1, "Error: c.toml: corrupt or truncated checkpoint (not a complete "

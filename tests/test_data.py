@@ -21,7 +21,8 @@ from xlearner.tools.bench import bench_loader
 from xlearner.config import Config, SourceConfig
 from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataWarning, MultiSourceLoader, build_dataset,
                            build_eval_loader, collate_fn, move_to)
-from xlearner.datasets import DataError, check_data
+from xlearner.datasets import DataError
+from xlearner.formats import check_data
 from xlearner.tvdatasets import prepare_mnist_like
 
 RNG = np.random.default_rng(0)
@@ -487,9 +488,28 @@ def test_bench_loader_runs(tmp_path):
     res = bench_loader(cfg, steps=4, rounds=1)
     assert (res["bench"], res["steps"], res["rounds"], res["sources"], res["worker_processes"]) == ("loader", 4, 1, 2, 2)
     assert res["images_per_step"] == sum(s.batch_size for s in cfg.sources)
-    # the ratio is the two reported rates divided (they are rounded to 0.1 image/s, it to 0.001)
     assert res["multi_images_per_s"] > 0 and res["plain_images_per_s"] > 0
-    assert res["ratio"] == pytest.approx(res["multi_images_per_s"] / res["plain_images_per_s"], rel=0.01, abs=0.002)
+
+
+def test_bench_loader_alternates_rounds_and_keeps_the_best_of_each(tmp_path, monkeypatch):
+    """Known rates in place of timings: rounds alternate which loader goes first, the best round of each
+    counts, and the ratio and the per-step numbers come from the unrounded best rates."""
+    from xlearner.tools import bench
+    cfg = Config(sources=[imagefolder(tmp_path / "f"), mask_source(tmp_path / "s")])
+    cfg.expand.workers = 0
+    rates, order = {"multi": iter([90.0, 120.04, 60.0]), "plain": iter([50.0, 40.0, 45.0])}, []
+
+    def fake_images_per_s(stream, steps, warmup):
+        kind = "multi" if isinstance(stream, MultiSourceLoader) else "plain"
+        order.append(kind)
+        return next(rates[kind])
+    monkeypatch.setattr(bench, "_images_per_s", fake_images_per_s)
+    res = bench.bench_loader(cfg, steps=4, rounds=3)
+    assert order == ["multi", "plain", "plain", "multi", "multi", "plain"]
+    per_step = sum(s.batch_size for s in cfg.sources)
+    assert (res["multi_images_per_s"], res["plain_images_per_s"], res["ratio"]) == (120.0, 50.0, 2.401)
+    assert (res["multi_images_per_s_per_worker"], res["plain_images_per_s_per_worker"]) == (60.0, 25.0)
+    assert res["loader_step_s"] == round(per_step / 120.04, 3)
 
 
 def test_demo_world_is_clean_and_loads(demo_config):

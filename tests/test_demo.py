@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from runner import REPO
 from xlearner.config import load_config
 from xlearner.tools.demo import SPECS, generate
 from xlearner.tools.shapes import COLORS, NOVEL, PATTERNS, UPSTREAM
@@ -210,7 +211,7 @@ def test_novel_shapes_never_upstream(demo_world):
 
 
 def test_demo_config_loads_and_points_into_the_world(demo_config, demo_world):
-    assert load_config(Path(__file__).parents[1] / "configs" / "demo.toml").sources  # as shipped
+    assert load_config(REPO / "configs" / "demo.toml").sources  # as shipped
     names = [s.name for s in demo_config.sources]
     assert names == ["shapes-cls", "texture-cls", "shapes-det", "colors-det", "shapes-seg"]
     assert [d.name for d in demo_config.transfer.datasets] == ["novel-cls", "count-cls", "novel-det", "novel-seg"]

@@ -11,12 +11,11 @@ import math
 import pytest
 import torch
 
-from xlearner import squeeze
 from xlearner.config import ModelConfig, SourceConfig, SqueezeConfig
-from xlearner.model import XLearnerModel
+from xlearner.model import SqueezedModel, XLearnerModel
 from xlearner.probe import dataset_labels, open_split
-from xlearner.squeeze import (Distiller, SqueezedModel, estimate_teacher_norm, feature_loss_cos_smoothl1, kd_loss,
-                              pixels, teacher_features)
+from xlearner.squeeze import (Distiller, estimate_teacher_norm, feature_loss_cos_smoothl1, kd_loss, pixels,
+                              teacher_features)
 
 SMALL = dict(arch="resnet10", fpn_channels=16, rpn_pre_nms_top_n=50, rpn_post_nms_top_n=20,
              rpn_batch_size_per_image=16, box_batch_size_per_image=8, box_head_dim=32, seg_channels=8)

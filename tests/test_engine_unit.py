@@ -206,6 +206,7 @@ def test_scalar_reconcile_alpha_gets_no_weight_decay():
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(m.conv.weight) for m in rl.modules() if hasattr(m, "alpha")}
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_file_is_plain_lines(demo_world, tmp_path):
     """stderr to a file (a SLURM job, `2>log`): no tqdm bar redrawn with '\\r', only the log_every lines."""
     import subprocess

@@ -9,7 +9,6 @@ from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_st
                     train_steps)
 from xlearner import expand
 from xlearner.config import load_config
-from xlearner.tools.demo import generate
 
 CLS_ONLY = """
 [model]
@@ -32,10 +31,8 @@ out = "{out}"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate(out, seed=0, scale=0.2)
-    return out
+def world(make_world):
+    return make_world(0.2)
 
 
 def cls_config(tmp_path, world, name, bs, accum=1):
@@ -44,6 +41,7 @@ def cls_config(tmp_path, world, name, bs, accum=1):
     return p
 
 
+@pytest.mark.slow
 def test_two_processes_of_b_equal_one_process_of_2b(tmp_path, world):
     run("expand", "--config", str(cls_config(tmp_path, world, "ddp", bs=4)), nproc=2)
     run("expand", "--config", str(cls_config(tmp_path, world, "single", bs=8)), nproc=1)
@@ -61,6 +59,7 @@ def test_grad_accum_2_of_b_equals_2b(tmp_path, world):
                       rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_resumes_exactly(tmp_path, world):
     """Three tasks, workers=2: a run stopped by SIGTERM and re-run equals an uninterrupted run, bit for bit."""
     toml = demo_toml(world, tmp_path / "runs", tmp_path / "demo.toml")
@@ -80,6 +79,7 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, world):
     assert {"AP", "AP50", "AP75"} <= set(metrics["shapes-det"]) and "mIoU" in metrics["shapes-seg"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_demo_config(tmp_path, world):
     """The issue's CI command: torchrun --nproc_per_node=2 cli.py expand --config demo --set expand.steps=20."""
     toml = demo_toml(world, tmp_path / "runs", tmp_path / "demo.toml")
@@ -93,7 +93,7 @@ def test_torchrun_two_processes_demo_config(tmp_path, world):
     from xlearner import data
     from xlearner.checkpoint import load_checkpoint
     from xlearner.evaluate import evaluate
-    from xlearner.model import model_from_checkpoint
+    from xlearner.weights import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
     for src in load_config(toml).sources:
         if src.task != "det":
@@ -123,7 +123,7 @@ def test_compile_stages_in_place_keeps_keys_loss_and_grads():
     import torch
 
     from xlearner.config import ModelConfig, SourceConfig
-    from xlearner.expand import compile_stages
+    from xlearner.backbone import compile_stages
     from xlearner.model import XLearnerModel
 
     src = [SourceConfig(name="a", task="cls", image_size=64, batch_size=2)]

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runner import REPO
 from xlearner import expand
 from xlearner.config import ConfigError, FIXED_CLASSES, load_config
 from xlearner.data import build_dataset
-from xlearner.datasets import check_data, make_reader
+from xlearner.formats import check_data, make_reader
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, arr: np.ndarray, fmt: str) -> Path:
@@ -121,7 +121,8 @@ def test_two_expand_steps_on_ade20k(tmp_path):
     log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
     (evaluation,) = [r for r in log if r["event"] == "eval"]
-    assert 0 <= evaluation["metrics"]["ade20k"]["mIoU"] <= 100
+    # regression pin: two seeded steps are deterministic, measured with torch 2.14.1 on CPU (1 and 2 threads alike)
+    assert evaluation["metrics"]["ade20k"]["mIoU"] == pytest.approx(5.069124, abs=1e-4)
     assert len(evaluation["metrics"]["ade20k"]["per_class_iou"]) == 150
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     stored = stored.get("config", stored)
@@ -142,7 +143,7 @@ def cityscapes_tree(root: Path) -> Path:
 
 
 def test_cityscapes_label_ids_become_train_ids(tmp_path):
-    root = cityscapes_tree(tmp_path / "cityscapes")
+    cityscapes_tree(tmp_path / "cityscapes")
     cfg = load_config(None, [f'data_root="{tmp_path}"', 'sources=[{name="cs", task="seg", format="cityscapes", '
                                                        'root="cityscapes", train_split="val", val_split="val"}]'])
     src = cfg.sources[0]

@@ -12,9 +12,9 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from xlearner.backbone import Backbone, build_backbone
 from xlearner.config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig
 from xlearner.heads import DetHead, SegHead
-from xlearner.model import ExpandedNet, XLearnerModel, backbone_state_dict, model_from_checkpoint
-from xlearner.reconcile import RECONCILE
-from xlearner.squeeze import SqueezedModel
+from xlearner.model import SqueezedModel, XLearnerModel
+from xlearner.reconcile import RECONCILE, ExpandedNet
+from xlearner.weights import backbone_state_dict, model_from_checkpoint
 
 TASKS = ["cls", "det", "seg"]
 # small detection sizes: the torchvision defaults are meant for 800 px images
@@ -183,7 +183,9 @@ def test_shared_backbone_and_predict_shapes():
     assert model.predict(b["seg_a"]["images"], "seg_a").shape == (2, 6, 64, 64)
     dets = model.predict(b["det_a"]["images"], "det_a")
     assert len(dets) == 2 and set(dets[0]) == {"boxes", "scores", "labels"}
-    assert "shared" in model.report() or "SSMT" in model.report()
+    report = model.report().splitlines()
+    assert report[0] == "XLearnerModel: one shared resnet18 for tasks ['cls', 'det', 'seg'] (hard sharing)"
+    assert report[1] == f"  backbone: {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M params"
 
 
 def test_report_mentions_branches_rls_heads_and_macs():

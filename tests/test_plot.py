@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from runner import image_folder
 from xlearner import expand
 from xlearner.cli import main
 from xlearner.config import load_config
@@ -47,13 +48,7 @@ eval_every = 2
 @pytest.fixture(scope="module")
 def expand_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plot")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            for i in range(4):
-                path = root / "tiny" / split / c / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    image_folder(root / "tiny", {"a": None, "b": None}, {"train": 4, "val": 4}, 40)  # random pixels
     (root / "run.toml").write_text(TOML)
     expand.run(load_config(root / "run.toml", [f'data_root="{root}"', f'expand.out="{root / "expand"}"']))
     return root / "expand"

@@ -21,16 +21,13 @@ import torch
 from runner import REPO, Proc, assert_same_state, cli, env, model_state, run, train_steps, write_config
 from xlearner import data, expand
 from xlearner.checkpoint import load_checkpoint
-from xlearner.tools.demo import generate
 
 STEP_LINE = re.compile(r"\[expand\] step (\d+)/\d+ loss")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate(out, seed=0, scale=0.2)
-    return out
+def world(make_world):
+    return make_world(0.2)
 
 
 def assert_clean_stop(proc: Proc, code: int, sig=signal.SIGTERM) -> None:
@@ -42,6 +39,7 @@ def assert_clean_stop(proc: Proc, code: int, sig=signal.SIGTERM) -> None:
 # ----------------------------------------------------------------------------
 # (a) one process, loader workers, SIGTERM to the whole group at a random step
 
+@pytest.mark.slow
 def test_group_sigterm_at_a_random_step_resumes_exactly(tmp_path, world):
     full = write_config(tmp_path, world, "full", steps=6)
     cut = write_config(tmp_path, world, "cut", steps=6)
@@ -64,6 +62,7 @@ def test_group_sigterm_at_a_random_step_resumes_exactly(tmp_path, world):
 # (b) torchrun, 2 processes (gloo), SIGTERM to the launcher's group: the launcher forwards it too,
 # so each rank gets it twice within milliseconds (one stop, not a "second signal")
 
+@pytest.mark.slow
 def test_torchrun_group_sigterm_resumes_exactly(tmp_path, world):
     full = write_config(tmp_path, world, "full", steps=5)
     cut = write_config(tmp_path, world, "cut", steps=5)
@@ -87,6 +86,7 @@ def test_torchrun_group_sigterm_resumes_exactly(tmp_path, world):
 # ----------------------------------------------------------------------------
 # (c) a stop during a long evaluation (a det source, one image per eval batch)
 
+@pytest.mark.slow
 def test_sigterm_during_evaluation_stops_it_and_resumes_exactly(tmp_path, world):
     full = write_config(tmp_path, world, "full", steps=4, eval_every=2, det=True)
     cut = write_config(tmp_path, world, "cut", steps=4, eval_every=2, det=True)
@@ -110,6 +110,7 @@ def test_sigterm_during_evaluation_stops_it_and_resumes_exactly(tmp_path, world)
 # (d) a det source, eval_every > 0, stopped exactly at an eval step: evaluation must not move the
 # training RNG (the RPN/RoI samplers draw from it), so skipping that evaluation changes nothing
 
+@pytest.mark.slow
 def test_stop_at_an_eval_step_with_det_source_resumes_exactly(tmp_path, demo_world, monkeypatch):
     from xlearner.config import load_config
     world = demo_world  # the small one: this test needs evaluations, not long ones
@@ -186,6 +187,7 @@ def start_hung(tmp_path: Path, grace: str, step_s: float = 0.0) -> Proc:
     return proc
 
 
+@pytest.mark.slow
 def test_second_sigterm_ends_a_hung_step_at_once(tmp_path):
     proc = start_hung(tmp_path, grace="600")
     proc.signal_group()
@@ -210,6 +212,7 @@ def test_a_hung_step_ends_after_the_grace_period(tmp_path):
     assert not (tmp_path / "run" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_the_grace_of_a_hung_step_is_three_slowest_steps_when_that_is_longer(tmp_path):
     # steps of 0.5 s, then one that never ends: the grace is max(1 s, 3 x 0.5 s and a little compute)
     proc = start_hung(tmp_path, grace="1", step_s=0.5)
@@ -264,6 +267,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_slow_step_waits_for_it_and_checkpoints(tmp_path, demo_world):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_STEPS)
@@ -283,6 +287,7 @@ def test_sigterm_during_a_slow_step_waits_for_it_and_checkpoints(tmp_path, demo_
 # the ablation driver: a signal to it alone (a pkill, a scheduler that signals the main PID) must reach the
 # worker processes it spawned (ablate.jobs), which checkpoint and stop, instead of leaving them running
 
+@pytest.mark.slow
 def test_sigterm_to_the_ablate_driver_alone_stops_its_workers(tmp_path, world):
     from runner import as_sets, demo_toml, tiny_sizes
     toml = demo_toml(world, tmp_path / "runs", tmp_path / "ablate.toml")
@@ -306,5 +311,5 @@ def test_sigterm_to_the_ablate_driver_alone_stops_its_workers(tmp_path, world):
         time.sleep(0.5)
     else:
         os.killpg(proc.p.pid, signal.SIGKILL)
-        raise AssertionError(f"processes of the ablate session still running 30 s after the driver exited")
+        raise AssertionError("processes of the ablate session still running 30 s after the driver exited")
     assert not (tmp_path / "report" / "ablation.json").exists()

@@ -51,6 +51,7 @@ def lone(tmp_path_factory, demo_world) -> Path:
 # ----------------------------------------------------------------------------
 # the lock, through the CLI
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_exits_1_naming_the_holder_and_the_first_is_untouched(tmp_path, demo_world,
                                                                                             lone):
     toml = write_config(tmp_path, demo_world, "a", steps=3)
@@ -75,6 +76,7 @@ def test_a_second_run_on_the_same_out_exits_1_naming_the_holder_and_the_first_is
     assert not (tmp_path / "a" / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over_with_one_warning(tmp_path, demo_world):
     toml = write_config(tmp_path, demo_world, "k", steps=3)
     killed = Proc(cli("expand", "--config", str(toml), *FAST))
@@ -91,6 +93,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_one_warning(tmp_path, demo_
     assert not (tmp_path / "k" / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_torchrun_refuses_a_lock_from_another_host_on_every_rank(tmp_path, demo_world):
     toml = write_config(tmp_path, demo_world, "t", steps=3)
     (tmp_path / "t").mkdir()
@@ -128,6 +131,7 @@ def test_out_naming_a_file_is_refused_in_one_line(tmp_path, demo_world, stage):
 # ----------------------------------------------------------------------------
 # resume with another config, through the CLI
 
+@pytest.mark.slow
 def test_resume_with_another_model_or_source_set_exits_2_naming_the_keys(tmp_path, demo_world, lone):
     shutil.copytree(lone, tmp_path / "r")
     toml = write_config(tmp_path, demo_world, "r", steps=3)
@@ -149,6 +153,7 @@ def test_resume_with_another_model_or_source_set_exits_2_naming_the_keys(tmp_pat
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_goes_on_with_more_steps_and_warns_once_for_a_new_image_size(tmp_path, demo_world, lone):
     shutil.copytree(lone, tmp_path / "r")
     more = run("expand", "--config", str(write_config(tmp_path, demo_world, "r", steps=4)), *FAST)

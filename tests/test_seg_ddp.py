@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
@@ -66,6 +67,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_different_ignore_counts_equal_one_process(tmp_path):
     batch = make_batch()
     labelled = [(batch["masks"][2 * r: 2 * r + 2] != IGNORE).sum().item() for r in (0, 1)]

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runner import REPO
 from xlearner import expand, squeeze
 from xlearner.config import load_config
-from xlearner.datasets import check_data
+from xlearner.formats import check_data
 from xlearner.tools.demo import STANDIN_SPECS, generate
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "xlearner_r50.toml"
 SETS = REPO / "configs" / "standin.sets"
 
@@ -34,10 +34,8 @@ def standin_sets(world: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("standin")
-    generate(out, seed=0, scale=0.02, world="standin")  # 3 images per cls class, 4 per det/seg split
-    return out
+def world(make_world) -> Path:
+    return make_world(0.02, "standin")  # 3 images per cls class, 4 per det/seg split
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -113,6 +111,7 @@ def test_standin_sets_point_the_unchanged_recipe_at_the_world(world):
     assert check_data(cfg.sources) == []  # every image decodes with the real readers
 
 
+@pytest.mark.slow
 def test_recipe_one_expand_and_one_squeeze_step_on_cpu(world, tmp_path):
     """The recipe's structure: 3 x ResNet-50 with hrnet RLs, 6 sources, det included; small images and batches.
     The recipe reads the world with only data_root changed (the rest are CPU sizes)."""

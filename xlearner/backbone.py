@@ -7,7 +7,8 @@ is one of them; transfer.py loads any backbone into one. Because the
 submodules keep torchvision's names, weights move in and out as plain
 torchvision-format state_dicts (docs/DESIGN.md §5): `load_torchvision_state_dict`
 loads one (strict except fc.*), `build_backbone` builds random, from a file or
-from a torchvision weights name, and `freeze_bn` swaps in FrozenBatchNorm2d.
+from a torchvision weights name, `freeze_bn` swaps in FrozenBatchNorm2d, and
+`compile_stages` compiles the stages of every ResNet trunk (`model.compile`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 import torch.nn as nn
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
-
 
 
 def resnet10(weights=None) -> torchvision.models.ResNet:
@@ -69,7 +69,7 @@ class Backbone(nn.Module):
         return feats
 
 
-def _pretrained_state_dict(pretrained: str) -> dict | None:
+def read_state_dict(pretrained: str) -> dict | None:
     """"" -> None; a file -> its state_dict; "ResNet50_Weights.IMAGENET1K_V2" -> torchvision's (downloads)."""
     if not pretrained:
         return None
@@ -118,7 +118,8 @@ def freeze_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def _build_backbone(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> Backbone:
+def backbone_from_state_dict(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> Backbone:
+    """A Backbone of `arch` holding `sd` (random when None); `where` names the weights in an error."""
     if arch not in BACKBONES:
         raise ValueError(f"model.arch: unknown {arch!r} (choose from {sorted(BACKBONES)})")
     backbone = Backbone(BACKBONES[arch](weights=None), arch)  # never downloads; weights come from `sd`
@@ -129,4 +130,38 @@ def _build_backbone(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> 
 
 def build_backbone(arch: str, pretrained: str = "", frozen_bn: bool = False) -> Backbone:
     """A Backbone of `arch`: random (""), from a torchvision-format state_dict file, or a weights name."""
-    return _build_backbone(arch, _pretrained_state_dict(pretrained), frozen_bn, pretrained)
+    return backbone_from_state_dict(arch, read_state_dict(pretrained), frozen_bn, pretrained)
+
+
+def compile_stages(model: nn.Module, **options) -> int:
+    """torch.compile, in place, the four stages of every ResNet trunk in `model` (`model.compile = true`).
+
+    ExpandedNet runs its branches stage by stage (`branch.stage(l, x)` calls
+    `layer{l}(x)`), never a branch's forward, so the stages are the unit to
+    compile: they hold almost all of the compute. `nn.Module.compile()` compiles
+    a module's call in place, without the `_orig_mod.` wrapper of
+    `torch.compile(module)`, so state_dict keys, checkpoints and exact resume do
+    not change. The stem (one conv) and the heads (detection shapes change every
+    batch) stay eager. Any module with layer1..layer4 counts as a trunk: our
+    Backbone, a torchvision ResNet, or tools/bench.py's plain floors. `options` go to
+    torch.compile (default: inductor, static shapes). Returns the number of stages compiled.
+
+    Every compiled stage runs through the one code object of nn.Module._call_impl,
+    so to dynamo each stage (and each input shape) is a recompile of the same
+    frame: dynamo would soon mark the channel and size dims dynamic (on torch
+    2.14.1 inductor then fails on the CPU: "Cannot convert expression to float",
+    measured) and stop compiling after `recompile_limit` (8) variants. Hence static
+    shapes, and a limit that leaves room for 8 variants per stage. Detection
+    inputs change size every batch and recompile per shape: compile suits
+    fixed-size inputs (README, "Full scale").
+    """
+    import torch._dynamo  # only when compiling: loading dynamo costs every other run a second
+
+    trunks = [m for m in model.modules() if all(isinstance(getattr(m, f"layer{l}", None), nn.Module)
+                                                for l in range(1, 5))]
+    options = {"dynamic": False, **options}
+    for trunk in trunks:
+        for l in range(1, 5):
+            getattr(trunk, f"layer{l}").compile(**options)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * 4 * len(trunks))
+    return 4 * len(trunks)

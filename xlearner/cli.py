@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import click
@@ -73,43 +72,17 @@ def _fail(e: Exception, exit_code: int):
     raise error from None
 
 
-def _check_weights(spec: str, arch: str, key: str) -> None:
-    """Fail fast on model.pretrained / squeeze.student_init: a torchvision weights name of `arch`, or a
-    file holding a torchvision-format state_dict of `arch` (otherwise the model build fails later)."""
-    from .backbone import _build_backbone, _pretrained_state_dict
-    from .transfer import infer_arch
-    if not os.path.exists(spec) and "_Weights." in spec:
-        import torchvision
-        try:  # resolving the name downloads nothing
-            torchvision.models.get_weight(spec)
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ConfigError(f"{key} = {spec!r}: not a torchvision weights name ({e})") from None
-        if spec.split("_Weights.")[0].lower() != arch:
-            raise ConfigError(f"{key} = {spec!r}: weights of another architecture than model.arch = {arch!r}")
-        return
-    if not os.path.isfile(spec):
-        raise ConfigError(f"{key} = {spec!r}: no such file (nor a torchvision weights name "
-                          "such as 'ResNet50_Weights.IMAGENET1K_V2')")
-    try:
-        state = _pretrained_state_dict(spec)  # ValueError naming the file
-        found = infer_arch(state)
-        if found not in (None, arch):
-            raise ValueError(f"{spec} holds a {found} state_dict, but model.arch = {arch!r}")
-        _build_backbone(arch, state, False, spec)  # any other missing or unexpected key
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
 def _preflight(cfg, stage: str, config: str) -> None:
     """What expand / squeeze would otherwise find late: a bad pretrained or student_init file when the
     model is built, a bad val split at the first evaluation (often the end of the run)."""
     from .data import build_dataset
+    from .weights import check_weights
     init = cfg.squeeze.student_init
     try:
         if cfg.model.pretrained and stage == "expand":
-            _check_weights(cfg.model.pretrained, cfg.model.arch, "model.pretrained")
+            check_weights(cfg.model.pretrained, cfg.model.arch, "model.pretrained")
         if stage == "squeeze" and init not in ("", "mean", "scratch") and not init.startswith("task:"):
-            _check_weights(init, cfg.model.arch, "squeeze.student_init")
+            check_weights(init, cfg.model.arch, "squeeze.student_init")
     except ConfigError as e:
         raise ConfigError(f"{config}: {e}") from None
     for s in cfg.sources:
@@ -157,7 +130,7 @@ def demo_data(out, seed, scale, world, downstream_scale):
 @_guard
 def check_data_cmd(config, sets):
     """Validate every upstream source and transfer dataset of a config; list every problem; exit 1 if any."""
-    from .datasets import check_data
+    from .formats import check_data
     cfg = _load(config, sets)
     problems = check_data(cfg.sources + cfg.transfer.datasets)
     for p in problems:
@@ -235,7 +208,7 @@ def transfer(config, sets, backbones, names, branch, with_rl, out):
 def export(checkpoint, out, branch):
     """Write a torchvision-format backbone state_dict (loads into torchvision.models.<arch>(), fc.* missing)."""
     from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-    from .model import backbone_state_dict, model_from_checkpoint
+    from .weights import backbone_state_dict, model_from_checkpoint
     try:  # not a run checkpoint, or no such branch: model.py says which, as a ValueError
         state = backbone_state_dict(model_from_checkpoint(load_checkpoint(checkpoint)), branch)
     except ValueError as e:

@@ -49,9 +49,8 @@ class ModelConfig:
     shared_backbone: bool = False       # MSMT (hard sharing) ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
-    compile: bool = False               # torch.compile the backbone stages (measured: see README)
-    det_head: str = "faster_rcnn"       # faster_rcnn (FPN + RPN + RoIHeads)
-    seg_head: str = "fpn"               # fpn | deeplab
+    compile: bool = False               # torch.compile the backbone stages (measured: README, "Full scale")
+    seg_head: str = "fpn"               # fpn | deeplab (det is always Faster R-CNN: FPN + RPN + RoIHeads)
     # Detection sizes: torchvision's defaults suit 800 px images on GPUs (the demo's are 17x cheaper on CPU)
     fpn_channels: int = 256
     rpn_pre_nms_top_n: int = 2000       # per image, train; eval uses half
@@ -64,7 +63,8 @@ class ModelConfig:
 
 
 @dataclass
-class SourceConfig:
+class DataConfig:
+    """One labelled dataset on disk: what an upstream source and a transfer dataset both say about their data."""
     name: str = ""
     task: str = "cls"                   # cls | det | seg
     format: str = "imagefolder"         # imagefolder | csv | coco | masks | ade20k | cityscapes | torchvision
@@ -75,25 +75,39 @@ class SourceConfig:
     val_ann: str = ""
     num_classes: int = 0                # 0 = read it from the data
     batch_size: int = 8                 # per process
-    weight: float = 1.0                 # w_s in L = sum_s w_s L_s
     image_size: int = 224               # train/eval size (shorter side for det)
     multi_label: bool = False           # cls: BCE instead of softmax CE
     ignore_index: int = 255             # seg: label of pixels that carry no loss
+    metric: str = "top1"                # top1 | the task's own (cls: mean_per_class; see primary_metric)
     # format = "torchvision": a torchvision.datasets class by name; "cityscapes": torchvision's Cityscapes
     root: str = ""
     train_split: str = "train"
     val_split: str = "test"
     download: bool = False              # never fetch unless the user asks
-    # transfer datasets only; empty/None means "take it from [transfer]"
-    metric: str = "top1"                # top1 | mean_per_class (cls)
+
+
+@dataclass
+class SourceConfig(DataConfig):
+    """One [[sources]] entry: a dataset the expansion and the squeeze train on."""
+    weight: float = 1.0                 # w_s in L = sum_s w_s L_s
+
+
+@dataclass
+class TransferDatasetConfig(DataConfig):
+    """One [[transfer.datasets]] entry: a downstream dataset; empty / None means "take it from [transfer]"."""
     protocol: str = ""                  # linear | finetune
     train_fraction: Optional[float] = None
-    dev_fraction: Optional[float] = None  # see [transfer]; None: take it from there
+    dev_fraction: Optional[float] = None
     # cls: one fixed class-stratified subset of that many images (0 = all), the same for every seed and backbone
     train_subset: int = 0
     val_subset: int = 0
     freeze_backbone: Optional[bool] = None
     epochs: Optional[int] = None
+
+
+def as_source(d: DataConfig) -> SourceConfig:
+    """A transfer dataset as the one source of a model that trains a head on it (weight 1)."""
+    return SourceConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DataConfig)})
 
 
 @dataclass
@@ -149,7 +163,7 @@ class TransferConfig:
                                         # for choosing settings without ever reading val
     workers: int = 2
     out: str = "runs/transfer"
-    datasets: list[SourceConfig] = field(default_factory=list)
+    datasets: list[TransferDatasetConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -202,7 +216,9 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        # a named table is addressed by its name, as --set addresses it: sources.NAME.key
+        return [_check_type(v, item_tp, f"{key}.{v['name']}" if isinstance(v, dict) and isinstance(v.get("name"), str)
+                            and v["name"] else f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
@@ -215,13 +231,22 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this file, not in the TOML
 
 
+# keys that were once part of the schema: a TOML that sets one is told why it went; a checkpoint that stored
+# one (config_from_dict) loads without it
+RETIRED = {"model.det_head": "detection is always Faster R-CNN; delete the line"}
+
+
 def _from_dict(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys: {', '.join(sorted(names))})")
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in RETIRED:
+            raise ConfigError(f"{key}: no longer a key ({RETIRED[key]})")
+        if cls is SourceConfig and unknown[0] in {f.name for f in dataclasses.fields(TransferDatasetConfig)}:
+            raise ConfigError(f"{key}: a [[transfer.datasets]] key; a [[sources]] entry does not take it")
+        raise ConfigError(f"unknown key {key} (known keys: {', '.join(sorted(names))})")
     kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -234,8 +259,8 @@ def _from_dict(cls, data: dict, prefix: str):
 # tests/test_bad_values.py checks that they agree.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
-DET_HEADS = ("faster_rcnn",)
 SEG_HEADS = ("fpn", "deeplab")
+OTHER_BNS = ("batch", "running")
 DISTILL_LOSSES = ("l2", "cka", "cos_smoothl1")
 DISTILL_TARGETS = ("own", "all")
 TEACHER_NORMS = ("none", "standardize")
@@ -280,24 +305,30 @@ def _validate_model(m: ModelConfig) -> None:
     _one_of(m.reconcile, "model.reconcile", RECONCILES)
     _stages(m.reconcile_stages, "model.reconcile_stages", allow_empty=True)
     _check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
-    _one_of(m.det_head, "model.det_head", DET_HEADS)
+    _one_of(m.other_branches_bn, "model.other_branches_bn", OTHER_BNS)
     _one_of(m.seg_head, "model.seg_head", SEG_HEADS)
     _at_least(m, "model", 1, "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_batch_size_per_image",
               "box_batch_size_per_image", "box_head_dim", "box_detections_per_img", "seg_channels")
 
 
-def _metrics(s: SourceConfig) -> tuple[str, str]:
-    """What evaluate.primary_metric can report for this source ("top1", the default, means the task's own)."""
-    return "top1", {"cls": "mAP" if s.multi_label else "mean_per_class", "det": "AP", "seg": "mIoU"}[s.task]
+def own_metric(s: DataConfig) -> str:
+    """The task's own metric for this source: what `metric` may ask for besides "top1"."""
+    return {"cls": "mAP" if s.multi_label else "mean_per_class", "det": "AP", "seg": "mIoU"}[s.task]
 
 
-def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) -> None:
-    """One [[sources]] or [[transfer.datasets]] entry; `trains`: its batches train BatchNorm layers."""
+def primary_metric(s: DataConfig) -> str:
+    """The key of evaluate.evaluate's result that a table reports for this source: top1 for single-label cls
+    unless `metric` asks for mean_per_class, the task's own metric otherwise."""
+    return "top1" if s.task == "cls" and not s.multi_label and s.metric != "mean_per_class" else own_metric(s)
+
+
+def _validate_data(s: DataConfig, key: str, trains: bool, m: ModelConfig) -> None:
+    """What a [[sources]] and a [[transfer.datasets]] entry share; `trains`: its batches train BatchNorm layers."""
     _one_of(s.task, f"{key}.task", TASKS)
     _one_of(s.format, f"{key}.format", FORMATS)
     _check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
            f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
-    _at_least(s, key, 0, "num_classes", "weight")
+    _at_least(s, key, 0, "num_classes")
     fixed = FIXED_CLASSES.get(s.format)
     _check(not fixed or s.num_classes in (0, fixed), f"{key}.num_classes", f"format {s.format!r} has {fixed} classes "
            "(0 or omitted means the same)", s.num_classes)
@@ -307,21 +338,24 @@ def _validate_source(s: SourceConfig, key: str, trains: bool, m: ModelConfig) ->
     _at_least(s, key, MIN_IMAGE_SIZE, "image_size")
     _check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
            s.ignore_index)
-    _one_of(s.metric, f"{key}.metric", _metrics(s))
-    _one_of(s.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
-    _check(s.train_fraction is None or 0 < s.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
-           s.train_fraction)
-    _check(s.epochs is None or s.epochs >= 1, f"{key}.epochs", "must be >= 1", s.epochs)
-    _check(s.dev_fraction is None or 0 <= s.dev_fraction <= 0.5, f"{key}.dev_fraction", "must be in [0, 0.5]",
-           s.dev_fraction)
-    _at_least(s, key, 0, "train_subset", "val_subset")
-    _check(s.task == "cls" or not (s.train_subset or s.val_subset), f"{key}.train_subset",
-           "train_subset / val_subset are for cls datasets (a class-stratified subset)", [s.train_subset, s.val_subset])
+    _one_of(s.metric, f"{key}.metric", ("top1", own_metric(s)))
     if trains and s.batch_size == 1:
         _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
                "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
         _check(not (s.task == "seg" and m.seg_head == "deeplab"), f"{key}.batch_size",
                "must be >= 2 with model.seg_head = 'deeplab' (its image-pooling BatchNorm sees one value per image)", 1)
+
+
+def _validate_transfer_dataset(d: TransferDatasetConfig, key: str) -> None:
+    _one_of(d.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
+    _check(d.train_fraction is None or 0 < d.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
+           d.train_fraction)
+    _check(d.epochs is None or d.epochs >= 1, f"{key}.epochs", "must be >= 1", d.epochs)
+    _check(d.dev_fraction is None or 0 <= d.dev_fraction <= 0.5, f"{key}.dev_fraction", "must be in [0, 0.5]",
+           d.dev_fraction)
+    _at_least(d, key, 0, "train_subset", "val_subset")
+    _check(d.task == "cls" or not (d.train_subset or d.val_subset), f"{key}.train_subset",
+           "train_subset / val_subset are for cls datasets (a class-stratified subset)", [d.train_subset, d.val_subset])
 
 
 def _validate_sources(cfg: Config) -> None:
@@ -332,13 +366,14 @@ def _validate_sources(cfg: Config) -> None:
             _check((where, s.name) not in seen, f"{where}.{s.name}", "duplicate name", s.name)
             seen.add((where, s.name))
             key = f"{where}.{s.name}"
-            # upstream sources always train; a transfer dataset trains unless it is a linear probe
-            trains = where == "sources" or s.task != "cls" or (s.protocol or cfg.transfer.protocol) == "finetune"
-            _validate_source(s, key, trains, cfg.model)
-            if where == "sources":
-                _check(not (s.train_subset or s.val_subset), f"{key}.train_subset", "is for transfer datasets only",
-                       [s.train_subset, s.val_subset])
+            if where == "sources":  # upstream sources always train
+                _validate_data(s, key, True, cfg.model)
+                _at_least(s, key, 0, "weight")
                 _check(s.task in cfg.model.tasks, f"{key}.task", f"must be in model.tasks {cfg.model.tasks}", s.task)
+            else:  # a transfer dataset trains unless it is a linear probe
+                _validate_data(s, key, s.task != "cls" or (s.protocol or cfg.transfer.protocol) == "finetune",
+                               cfg.model)
+                _validate_transfer_dataset(s, key)
     _check(not cfg.sources or any(s.weight > 0 for s in cfg.sources), "sources.weight",
            "at least one source needs a weight > 0", [s.weight for s in cfg.sources])
 
@@ -502,4 +537,24 @@ def _warn(message: str) -> None:
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (a checkpoint's). Keys and types are checked, values
     are not: a checkpoint written before a rule was added (or by code that built its Config) must load."""
-    return _from_dict(Config, data, "")
+    return _from_dict(Config, _as_schema_now(data), "")
+
+
+def _as_schema_now(data: dict) -> dict:
+    """A stored config in today's schema: RETIRED keys dropped; and, from before [[sources]] and
+    [[transfer.datasets]] had a schema each, the keys of the other one dropped from each entry."""
+    out = {section: {k: v for k, v in entries.items() if f"{section}.{k}" not in RETIRED}
+           if isinstance(entries, dict) else entries for section, entries in data.items()}
+    own = {"sources": SourceConfig, "datasets": TransferDatasetConfig}
+    shared = {f.name for cls in own.values() for f in dataclasses.fields(cls)}
+
+    def entries(section: dict, key: str) -> None:
+        keep = {f.name for f in dataclasses.fields(own[key])}
+        if isinstance(section.get(key), list):
+            section[key] = [{k: v for k, v in e.items() if k in keep or k not in shared} if isinstance(e, dict)
+                            else e for e in section[key]]
+
+    entries(out, "sources")
+    if isinstance(out.get("transfer"), dict):
+        entries(out["transfer"], "datasets")
+    return out

@@ -40,8 +40,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from . import dist
-from .config import SourceConfig
-from .datasets import BadSample, DataError, make_reader
+from .config import DataConfig, SourceConfig
+from .datasets import BadSample, DataError
+from .formats import make_reader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,7 +87,7 @@ def sample_seed(seed: int, source: str, epoch: int, index: int) -> int:
 class SourceDataset(Dataset):
     """One split of one source: reader + task transform. Index with an int or `(index, aug_seed)`."""
 
-    def __init__(self, src: SourceConfig, split: str, reader, train: bool):
+    def __init__(self, src: DataConfig, split: str, reader, train: bool):
         self.source, self.split, self.task, self.train = src, split, src.task, train
         self.reader = reader
         self.indices: list[int] | None = None  # a subset of the reader's samples (transfer's train/val_subset)
@@ -137,7 +138,7 @@ class SourceDataset(Dataset):
         return img, mask.as_subclass(torch.Tensor).long()
 
 
-def build_dataset(src: SourceConfig, split: str, train: bool) -> SourceDataset:
+def build_dataset(src: DataConfig, split: str, train: bool) -> SourceDataset:
     """One split of a source with its train or eval transform; DataError if the split has problems."""
     reader = make_reader(src, split)
     if reader.problems:
@@ -153,6 +154,18 @@ def build_dataset(src: SourceConfig, split: str, train: bool) -> SourceDataset:
 
 # ----------------------------------------------------------------------------
 # batching
+
+def build_train_datasets(sources: list[SourceConfig]) -> tuple[dict, dict[str, int]]:
+    """Every source's train split, and its class count (the config's, or what the data says)."""
+    datasets = {s.name: build_dataset(s, "train", train=True) for s in sources}
+    num_classes = {s.name: s.num_classes or datasets[s.name].num_classes for s in sources}
+    return datasets, num_classes
+
+
+def images_per_step(sources: list[SourceConfig]) -> int:
+    """Images in one step of the multi-source loader: one batch of every source."""
+    return sum(s.batch_size for s in sources)
+
 
 def collate_fn(task: str, ignore_index: int = 255):
     """Batch samples of one task; None samples (undecodable images) are dropped and counted."""
@@ -352,7 +365,7 @@ class EvalLoader(DataLoader):
             yield batch
 
 
-def build_eval_loader(src: SourceConfig, dataset, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
+def build_eval_loader(src: DataConfig, dataset, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
                       workers: int = 2) -> DataLoader:
     """This rank's shard `range(rank, N, world_size)` in order: no shuffle, no padding duplicates."""
     return EvalLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world_size)),

@@ -1,4 +1,4 @@
-"""Readers: one class per on-disk data format, and the validation of that data.
+"""Readers: the base class, and one class per on-disk format of labelled images and boxes.
 
 X-Learner trains on many sources at once, each in its own format and label
 space (docs/DESIGN.md §6). A reader turns one split of one source into an indexed
@@ -7,9 +7,10 @@ list of raw samples: `reader.load(i) -> (PIL RGB image, target)` with
 - det: {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
   "image_id": int}, crowd (and VOC "difficult") boxes already left out,
 - seg: a uint8 [H, W] label map (numpy).
-Transforms, batching and the multi-source loader live in data.py.
+formats.py maps a config's `format` to its reader; transforms, batching and
+the multi-source loader live in data.py.
 
-Formats (`SourceConfig.format`):
+Formats (a config's `format`), this module's first:
 - `imagefolder`: `<split>/<class>/<image>`; classes sorted by name; val must
   have the train class set.
 - `csv`: header `path,label`, paths relative to the CSV; multi-label sources
@@ -18,12 +19,7 @@ Formats (`SourceConfig.format`):
 - `coco`: an image dir plus an instances JSON (pycocotools.COCO). Category ids
   may be non-contiguous: label i+1 is category `cat_ids[i]`; val must have the
   train JSON's categories (ids and names).
-- `masks`: `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`,
-  uint8 values in [0, num_classes) or ignore_index. Without `num_classes` in
-  the config it is read from the train masks (a full scan: set it for big sets),
-  for both splits: a val mask value beyond it is a bad sample.
-- `ade20k`, `cityscapes` (seglayouts.py): those datasets as they ship, their
-  label maps turned into training labels (150 and 19 classes).
+- `masks`, `ade20k`, `cityscapes` (seglayouts.py): label maps beside images.
 - `torchvision` (tvdatasets.py): `name` is a `torchvision.datasets` class ("FashionMNIST",
   "CIFAR10", "VOCDetection", ...); a suffix after '@' is a tag so two sources
   can share a class, and is the `year` for VOC ("VOCSegmentation@2007").
@@ -38,7 +34,7 @@ files, malformed JSON, unknown category ids, degenerate boxes, empty class
 folders, ...) as "path: reason" strings in `reader.problems`; data.build_dataset
 refuses a split that has any. Per-image problems (undecodable image, mask of the
 wrong size or with out-of-range values) raise `BadSample` from `load()`: the
-training loader skips and counts that sample, and `check_data` lists them all.
+training loader skips and counts that sample, and formats.check_data lists them all.
 """
 from __future__ import annotations
 
@@ -48,14 +44,11 @@ import io
 import json
 import math
 import os
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from . import dist
-from .config import ROOT_FORMATS, SourceConfig
 
 
 class DataError(ValueError):
@@ -83,8 +76,6 @@ def decode_image(path) -> Image.Image:
 class Reader:
     """Base class: an indexed split plus the problems found while indexing it."""
 
-    task = "cls"
-
     def __init__(self):
         self.problems: list[str] = []
         self.classes: list[str] = []
@@ -108,7 +99,7 @@ class Reader:
         return []
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     return sorted(e.path for e in os.scandir(folder)
                   if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) and not e.name.startswith("."))
 
@@ -135,7 +126,7 @@ class ImageFolderReader(Reader):
             self.classes = train_classes  # labels must mean the same thing in both splits
         label = {c: i for i, c in enumerate(self.classes)}
         for c in classes:
-            files = _image_files(os.path.join(split_dir, c))
+            files = image_files(os.path.join(split_dir, c))
             if not files:
                 self.problem(os.path.join(split_dir, c), "empty class folder (no image files)")
             if c in label:
@@ -245,8 +236,6 @@ class CocoReader(Reader):
     With `train_ann` (a val split), the categories must be the train JSON's,
     ids and names: label i+1 must mean the same category in both splits."""
 
-    task = "det"
-
     def __init__(self, image_dir: str, ann_path: str, train_ann: str = ""):
         super().__init__()
         self.ann_path, self.coco, self.cat_ids = ann_path, None, []
@@ -321,154 +310,3 @@ class CocoReader(Reader):
             raise BadSample(path, f"image is {img.width}x{img.height} but {self.ann_path} says {W}x{H}")
         return img, {"boxes": np.array([a[0] for a in anns], np.float32).reshape(-1, 4),
                      "labels": np.array([a[1] for a in anns], np.int64), "image_id": img_id}
-
-
-@lru_cache(maxsize=None)
-def infer_num_classes(masks_dir: str, ignore_index: int) -> int:
-    """max label + 1 over every mask of a split (only when the config does not say)."""
-    top = -1
-    for e in os.scandir(masks_dir):
-        if e.name.endswith(".png"):
-            try:
-                with Image.open(e.path) as m:
-                    values = np.unique(np.asarray(m))
-            except (OSError, SyntaxError, ValueError):
-                continue  # an unreadable mask is reported by load() / check_data, not here
-            values = values[values != ignore_index]
-            top = max(top, int(values.max()) if values.size else -1)
-    return top + 1
-
-
-def read_label_map(mask_path: str, img: Image.Image, image_path: str) -> np.ndarray:
-    """A PNG label map as uint8 [H, W] (a palette image's indices are its labels), the size of `img`."""
-    try:
-        with Image.open(mask_path) as m:
-            if m.mode not in ("L", "P"):
-                raise BadSample(mask_path, f"mask must be a uint8 label map (mode L or P), got mode {m.mode}")
-            mask = np.array(m)
-    except FileNotFoundError:
-        raise BadSample(mask_path, "mask file not found") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadSample(mask_path, f"cannot decode mask ({type(e).__name__}: {e})") from None
-    if mask.shape != (img.height, img.width):
-        raise BadSample(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
-                                   f"but image {image_path} is {img.width}x{img.height}")
-    return mask
-
-
-class LabelMapReader(Reader):
-    """Base of the seg formats that pair `<stem>.(jpg|png)` images with `<stem>.png` label maps."""
-
-    task = "seg"
-
-    def __init__(self, ignore_index: int):
-        super().__init__()
-        self.ignore_index, self.num_classes = ignore_index, 0
-
-    def _dirs_found(self, *dirs: str) -> bool:
-        for d in dirs:
-            if not os.path.isdir(d):
-                self.problem(d, "directory not found")
-        return not self.problems
-
-    def _pair(self, img_dir: str, mask_dir: str) -> None:
-        """items = (image, mask) pairs matched by stem; an image without a mask, or a mask without an image, is
-        a problem."""
-        images = {}
-        for p in _image_files(img_dir):
-            stem, ext = os.path.splitext(os.path.basename(p))
-            if ext.lower() not in (".jpg", ".jpeg", ".png"):
-                continue
-            if stem in images:
-                self.problem(p, f"two images share the stem {stem!r} ({images[stem]})")
-            images[stem] = p
-        masks = {os.path.splitext(n)[0] for n in os.listdir(mask_dir) if n.endswith(".png")}
-        for stem in sorted(images):
-            mask = os.path.join(mask_dir, stem + ".png")
-            if stem not in masks:
-                self.problem(mask, f"mask file not found for image {images[stem]}")
-            else:
-                self.items.append((images[stem], mask))
-        for stem in sorted(masks - set(images)):
-            self.problem(os.path.join(mask_dir, stem + ".png"), "mask without an image")
-
-    def load(self, i):
-        path, mask_path = self.items[i]
-        img = decode_image(path)
-        return img, self.labels(read_label_map(mask_path, img, path), mask_path)
-
-    def labels(self, mask: np.ndarray, mask_path: str) -> np.ndarray:
-        """The training labels of a stored map: values in [0, num_classes) or ignore_index (BadSample if not)."""
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
-        if bad.any():
-            raise BadSample(mask_path, f"mask values {np.unique(mask[bad])[:8].tolist()} are outside "
-                                       f"[0, {self.num_classes}) and not ignore_index {self.ignore_index}")
-        return mask
-
-
-class MaskReader(LabelMapReader):
-    """format = "masks": `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`, stored as trained."""
-
-    def __init__(self, split_dir: str, num_classes: int, ignore_index: int, train_dir: str = ""):
-        super().__init__(ignore_index)
-        img_dir, mask_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
-        if not self._dirs_found(img_dir, mask_dir):
-            return
-        if not num_classes:
-            train_masks = os.path.join(train_dir or split_dir, "masks")
-            if not os.path.isdir(train_masks):
-                return self.problem(train_masks, "directory not found (needed to count classes: "
-                                                 "or set num_classes)")
-            num_classes = infer_num_classes(train_masks, ignore_index)
-        self.num_classes = num_classes
-        self.classes = [str(k) for k in range(num_classes)]
-        self._pair(img_dir, mask_dir)
-
-
-# ----------------------------------------------------------------------------
-
-def make_reader(src: SourceConfig, split: str) -> Reader:
-    """The reader of one split ("train" or "val") of a source; problems are collected, not raised."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    # imported here, not at the top: tvdatasets.py and seglayouts.py subclass the readers defined above and
-    # so import this module; a top-level import in both directions would be a cycle
-    from .seglayouts import ADE20KReader, CityscapesReader
-    from .tvdatasets import TorchvisionReader
-
-    if src.format in ROOT_FORMATS:
-        reader = CityscapesReader if src.format == "cityscapes" else TorchvisionReader
-        return reader(src, src.train_split if split == "train" else src.val_split)
-    path = src.train if split == "train" else src.val
-    if not path:
-        reader = Reader()
-        reader.problem(f"sources.{src.name}.{split}", "not set in the config")
-        return reader
-    if src.format == "imagefolder":
-        return ImageFolderReader(path, train_dir=src.train)
-    if src.format == "csv":
-        return CsvReader(path, train_csv=src.train, multi_label=src.multi_label)
-    if src.format == "coco":
-        ann = src.train_ann if split == "train" else src.val_ann
-        if not ann:
-            reader = Reader()
-            reader.problem(f"sources.{src.name}.{split}_ann", "coco sources need an instances JSON")
-            return reader
-        return CocoReader(path, ann, train_ann=src.train_ann)
-    if src.format == "masks":
-        return MaskReader(path, src.num_classes, src.ignore_index, train_dir=src.train)
-    if src.format == "ade20k":
-        return ADE20KReader(path, split, src.ignore_index)
-    raise DataError(f"sources.{src.name}.format: unknown format {src.format!r}")
-
-
-def check_data(sources: list[SourceConfig], progress: bool = False) -> list[str]:
-    """Every problem of every split of every source (each image fully decoded), as "path: reason"."""
-    problems: list[str] = []
-    for src in sources:
-        for split in ("train", "val"):
-            reader = make_reader(src, split)
-            problems += reader.problems
-            for i in dist.progress(range(len(reader)), desc=f"{src.name}/{split}", disable=not progress, leave=False):
-                problems += reader.check(i)
-    return list(dict.fromkeys(problems))  # same problem seen from two splits: once

@@ -84,12 +84,12 @@ def _slurm_to_torchrun_env() -> None:
 _DEVICE: torch.device | None = None  # this rank's device: where collectives put their tensors
 
 
-def init_distributed(device: str = "auto") -> torch.device:
-    """Start the process group if launched by torchrun/SLURM and return this rank's device."""
+def init_distributed() -> torch.device:
+    """Start the process group if launched by torchrun/SLURM and return this rank's device (CUDA if any)."""
     global _DEVICE
     _slurm_to_torchrun_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    use_cuda = torch.cuda.is_available()
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -127,6 +127,13 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
 def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t)
+    return t
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values into `t` on every rank, in place."""
+    if is_dist():
+        dist.broadcast(t, src=src)
     return t
 
 

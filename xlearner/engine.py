@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import resource
 import subprocess
 import time
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,6 +43,7 @@ from . import dist
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
 from .config import Config, TrainConfig
 from .data import move_to
+from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import check_resume
 
 
@@ -109,34 +108,7 @@ def autocast(device: torch.device, amp: str):
 
 
 # ----------------------------------------------------------------------------
-# RNG state, so that a resumed run draws the same random numbers
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
+# run facts for the log
 
 def git_sha() -> str | None:
     try:
@@ -286,7 +258,7 @@ def train(run: Run) -> nn.Module:
                 _stop_run(s, signalled, eval_pending=eval_step)
             if _every(s.step, tc.ckpt_every) or s.step == tc.steps:
                 _save(s)
-        if (not resumed or s.step > 0) and (signalled := _evaluate(s)):
+        if signalled := _evaluate(s):  # (a resumed run has step >= 1: every run evaluates its last step)
             _stop_run(s, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
     s.bar.close()
     _log_event(s.out, {"event": "end", "step": s.step})
@@ -421,7 +393,7 @@ def _evaluate(s: _State) -> int:
         return 0
     if s.train_model is not s.model:  # DDP syncs BN running stats at the start of a forward: after the
         for b in s.model.buffers():   # last step each rank still has its own, so evaluate rank 0's (the
-            torch.distributed.broadcast(b, src=0)  # checkpointed) ones
+            dist.broadcast_tensor(b)          # checkpointed) ones
     dist.log(f"[{run.stage}] step {step}: evaluating")
     rng = rng_state()  # evaluation must leave the training RNG (RPN/RoI samplers) exactly as it was
     s.model.eval()

@@ -26,24 +26,18 @@ import contextlib
 import copy
 import io
 import math
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
-from . import dist
-from .config import SourceConfig
+from . import data, dist
+from .config import DataConfig, SourceConfig
+from .engine import autocast
 
 
 # ----------------------------------------------------------------------------
 # classification
-
-def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int = 1) -> float:
-    """Percent of rows whose true class is among the k highest logits."""
-    if target.numel() == 0:
-        return float("nan")
-    k = min(k, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    return 100.0 * (topk == target.view(-1, 1)).any(dim=1).double().mean().item()
-
 
 def mean_per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     """Mean over classes (present in `target`) of the per-class recall, in percent.
@@ -168,24 +162,11 @@ def detections_to_coco(preds: list[dict], targets: list[dict], cat_ids: list[int
 # ----------------------------------------------------------------------------
 # the loop
 
-def primary_metric(src: SourceConfig) -> str:
-    """The key of evaluate()'s result that a table reports for this source."""
-    if src.task == "det":
-        return "AP"
-    if src.task == "seg":
-        return "mIoU"
-    if src.multi_label:
-        return "mAP"
-    return "mean_per_class" if src.metric == "mean_per_class" else "top1"
-
-
 @torch.no_grad()
-def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, amp: str = "off",
-             max_batches: int = 0) -> dict[str, float]:
+def evaluate(model, src: DataConfig, loader, dataset, device: torch.device, amp: str = "off") -> dict[str, float]:
     """Score `model.predict(images, src.name)` on this rank's `loader`, combined over ranks.
 
-    `loader` is this rank's shard (data.build_eval_loader). `max_batches` > 0
-    caps the pass (periodic evaluation during training); 0 runs it all.
+    `loader` is this rank's shard (data.build_eval_loader), run to its end.
     Returns percent: cls {"top1"} (+ "mean_per_class" when `src.metric` asks
     for it, "mAP" for multi-label), det {"AP", "AP50", "AP75"},
     seg {"mIoU", "per_class_iou": [...]}. Single-label cls and seg also get the
@@ -193,19 +174,14 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
     score of always predicting the val split's most frequent class (for det it
     is 0 AP, so there is no key).
     """
-    from .data import move_to  # lazy: evaluate's metrics need no data pipeline, nor the engine
-    from .engine import autocast
-
     was_training = model.training
     model.eval()
     num_classes = src.num_classes or dataset.num_classes
     logits_all, labels_all, detections, img_ids = [], [], [], []
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     try:
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            batch = move_to(batch, device)
+        for batch in loader:
+            batch = data.move_to(batch, device)
             with autocast(device, amp):
                 out = model.predict(batch["images"], src.name)
             if src.task == "cls":
@@ -223,11 +199,11 @@ def evaluate(model, src: SourceConfig, loader, dataset, device: torch.device, am
     if src.task == "cls":
         return _combine_cls(src, logits_all, labels_all, num_classes)
     if src.task == "det":
-        return _combine_det(dataset, detections, img_ids, max_batches)
+        return _combine_det(dataset, detections, img_ids)
     return _combine_seg(conf)
 
 
-def _combine_cls(src: SourceConfig, logits_all: list, labels_all: list, num_classes: int) -> dict[str, float]:
+def _combine_cls(src: DataConfig, logits_all: list, labels_all: list, num_classes: int) -> dict[str, float]:
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, num_classes)
     labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long)
     # gather only what the metrics need: scores for mAP, argmax otherwise
@@ -245,13 +221,13 @@ def _combine_cls(src: SourceConfig, logits_all: list, labels_all: list, num_clas
     return res
 
 
-def _combine_det(dataset, detections: list[dict], img_ids: list[int], max_batches: int) -> dict[str, float]:
+def _combine_det(dataset, detections: list[dict], img_ids: list[int]) -> dict[str, float]:
     parts = dist.all_gather_object((detections, img_ids))
     res = None
     if dist.is_main_process():
         all_dets = [d for p in parts for d in p[0]]
         all_ids = [i for p in parts for i in p[1]]
-        subset = max_batches or getattr(dataset, "indices", None) is not None  # a dev split or val_subset
+        subset = getattr(dataset, "indices", None) is not None  # a dev split or val_subset
         res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if subset else None)
     return dist.broadcast_object(res)
 
@@ -265,3 +241,28 @@ def _combine_seg(conf: torch.Tensor) -> dict:
     majority[:, per_class_pixels.argmax()] = per_class_pixels
     return {"mIoU": miou, "per_class_iou": [None if math.isnan(v) else v for v in per_class],
             "mIoU_majority": miou_from_confusion(majority)[0]}
+
+
+def make_evaluator(model: nn.Module, sources: list[SourceConfig], device: torch.device, amp: str,
+                   workers: int) -> Callable[[int], dict]:
+    """A function step -> {source: metrics} over each source's val split, sharded across ranks.
+
+    The val datasets and loaders are built on first use and then reused, so a
+    periodic evaluation costs only the forward passes.
+    """
+    cache: dict[str, tuple] = {}
+
+    def run_eval(step: int) -> dict:
+        results = {}
+        for s in sources:
+            if not s.val:
+                continue
+            if s.name not in cache:
+                ds = data.build_dataset(s, "val", train=False)
+                cache[s.name] = (ds, data.build_eval_loader(s, ds, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                                                            batch_size=s.batch_size, workers=workers))
+            ds, loader = cache[s.name]
+            results[s.name] = evaluate(model, s, loader, ds, device, amp=amp)
+        return results
+
+    return run_eval

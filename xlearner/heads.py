@@ -135,8 +135,6 @@ class DetHead(Head):
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
         super().__init__(sources)
-        if mcfg.det_head != "faster_rcnn":
-            raise ValueError(f"model.det_head: unknown {mcfg.det_head!r} (choose from ['faster_rcnn'])")
         c = mcfg.fpn_channels
         self.transforms = nn.ModuleDict({
             s.name: GeneralizedRCNNTransform(min_size=s.image_size, max_size=int(s.image_size * 1333 / 800),

@@ -1,178 +1,31 @@
-"""The expansion stage's model: T task branches linked by reconciliation layers, plus task heads.
+"""The two models of the method: the expanded model (stage 1) and the squeezed student (stage 2).
 
-X-Learner (docs/DESIGN.md §1) trains in two stages; this module is the first.
-There is one backbone branch per task (cls, det, seg), all the same
-torchvision ResNet (backbone.py). Every image runs through all T branches
-stage by stage; after each stage l in `reconcile_stages` a *reconciliation
-layer* (RL, reconcile.py) adds to branch t what the other branches computed:
+X-Learner (docs/DESIGN.md §1) trains in two stages. `XLearnerModel` is the
+first's: the expanded backbone (reconcile.ExpandedNet: one torchvision ResNet
+branch per task, linked by reconciliation layers) with one head per task
+(heads.py), one predictor per source. With `model.shared_backbone` it is one
+plain Backbone for every task instead (MSMT, hard sharing, the baseline).
 
-    x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}( stopgrad(x_u^k) )
+`SqueezedModel` is the second's: ONE plain Backbone of the branches' arch, the
+adapters and standardisations the distillation reads it through, and the task
+heads; squeeze.py trains it against the frozen expanded model.
 
-The last BN of every R starts at gamma = beta = 0, so at initialisation the
-expanded model is exactly T independent backbones; training then decides how
-much each task borrows from the others. The stop-gradient means a branch's
-weights are moved only by its own task's losses (less task interference),
-while the RL still enriches its representation. Each task has one head
-(heads.py) with one predictor per source. `XLearnerModel` ties this together.
-
-`MultiSourceModel` is what the expanded model shares with the squeeze stage's
-student (squeeze.SqueezedModel): heads per task, the per-source loss loop,
-predict. `backbone_state_dict` exports either as a plain torchvision
-state_dict (docs/DESIGN.md §5); `model_from_checkpoint` rebuilds either.
+`MultiSourceModel` is what both share: heads per task, the per-source loss loop,
+predict. weights.py exports either's backbone as a plain torchvision state_dict
+(docs/DESIGN.md §5) and rebuilds either from a run checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-from .backbone import BACKBONES, Backbone, _build_backbone, _pretrained_state_dict, build_backbone
-from .config import ModelConfig, SourceConfig, check_tasks_have_sources, config_from_dict
+from .backbone import BACKBONES, Backbone, build_backbone, load_torchvision_state_dict, read_state_dict
+from .config import ConfigError, ModelConfig, SourceConfig, SqueezeConfig, check_tasks_have_sources
 from .heads import HEADS
-from .reconcile import RECONCILE
-
-# ----------------------------------------------------------------------------
-# the expanded backbone
-
-class ExpandedNet(nn.Module):
-    """T task branches of one ResNet arch, run stage by stage, linked by reconciliation layers.
-
-    `forward(x, task)` returns branch `task`'s features. With `detach` on, the
-    other branches run under torch.no_grad(): only branch `task` and the RLs
-    feeding it build a graph (the others' activations are not kept, and there is
-    no backward through them), and the other branches stop after the last
-    reconciled stage since nothing downstream reads them.
-
-    BN statistics are per task: a task-t batch leaves the running statistics of
-    the other branches (and of the RLs feeding them) as they were, so branch u's
-    statistics describe task u's images only, which is what it normalises when
-    it is evaluated, exported, or seeds the squeeze student. How those branches
-    normalise task t's images in training is `other_bn`: "batch" (default) with
-    the batch's statistics, as a train-mode branch would, or "running" with
-    their own running statistics (eval mode), which is what an RL reads at test
-    time. The demo measured both (README): "running" gave the better teacher,
-    "batch" the better squeezed student."""
-
-    def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
-                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
-                 other_bn: str = "batch"):
-        super().__init__()
-        if reconcile not in RECONCILE:
-            raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
-        if other_bn not in ("batch", "running"):
-            raise ValueError(f"model.other_branches_bn: expected 'batch' or 'running', got {other_bn!r}")
-        bad = [l for l in stages if l not in (1, 2, 3, 4)]
-        if bad:
-            raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
-        self.tasks, self.detach, self.other_bn = list(tasks), detach, other_bn
-        sd = _pretrained_state_dict(pretrained)  # read (or download) once for all branches
-        self.branches = nn.ModuleDict({t: _build_backbone(arch, sd, frozen_bn, pretrained) for t in tasks})
-        self.channels = self.branches[self.tasks[0]].channels
-        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width)
-
-    def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The features of the branches in `want`; the other branches run only as far as an RL reads them."""
-        plan = _Plan(self, want)
-        feats = {u: {} for u in self.tasks}  # feats[u][l] = x_u^l, branch u's stage-l output
-        h = {}  # each running branch's input to its next stage
-        for u in plan.running(1):
-            with plan.grad(u):
-                h[u] = self.branches[u].stem(x)
-        for l in range(1, 5):
-            for u in plan.running(l):
-                with plan.grad(u):
-                    feats[u][l] = self.branches[u].stage(l, h[u])
-            # x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}(stopgrad(x_u^k)) for every target t
-            # at once: each reads the others' stage-l outputs from before their own RL
-            new = {t: self._reconcile(t, l, feats, plan) for t in plan.running(l) if plan.reconciles(t, l)}
-            for u in plan.running(l):
-                feats[u][l] = h[u] = new.get(u, feats[u][l])
-        return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
-
-    def _reconcile(self, t: str, l: int, feats: dict, plan: _Plan) -> torch.Tensor:
-        """x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}(stopgrad(x_u^k)); the sum and the R are reconcile.py's."""
-        x_u = {u: {k: self._stopgrad(feats[u][k]) for k in range(1, l + 1)} for u in self.tasks if u != t}
-        with plan.grad(t):
-            return self.reconcile(t, l, feats[t][l], x_u)
-
-    def _stopgrad(self, x: torch.Tensor) -> torch.Tensor:
-        return x.detach() if self.detach else x  # detach off: the ablation where every task's loss moves every branch
-
-    @contextlib.contextmanager
-    def _others_keep_stats(self, task: str):
-        """For one train-mode forward: the BNs of the branches other than `task` (and of the RLs feeding them)
-        use batch statistics without tracking them ("batch"), or run in eval mode ("running")."""
-        others = [m for u in self.tasks if u != task for m in (self.branches[u], self.reconcile.into[u])]
-        bns = [m for other in others for m in other.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-        for m in bns:  # in train mode, track_running_stats=False is torch's "batch statistics, buffers untouched"
-            m.track_running_stats, m.training = self.other_bn == "running", self.other_bn == "batch"
-        try:
-            yield
-        finally:
-            for m in bns:
-                m.track_running_stats, m.training = True, True
-
-    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-        if task not in self.branches:
-            raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
-        with self._others_keep_stats(task):  # their BN statistics stay their own task's (class doc)
-            return self._run(x, {task})[task]
-
-    def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """Every branch's features (the squeeze teacher; usually called under no_grad)."""
-        out = self._run(x, set(self.tasks))
-        return {t: out[t] for t in self.tasks}
-
-
-class BranchWithRL(nn.Module):
-    """Branch `task` of an ExpandedNet *with* its RL inputs: the network the expanded model trained as.
-
-    Transferring an expanded model's branch alone drops what its RLs add from the
-    other branches, so it measures a network that never existed in training.
-    This wraps the whole ExpandedNet and returns branch `task`'s features as
-    `ExpandedNet.forward` computes them (every other branch runs as far as an RL
-    reads it). It looks like a Backbone to transfer.py (`arch`, `channels`, a
-    dict of stage features); at zero-initialised RLs it equals the branch alone."""
-
-    def __init__(self, net: ExpandedNet, task: str, arch: str):
-        super().__init__()
-        if task not in net.branches:
-            raise ValueError(f"branch {task!r}: the expanded model's branches are {net.tasks}")
-        self.net, self.task, self.arch, self.channels = net, task, arch, net.channels
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(x, self.task)
-
-
-class _Plan:
-    """Which branch runs which stage of one ExpandedNet forward, and with or without a graph.
-
-    Pruning only, no arithmetic: the outputs are those of running every branch
-    through every stage with a graph. Branches in `want` run every stage; the
-    others run only up to the last reconciled stage (nothing reads them after
-    it), and are reconciled only where a later stage reads them. With `detach`
-    on, only the wanted branches build a graph: the others' activations are not
-    kept and nothing backpropagates into them."""
-
-    def __init__(self, net: ExpandedNet, want: set[str]):
-        self.tasks, self.want, self.stages, self.detach = net.tasks, want, net.reconcile.stages, net.detach
-        self.last = max(self.stages, default=0)
-        self.grad_enabled = torch.is_grad_enabled()
-
-    def running(self, l: int) -> list[str]:
-        """The branches that compute stage l (and, for l = 1, the stem before it), in task order."""
-        return [u for u in self.tasks if u in self.want or l <= self.last]
-
-    def reconciles(self, t: str, l: int) -> bool:
-        return l in self.stages and (t in self.want or l < self.last)
-
-    def grad(self, u: str):
-        return torch.set_grad_enabled(self.grad_enabled and (u in self.want or not self.detach))
-
+from .reconcile import ExpandedNet
 
 # ----------------------------------------------------------------------------
 # the models
@@ -209,7 +62,7 @@ def n_params(module: nn.Module) -> str:
 
 
 class MultiSourceModel(nn.Module):
-    """What XLearnerModel and squeeze.SqueezedModel share: heads per task, the per-source loss loop, predict."""
+    """What XLearnerModel and SqueezedModel share: heads per task, the per-source loss loop, predict."""
 
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
@@ -230,7 +83,7 @@ class MultiSourceModel(nn.Module):
         raise NotImplementedError
 
     def exported_backbone(self, branch: str | None) -> Backbone:
-        """The Backbone that `backbone_state_dict` exports (`branch`: which one, where there is a choice)."""
+        """The Backbone that weights.backbone_state_dict exports (`branch`: which one, where there is a choice)."""
         raise NotImplementedError
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,69 +206,122 @@ class XLearnerModel(MultiSourceModel):
 
 
 # ----------------------------------------------------------------------------
-# export and rebuild
+# the squeeze stage's student (squeeze.py trains it)
 
-def backbone_state_dict(model: nn.Module, branch: str | None = None) -> dict[str, torch.Tensor]:
-    """A plain torchvision-format state_dict (no fc.*) of a model's backbone.
+class Standardize(nn.Module):
+    """N_{b,l}: per-channel (x - mean) / std of one teacher feature map; identity until `set` is called."""
 
-    SqueezedModel: the student. XLearnerModel: branch `branch` (default: the
-    first task), or the shared backbone. A Backbone is exported as is.
-    FrozenBatchNorm2d has no num_batches_tracked; we add it (0) so the keys are
-    exactly those of torchvision.models.<arch>() minus fc.weight and fc.bias."""
-    model = getattr(model, "module", model)  # DDP
-    if isinstance(model, MultiSourceModel):
-        backbone = model.exported_backbone(branch)
-    elif isinstance(model, Backbone):
-        backbone = model
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.view(1, -1, 1, 1).to(x.dtype)) / self.std.view(1, -1, 1, 1).to(x.dtype)
+
+
+class SqueezedModel(MultiSourceModel):
+    """The squeeze-stage student: one Backbone, adapters A and standardisations N per (branch, stage), task heads.
+
+    adapters[b][f"layer{l}"] maps the student's stage-l feature into teacher
+    branch b's (standardised) space. It starts as N_{b,l} itself (the identity
+    when nothing is standardised; `bias` only then), so a student equal to branch
+    b starts at zero distillation loss for b, instead of first having to undo a
+    random projection. Neither A nor N is exported (weights.backbone_state_dict)."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 distill_stages=(2, 3, 4), adapter_bias: bool = False):
+        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
+        super().__init__(mcfg, sources, num_classes, backbone.channels)
+        self.backbone = backbone
+        self.distill_stages = [int(l) for l in distill_stages]
+        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        layers = {f"layer{l}": backbone.channels[f"layer{l}"] for l in self.distill_stages}
+        self.adapters = nn.ModuleDict({t: nn.ModuleDict({k: nn.Conv2d(c, c, 1, bias=adapter_bias)
+                                                         for k, c in layers.items()}) for t in self.tasks})
+        self.norms = nn.ModuleDict({t: nn.ModuleDict({k: Standardize(c) for k, c in layers.items()})
+                                    for t in self.tasks})
+        self.reset_adapters()
+        channels_last(self, mcfg.channels_last)
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """A_{b,l} := N_{b,l} (weight diag(1/std), bias -mean/std; the identity for N = identity)."""
+        for t, convs in self.adapters.items():
+            for k, conv in convs.items():
+                norm = self.norms[t][k]
+                conv.weight.copy_(torch.diag(1 / norm.std).view(*conv.weight.shape))
+                if conv.bias is not None:
+                    conv.bias.copy_(-norm.mean / norm.std)
+
+    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone(x)  # one backbone for every task
+
+    def exported_backbone(self, branch: str | None) -> nn.Module:
+        if branch:
+            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
+        return self.backbone
+
+    def report(self, init: str = "", heads: str = "copy") -> str:
+        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
+        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else "") + f", heads {heads}",
+                 f"  backbone: {n_params(self.backbone)} params",
+                 f"  adapters: {n_params(self.adapters)} params (distillation only, not exported)"]
+        lines += self._head_report()
+        lines.append(f"  total: {n_params(self)} params")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
+                      sq: SqueezeConfig | None = None) -> "SqueezedModel":
+        """A student for `teacher`: heads per `sq.heads`, backbone per `student_init` (`init_student_backbone`)."""
+        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
+        sq = sq or SqueezeConfig()
+        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, sq.distill_stages,
+                    adapter_bias=sq.teacher_norm == "standardize")
+        if sq.heads != "fresh":
+            model.heads.load_state_dict(teacher.heads.state_dict())
+        model.heads.requires_grad_(sq.heads != "frozen")
+        init_student_backbone(model.backbone, teacher, student_init or resolve_student_init("", teacher))
+        device = next(teacher.parameters()).device
+        return model.to(device)
+
+
+def resolve_student_init(student_init: str, teacher: XLearnerModel) -> str:
+    """`squeeze.student_init` with its default: "" is `task:<first task>`, a copy of the first branch."""
+    return student_init or f"task:{teacher.tasks[0]}"
+
+
+def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str) -> None:
+    """Load the student's starting weights: task:<name> (that branch), mean (of the branches), scratch, or a file."""
+    if teacher.mcfg.shared_backbone:
+        branches = {t: teacher.backbone for t in teacher.tasks}
     else:
-        raise TypeError(f"backbone_state_dict: expected XLearnerModel, SqueezedModel or Backbone, "
-                        f"got {type(model).__name__}")
-    sd = backbone.state_dict()
-    out = {}
-    for k, v in sd.items():
-        out[k] = v.detach().cpu().clone()
-        if k.endswith(".running_var"):
-            nbt = k[: -len("running_var")] + "num_batches_tracked"
-            if nbt not in sd:
-                out[nbt] = torch.tensor(0, dtype=torch.long)
-    return out
-
-
-def _strip_prefixes(sd: dict) -> dict:
-    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
-    out = {}
-    for k, v in sd.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-def model_from_checkpoint(ckpt: dict) -> MultiSourceModel:
-    """Rebuild the model of a run checkpoint {"model", "config", "meta"} and load its weights (eval mode).
-
-    An expand checkpoint gives an XLearnerModel, a squeeze one a squeeze.SqueezedModel."""
-    for key in ("model", "config", "meta"):
-        if key not in ckpt:
-            raise ValueError(f"not a run checkpoint: no {key!r} entry (keys: {sorted(ckpt)})")
-    cfg = config_from_dict(ckpt["config"])
-    meta = ckpt["meta"]
-    # the weights come from the checkpoint: do not read (or download) `pretrained` again
-    mcfg = dataclasses.replace(cfg.model, pretrained="")
-    kind = meta.get("kind")
-    if kind == "expanded":
-        model = XLearnerModel(mcfg, cfg.sources, meta["num_classes"])
-    elif kind == "squeezed":
-        # imported here, not at the top: squeeze.py builds on this module (it imports model.py), so
-        # model.py can only reach the student class once both modules are loaded
-        from .squeeze import SqueezedModel
-
-        stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
-        state = _strip_prefixes(ckpt["model"])  # adapters carry a bias when the teacher's features were standardised
-        bias = any(k.startswith("adapters.") and k.endswith(".bias") for k in state)
-        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages, bias)
+        branches = dict(teacher.backbone.branches.items())
+    if init.startswith("task:"):
+        name = init[len("task:"):]
+        if name not in branches:
+            raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
+        backbone.load_state_dict(branches[name].state_dict())
+    elif init == "mean":
+        if not (teacher.mcfg.pretrained or teacher.mcfg.shared_backbone):  # unrelated networks: no starting point
+            raise ConfigError("squeeze.student_init = 'mean': the teacher's branches started from independent random "
+                              "weights (its model.pretrained is empty), so their average is meaningless; "
+                              "use task:<name>")
+        sds = [b.state_dict() for b in branches.values()]
+        # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
+        backbone.load_state_dict({k: torch.stack([sd[k] for sd in sds]).mean(0) if sds[0][k].is_floating_point()
+                                  else torch.stack([sd[k] for sd in sds]).max(0).values for k in sds[0]})
+    elif init == "scratch":
+        pass
+    elif Path(init).is_file():
+        load_torchvision_state_dict(backbone, read_state_dict(init), init)
     else:
-        raise ValueError(f"checkpoint meta.kind: expected 'expanded' or 'squeezed', got {kind!r}")
-    model.load_state_dict(_strip_prefixes(ckpt["model"]))
-    return model.eval()
+        raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
+                         f"or the path of a torchvision-format state_dict")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import data, dist
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .config import SourceConfig
+from .config import TransferDatasetConfig
 from .evaluate import mean_per_class_accuracy
 
 FEATURE_RECIPE = "gap-layer4-v1"   # part of the cache key: bump it if the features change
@@ -97,7 +97,7 @@ def stratified_subset(labels, fraction: float, seed: int) -> list[int]:
     return sorted(keep)
 
 
-def open_split(src: SourceConfig, split: str, train: bool):
+def open_split(src: TransferDatasetConfig, split: str, train: bool):
     """data.build_dataset, cut to the dataset's fixed class-stratified `train_subset` / `val_subset` if set
     (SUBSET_SEED: the same subset for every seed and backbone).
 
@@ -179,7 +179,7 @@ def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_s
     return feats[order], labels[order]
 
 
-def dataset_hash(src: SourceConfig, split: str, dataset) -> str:
+def dataset_hash(src: TransferDatasetConfig, split: str, dataset) -> str:
     """What the cached features of one split depend on, besides the backbone.
 
     The config that selects and transforms the images, plus the dataset's size
@@ -195,7 +195,7 @@ def dataset_hash(src: SourceConfig, split: str, dataset) -> str:
     return sha256_text(json.dumps(key, sort_keys=True))
 
 
-def cached_features(backbone, info: dict, src: SourceConfig, split: str, dataset, cache_dir: str | Path,
+def cached_features(backbone, info: dict, src: TransferDatasetConfig, split: str, dataset, cache_dir: str | Path,
                     device: torch.device, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """extract_features, memoised on disk at cache_dir/<backbone hash>_<dataset hash>_<split>.pt."""
     path = Path(cache_dir) / f"{info['hash'][:16]}_{dataset_hash(src, split, dataset)[:16]}_{split}.pt"

@@ -1,21 +1,23 @@
-"""Reconciliation layers (RL): how the expanded backbone's task branches share features.
+"""The expanded backbone: T task branches run stage by stage, linked by reconciliation layers (RL).
 
-This is the heart of X-Learner's expansion stage (docs/DESIGN.md §1; see model.py
-for the overall structure). There is one backbone branch per task, all the
-same ResNet arch, run stage by stage in lockstep by `model.ExpandedNet`.
-After each stage l in `model.reconcile_stages`, the RL adds to branch t what
-the other branches computed at the same or an earlier stage:
+This is the heart of X-Learner's expansion stage (docs/DESIGN.md §1). There is
+one backbone branch per task (cls, det, seg), all the same torchvision ResNet
+(backbone.py), run stage by stage in lockstep by `ExpandedNet`. After each
+stage l in `model.reconcile_stages`, the RL adds to branch t what the other
+branches computed at the same or an earlier stage:
 
-    x_t^l <- x_t^l + sum_{u != t, k <= l} R_{u,k->t,l}( stopgrad(x_u^k) )
+    x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}( sg(x_u^k) )
+
+which is `Reconcile.forward` of each variant, one expression.
 
 Zero init: the last BN of every path R starts at gamma = beta = 0 (and the
 scalar / cross-stitch variants start at alpha = 0 / identity), so at
 initialisation the expanded model is exactly T independent single-task
 backbones; training decides how much each task borrows from the others.
 
-Detach: the inputs x_u^k arrive already stop-gradiented (`model.detach`), so
-a branch's weights are moved only by its own task's losses, limiting task
-interference, while the RL still enriches that branch's representation.
+Stop-gradient: sg (`model.reconcile_detach`) means a branch's weights are moved
+only by its own task's losses, limiting task interference, while the RL still
+enriches that branch's representation.
 
 Variants (`model.reconcile`, the RECONCILE registry):
     hrnet         every k <= l of every other branch, resampled by an HRNet
@@ -25,17 +27,24 @@ Variants (`model.reconcile`, the RECONCILE registry):
     cross_stitch  Misra et al. 2016: channel-wise mix of the same-stage
                   features, init identity
     none          independent backbones (the ablation baseline)
+
+`BranchWithRL` is one branch with its RL inputs, the network a branch trained
+as (transfer.py's `--with-rl`); model.XLearnerModel puts task heads on top.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
 
+from .backbone import backbone_from_state_dict, read_state_dict
+
 # Every variant is a module with `.stages` (the stages it acts on) and `.into`
 # (a ModuleDict: target task -> the modules that feed that task), called as
-#     rl(target, l, own, inputs) -> new x_t^l
-# where own = x_t^l and inputs[u][k] = x_u^k (already stop-gradiented) for
-# every other task u and k <= l.
+#     rl(t, l, x) -> the new x_t^l
+# where x[u][k] = x_u^k, the stage-k output of branch u before its own stage-k RL,
+# for every branch u and every k <= l. The variant applies sg itself.
 
 def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     # gamma = beta = 0: the path outputs exactly 0 at init, so the expanded model
@@ -81,21 +90,28 @@ def narrow_path(c_in: int, m: int, k: int, l: int) -> nn.Sequential:
 class Reconcile(nn.Module):
     """Base class: no stages, nothing added (this is also the `none` variant)."""
 
-    def __init__(self, tasks: list[str], channels: dict[str, int], stages, width: float = 1.0):
+    def __init__(self, tasks: list[str], channels: dict[str, int], stages, width: float = 1.0, detach: bool = True):
         super().__init__()
-        self.tasks = list(tasks)
+        self.tasks, self.detach = list(tasks), detach
         self.stages = tuple(sorted(set(stages))) if len(tasks) > 1 else ()  # one task: nothing to reconcile
         self.into = nn.ModuleDict({t: nn.ModuleDict() for t in tasks})
 
-    def forward(self, target: str, l: int, own: torch.Tensor, inputs: dict) -> torch.Tensor:
-        return own
+    def sg(self, x: torch.Tensor) -> torch.Tensor:
+        """stopgrad; detach off is the ablation where every task's loss moves every branch."""
+        return x.detach() if self.detach else x
+
+    def others(self, t: str) -> list[str]:
+        return [u for u in self.tasks if u != t]
+
+    def forward(self, t: str, l: int, x: dict) -> torch.Tensor:
+        return x[t][l]
 
 
 class NoReconcile(Reconcile):
     """`none`: independent task-specific backbones (the ablation baseline)."""
 
-    def __init__(self, tasks, channels, stages, width=1.0):
-        super().__init__(tasks, channels, ())
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, (), detach=detach)
 
 
 class HRNetReconcile(Reconcile):
@@ -107,11 +123,11 @@ class HRNetReconcile(Reconcile):
     the narrow outputs are summed, and one 1x1 m -> C_l + zero-init BN per
     target stage (`widen`) brings the sum to branch t's width. On resnet50
     (cls + seg, 224 px) width 1/16 cuts the RL forward from 6.8 to 0.7 GMACs
-    (tests/test_model.py); README "Measured numbers" has the step times.
+    (tests/test_model.py); docs/RESULTS.md, "The demo, benches and the first GPU check", has the step times.
     """
 
-    def __init__(self, tasks, channels, stages, width=1.0):
-        super().__init__(tasks, channels, stages)
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
         self.narrow = width < 1.0
         path = narrow_path if self.narrow else hrnet_path
         for t in tasks:
@@ -120,15 +136,14 @@ class HRNetReconcile(Reconcile):
                 m = max(8, int(round(c_out * width))) if self.narrow else c_out  # each path's output width
                 paths = {f"{u}_layer{k}": path(channels[f"layer{k}"], m, k, l)
                          for u in tasks if u != t for k in range(1, l + 1)}
-                if self.narrow:
-                    paths["widen"] = nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
+                paths["widen"] = (nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                                  if self.narrow else nn.Identity())
                 self.into[t][f"layer{l}"] = nn.ModuleDict(paths)
 
-    def forward(self, target, l, own, inputs):
-        paths = self.into[target][f"layer{l}"]
-        total = sum(paths[f"{u}_layer{k}"](inputs[u][k]) for u in inputs for k in range(1, l + 1))
-        # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
-        return own + (paths["widen"](total) if self.narrow else total)
+    def forward(self, t, l, x):
+        R = self.into[t][f"layer{l}"]
+        return x[t][l] + R["widen"](sum(R[f"{u}_layer{k}"](self.sg(x[u][k])) for u in self.others(t) for k in range(1, l + 1)))
 
 
 class ScalarPath(nn.Module):
@@ -148,16 +163,16 @@ class ScalarPath(nn.Module):
 class ScalarReconcile(Reconcile):
     """`scalar`: same-stage features only, each through a 1x1 conv times a scalar (init 0)."""
 
-    def __init__(self, tasks, channels, stages, width=1.0):
-        super().__init__(tasks, channels, stages)
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
         for t in tasks:
             for l in self.stages:
                 self.into[t][f"layer{l}"] = nn.ModuleDict(
                     {u: ScalarPath(channels[f"layer{l}"]) for u in tasks if u != t})
 
-    def forward(self, target, l, own, inputs):
-        paths = self.into[target][f"layer{l}"]
-        return own + sum(paths[u](inputs[u][l]) for u in inputs)
+    def forward(self, t, l, x):
+        R = self.into[t][f"layer{l}"]
+        return x[t][l] + sum(R[u](self.sg(x[u][l])) for u in self.others(t))
 
 
 class CrossStitchUnit(nn.Module):
@@ -185,15 +200,148 @@ class CrossStitchUnit(nn.Module):
 class CrossStitchReconcile(Reconcile):
     """`cross_stitch` (Misra et al. 2016): x_t^l <- sum_u a_{t,u} * x_u^l, channel-wise, init identity."""
 
-    def __init__(self, tasks, channels, stages, width=1.0):
-        super().__init__(tasks, channels, stages)
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
         for t in tasks:
             for l in self.stages:
                 self.into[t][f"layer{l}"] = CrossStitchUnit(tasks, t, channels[f"layer{l}"])
 
-    def forward(self, target, l, own, inputs):
-        return self.into[target][f"layer{l}"]({target: own, **{u: inputs[u][l] for u in inputs}})
+    def forward(self, t, l, x):
+        return self.into[t][f"layer{l}"]({u: x[u][l] if u == t else self.sg(x[u][l]) for u in self.tasks})
 
 
 RECONCILE = {"hrnet": HRNetReconcile, "scalar": ScalarReconcile,
              "cross_stitch": CrossStitchReconcile, "none": NoReconcile}
+
+
+# ----------------------------------------------------------------------------
+# the expanded backbone
+
+class ExpandedNet(nn.Module):
+    """T task branches of one ResNet arch, run stage by stage, linked by reconciliation layers.
+
+    `forward(x, task)` returns branch `task`'s features. With `detach` on, the
+    other branches run under torch.no_grad(): only branch `task` and the RLs
+    feeding it build a graph (the others' activations are not kept, and there is
+    no backward through them), and the other branches stop after the last
+    reconciled stage since nothing downstream reads them.
+
+    BN statistics are per task: a task-t batch leaves the running statistics of
+    the other branches (and of the RLs feeding them) as they were, so branch u's
+    statistics describe task u's images only, which is what it normalises when
+    it is evaluated, exported, or seeds the squeeze student. How those branches
+    normalise task t's images in training is `other_bn`: "batch" (default) with
+    the batch's statistics, as a train-mode branch would, or "running" with
+    their own running statistics (eval mode), which is what an RL reads at test
+    time. The demo measured both (docs/RESULTS.md, "Per-task BN statistics"):
+    "running" gave the better teacher, "batch" the better squeezed student."""
+
+    def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
+                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
+                 other_bn: str = "batch"):
+        super().__init__()
+        if reconcile not in RECONCILE:
+            raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
+        if other_bn not in ("batch", "running"):
+            raise ValueError(f"model.other_branches_bn: expected 'batch' or 'running', got {other_bn!r}")
+        bad = [l for l in stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        self.tasks, self.detach, self.other_bn = list(tasks), detach, other_bn
+        sd = read_state_dict(pretrained)  # read (or download) once for all branches
+        self.branches = nn.ModuleDict({t: backbone_from_state_dict(arch, sd, frozen_bn, pretrained) for t in tasks})
+        self.channels = self.branches[self.tasks[0]].channels
+        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width, detach)
+
+    def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The features of the branches in `want`; the other branches run only as far as an RL reads them."""
+        plan = _Plan(self, want)
+        feats = {u: {} for u in self.tasks}  # feats[u][l] = x_u^l, branch u's stage-l output
+        h = {}  # each running branch's input to its next stage
+        for u in plan.running(1):
+            with plan.grad(u):
+                h[u] = self.branches[u].stem(x)
+        for l in range(1, 5):
+            for u in plan.running(l):
+                with plan.grad(u):
+                    feats[u][l] = self.branches[u].stage(l, h[u])
+            new = {}  # every target's RL reads the others' stage-l outputs from before their own RL
+            for t in plan.running(l):
+                if plan.reconciles(t, l):
+                    with plan.grad(t):
+                        new[t] = self.reconcile(t, l, feats)  # x_t^l + sum_{u != t, k <= l} R(sg(x_u^k))
+            for u in plan.running(l):
+                feats[u][l] = h[u] = new.get(u, feats[u][l])
+        return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
+
+    @contextlib.contextmanager
+    def _others_keep_stats(self, task: str):
+        """For one train-mode forward: the BNs of the branches other than `task` (and of the RLs feeding them)
+        use batch statistics without tracking them ("batch"), or run in eval mode ("running")."""
+        others = [m for u in self.tasks if u != task for m in (self.branches[u], self.reconcile.into[u])]
+        bns = [m for other in others for m in other.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        for m in bns:  # in train mode, track_running_stats=False is torch's "batch statistics, buffers untouched"
+            m.track_running_stats, m.training = self.other_bn == "running", self.other_bn == "batch"
+        try:
+            yield
+        finally:
+            for m in bns:
+                m.track_running_stats, m.training = True, True
+
+    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        if task not in self.branches:
+            raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
+        with self._others_keep_stats(task):  # their BN statistics stay their own task's (class doc)
+            return self._run(x, {task})[task]
+
+    def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Every branch's features (the squeeze teacher; usually called under no_grad)."""
+        out = self._run(x, set(self.tasks))
+        return {t: out[t] for t in self.tasks}
+
+
+class BranchWithRL(nn.Module):
+    """Branch `task` of an ExpandedNet *with* its RL inputs: the network the expanded model trained as.
+
+    Transferring an expanded model's branch alone drops what its RLs add from the
+    other branches, so it measures a network that never existed in training.
+    This wraps the whole ExpandedNet and returns branch `task`'s features as
+    `ExpandedNet.forward` computes them (every other branch runs as far as an RL
+    reads it). It looks like a Backbone to transfer.py (`arch`, `channels`, a
+    dict of stage features); at zero-initialised RLs it equals the branch alone."""
+
+    def __init__(self, net: ExpandedNet, task: str, arch: str):
+        super().__init__()
+        if task not in net.branches:
+            raise ValueError(f"branch {task!r}: the expanded model's branches are {net.tasks}")
+        self.net, self.task, self.arch, self.channels = net, task, arch, net.channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x, self.task)
+
+
+class _Plan:
+    """Which branch runs which stage of one ExpandedNet forward, and with or without a graph.
+
+    Pruning only, no arithmetic: the outputs are those of running every branch
+    through every stage with a graph. Branches in `want` run every stage; the
+    others run only up to the last reconciled stage (nothing reads them after
+    it), and are reconciled only where a later stage reads them. With `detach`
+    on, only the wanted branches build a graph: the others' activations are not
+    kept and nothing backpropagates into them."""
+
+    def __init__(self, net: ExpandedNet, want: set[str]):
+        self.tasks, self.want, self.stages, self.detach = net.tasks, want, net.reconcile.stages, net.detach
+        self.last = max(self.stages, default=0)
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def running(self, l: int) -> list[str]:
+        """The branches that compute stage l (and, for l = 1, the stem before it), in task order."""
+        return [u for u in self.tasks if u in self.want or l <= self.last]
+
+    def reconciles(self, t: str, l: int) -> bool:
+        return l in self.stages and (t in self.want or l < self.last)
+
+    def grad(self, u: str):
+        return torch.set_grad_enabled(self.grad_enabled and (u in self.want or not self.detach))

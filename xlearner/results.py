@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .config import SourceConfig
+from .config import TransferDatasetConfig
 
 
 # ----------------------------------------------------------------------------
 # records: one finished (backbone, dataset, seed)
 
-def record_path(out: Path, backbone_hash: str, dataset_key: str, src: SourceConfig, seed: int) -> Path:
+def record_path(out: Path, backbone_hash: str, dataset_key: str, src: TransferDatasetConfig, seed: int) -> Path:
     """out/records/<backbone>_<dataset>_<protocol>_seed<N>.json: one finished (backbone, dataset, seed)."""
     protocol = src.protocol if src.task == "cls" else ("frozen" if src.freeze_backbone else "finetune")
     return out / "records" / f"{backbone_hash[:16]}_{dataset_key[:16]}_{protocol}_seed{seed}.json"

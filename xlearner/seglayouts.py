@@ -1,10 +1,15 @@
-"""Two segmentation datasets read in the layouts they ship in: `ade20k` and `cityscapes`.
+"""Segmentation readers: label maps stored beside images, as `masks` and as ADE20K and Cityscapes ship.
 
 Readers of datasets.py's contract (docs/DESIGN.md §6; `load(i) -> (PIL RGB image,
 uint8 [H, W] training labels)`, problems collected while indexing, `BadSample` for
-one bad image) whose stored label maps are not the training labels, so that no
-one has to convert a dataset (and risk a wrong shift) before the first run:
+one bad image). `LabelMapReader` pairs images with PNG label maps and checks
+sizes and values; each format says how a stored map becomes training labels, so
+that no one has to convert a dataset (and risk a wrong shift) before the first run:
 
+- `masks`: `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`, stored
+  as trained: uint8 values in [0, num_classes) or ignore_index. Without `num_classes`
+  in the config it is read from the train masks (a full scan: set it for big sets),
+  for both splits: a val mask value beyond it is a bad sample.
 - `ade20k`: `train` / `val` name the `ADEChallengeData2016` folder, which holds
   `images/{training,validation}/<stem>.jpg` and `annotations/{training,validation}/<stem>.png`.
   Stored 0 is "other" and 1..150 the classes; trained as 0 -> ignore_index, k -> k - 1
@@ -15,18 +20,119 @@ one has to convert a dataset (and risk a wrong shift) before the first run:
   benchmark's 19 train ids through torchvision's own `Cityscapes.classes` table; every
   other id becomes ignore_index.
 
-datasets.make_reader picks these readers; the masks are checked like `masks` (pairs,
-sizes, values), every problem naming the file.
+formats.make_reader picks these readers; every problem names the file.
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 from torchvision.datasets import Cityscapes
 
-from .config import FIXED_CLASSES, SourceConfig
-from .datasets import BadSample, LabelMapReader
+from .config import FIXED_CLASSES, DataConfig
+from .datasets import BadSample, Reader, image_files, decode_image
+
+
+@lru_cache(maxsize=None)
+def infer_num_classes(masks_dir: str, ignore_index: int) -> int:
+    """max label + 1 over every mask of a split (only when the config does not say)."""
+    top = -1
+    for e in os.scandir(masks_dir):
+        if e.name.endswith(".png"):
+            try:
+                with Image.open(e.path) as m:
+                    values = np.unique(np.asarray(m))
+            except (OSError, SyntaxError, ValueError):
+                continue  # an unreadable mask is reported by load() / check_data, not here
+            values = values[values != ignore_index]
+            top = max(top, int(values.max()) if values.size else -1)
+    return top + 1
+
+
+def read_label_map(mask_path: str, img: Image.Image, image_path: str) -> np.ndarray:
+    """A PNG label map as uint8 [H, W] (a palette image's indices are its labels), the size of `img`."""
+    try:
+        with Image.open(mask_path) as m:
+            if m.mode not in ("L", "P"):
+                raise BadSample(mask_path, f"mask must be a uint8 label map (mode L or P), got mode {m.mode}")
+            mask = np.array(m)
+    except FileNotFoundError:
+        raise BadSample(mask_path, "mask file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample(mask_path, f"cannot decode mask ({type(e).__name__}: {e})") from None
+    if mask.shape != (img.height, img.width):
+        raise BadSample(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
+                                   f"but image {image_path} is {img.width}x{img.height}")
+    return mask
+
+
+class LabelMapReader(Reader):
+    """Base of the seg formats that pair `<stem>.(jpg|png)` images with `<stem>.png` label maps."""
+
+    def __init__(self, ignore_index: int):
+        super().__init__()
+        self.ignore_index, self.num_classes = ignore_index, 0
+
+    def _dirs_found(self, *dirs: str) -> bool:
+        for d in dirs:
+            if not os.path.isdir(d):
+                self.problem(d, "directory not found")
+        return not self.problems
+
+    def _pair(self, img_dir: str, mask_dir: str) -> None:
+        """items = (image, mask) pairs matched by stem; an image without a mask, or a mask without an image, is
+        a problem."""
+        images = {}
+        for p in image_files(img_dir):
+            stem, ext = os.path.splitext(os.path.basename(p))
+            if ext.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            if stem in images:
+                self.problem(p, f"two images share the stem {stem!r} ({images[stem]})")
+            images[stem] = p
+        masks = {os.path.splitext(n)[0] for n in os.listdir(mask_dir) if n.endswith(".png")}
+        for stem in sorted(images):
+            mask = os.path.join(mask_dir, stem + ".png")
+            if stem not in masks:
+                self.problem(mask, f"mask file not found for image {images[stem]}")
+            else:
+                self.items.append((images[stem], mask))
+        for stem in sorted(masks - set(images)):
+            self.problem(os.path.join(mask_dir, stem + ".png"), "mask without an image")
+
+    def load(self, i):
+        path, mask_path = self.items[i]
+        img = decode_image(path)
+        return img, self.labels(read_label_map(mask_path, img, path), mask_path)
+
+    def labels(self, mask: np.ndarray, mask_path: str) -> np.ndarray:
+        """The training labels of a stored map: values in [0, num_classes) or ignore_index (BadSample if not)."""
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            raise BadSample(mask_path, f"mask values {np.unique(mask[bad])[:8].tolist()} are outside "
+                                       f"[0, {self.num_classes}) and not ignore_index {self.ignore_index}")
+        return mask
+
+
+class MaskReader(LabelMapReader):
+    """format = "masks": `<split>/images/<stem>.(jpg|png)` + `<split>/masks/<stem>.png`, stored as trained."""
+
+    def __init__(self, split_dir: str, num_classes: int, ignore_index: int, train_dir: str = ""):
+        super().__init__(ignore_index)
+        img_dir, mask_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
+        if not self._dirs_found(img_dir, mask_dir):
+            return
+        if not num_classes:
+            train_masks = os.path.join(train_dir or split_dir, "masks")
+            if not os.path.isdir(train_masks):
+                return self.problem(train_masks, "directory not found (needed to count classes: "
+                                                 "or set num_classes)")
+            num_classes = infer_num_classes(train_masks, ignore_index)
+        self.num_classes = num_classes
+        self.classes = [str(k) for k in range(num_classes)]
+        self._pair(img_dir, mask_dir)
 
 
 def _lookup(pairs, ignore_index: int) -> np.ndarray:
@@ -73,7 +179,7 @@ def cityscapes_train_ids() -> tuple[list[str], list[tuple[int, int]]]:
 class CityscapesReader(LabelMapReader):
     """One split (`src.train_split` / `src.val_split`) of the fine annotations under `src.root`."""
 
-    def __init__(self, src: SourceConfig, split: str):
+    def __init__(self, src: DataConfig, split: str):
         super().__init__(src.ignore_index)
         self.classes, pairs = cityscapes_train_ids()
         self.num_classes = len(self.classes)

@@ -58,124 +58,31 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import data, dist
-from .checkpoint import load_checkpoint
-from .config import Config, ConfigError, ModelConfig, SourceConfig, TransferConfig
+from .backbone import freeze_bn, load_torchvision_state_dict
+from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
 from .engine import wrap_ddp
-from .evaluate import evaluate, primary_metric
+from .evaluate import evaluate
+from .model import XLearnerModel
 from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, open_split,
-                    random_subset, sha256_file, sha256_text, stratified_subset)
+                    random_subset, sha256_text, stratified_subset)
+from .reconcile import BranchWithRL
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
 from .rundir import locked
+from .weights import load_backbone
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD
-RANDOM_SEED = 0                    # "random" = "random:0"
 RECORD_VERSION = 1                 # part of each result record's key: bump it if a protocol changes
-
-
-# ----------------------------------------------------------------------------
-# backbones
-
-# blocks per stage (layer1..layer4) of torchvision's ResNets, and whether the block is a Bottleneck
-RESNET_LAYOUTS = {((1, 1, 1, 1), False): "resnet10", ((2, 2, 2, 2), False): "resnet18",
-                  ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
-                  ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
-
-
-def infer_arch(state: dict) -> str | None:
-    """The torchvision ResNet a state_dict belongs to (from its block counts and block type), or None."""
-    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{l}.")}) for l in range(1, 5))
-    return RESNET_LAYOUTS.get((blocks, "layer1.0.conv3.weight" in state))
-
-
-def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool = False):
-    """Build a model.Backbone from `spec`; returns (backbone, info).
-
-    spec: a torchvision-format state_dict (.pth), a run checkpoint (expand or
-    squeeze, recognised by its "model" and "meta" keys; `branch` picks an
-    expand branch, default the first task; `with_rl`: load_branch_with_rl), a
-    torchvision weights name such as
-    "ResNet18_Weights.IMAGENET1K_V1" (downloaded only in that case), or
-    "random" / "random:SEED". info["hash"] identifies the weights and keys the
-    feature cache and the finished results: the file's sha256 (with the branch
-    for checkpoints), the weights name's, or the seed's. `arch` (model.arch)
-    builds "random"; the other specs say their own architecture (a plain
-    state_dict by its block layout), so any ResNet can be evaluated with one config.
-    """
-    from .backbone import build_backbone, load_torchvision_state_dict
-    from .model import backbone_state_dict, model_from_checkpoint
-
-    if with_rl:
-        return load_branch_with_rl(spec, branch)
-    info = {"spec": spec, "arch": arch}
-    if spec == "random" or spec.startswith("random:"):
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else RANDOM_SEED
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = build_backbone(arch)
-        # torch's init code is part of what "random" means: a new version is a new backbone
-        info.update(seed=seed, hash=sha256_text(f"random:{arch}:{seed}:torch{torch.__version__}"))
-        return backbone, info
-    if not os.path.exists(spec) and "_Weights." in spec:
-        import torchvision
-        weights = torchvision.models.get_weight(spec)
-        arch = spec.split("_Weights.")[0].lower()  # ResNet50_Weights.X -> resnet50
-        for downloader in (True, False):  # rank 0 downloads first; the others then read torch's hub cache
-            if dist.is_main_process() == downloader:
-                state = weights.get_state_dict(progress=downloader)
-            dist.barrier()
-        info.update(arch=arch, hash=sha256_text(spec))
-    else:
-        ckpt = load_checkpoint(spec)  # weights_only, with errors that name the file
-        info["file_sha256"] = sha256_file(spec)
-        if "model" in ckpt and "meta" in ckpt:
-            model = model_from_checkpoint(ckpt)
-            state = backbone_state_dict(model, branch)
-            arch = ckpt["meta"].get("arch", arch)
-            if ckpt["meta"].get("kind") == "expanded" and not model.mcfg.shared_backbone:
-                branch = branch or model.tasks[0]  # the default branch, named so that the hash is the same
-            info.update(arch=arch, kind=ckpt["meta"].get("kind"), branch=branch,
-                        hash=sha256_text(f"{info['file_sha256']}:{branch}"))
-        else:
-            state = ckpt
-            arch = infer_arch(state) or arch
-            info.update(arch=arch, hash=info["file_sha256"])
-    backbone = build_backbone(arch)
-    try:  # strict except fc.* (and num_batches_tracked), with an error that names the file
-        load_torchvision_state_dict(backbone, state, spec)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
-        raise ConfigError(f"{e} (model.arch is {arch!r}: set it to the backbone's architecture)") from None
-    return backbone, info
-
-
-def load_branch_with_rl(spec: str, branch: str | None = None):
-    """`--with-rl`: branch `branch` (default the first task) of an expand checkpoint *with* its RL inputs
-    from the other branches, the network it was trained as (model.BranchWithRL); returns (module, info)."""
-    from .model import BranchWithRL, model_from_checkpoint
-
-    ckpt = load_checkpoint(spec) if os.path.isfile(spec) else None
-    if ckpt is None or "model" not in ckpt or "meta" not in ckpt:
-        what = "a file" if ckpt is None else "not a plain state_dict"
-        raise ConfigError(f"{spec}: --with-rl needs an expand run checkpoint ({what})")
-    model = model_from_checkpoint(ckpt)
-    kind = ckpt["meta"].get("kind")
-    if kind != "expanded" or model.mcfg.shared_backbone:
-        raise ConfigError(f"{spec}: --with-rl needs an expand checkpoint with one branch per task, not a "
-                          f"{'shared-backbone ' if model.mcfg.shared_backbone else ''}{kind} one")
-    branch, arch, file_sha256 = branch or model.tasks[0], ckpt["meta"]["arch"], sha256_file(spec)
-    info = {"spec": spec, "arch": arch, "file_sha256": file_sha256, "kind": kind, "branch": branch, "with_rl": True,
-            "hash": sha256_text(f"{file_sha256}:{branch}:with-rl")}
-    return BranchWithRL(model.backbone, branch, arch).eval(), info
 
 
 # ----------------------------------------------------------------------------
 # linear probe (probe.py) on one dataset
 
-def _check_single_label(src: SourceConfig) -> None:
+def _check_single_label(src: TransferDatasetConfig) -> None:
     if src.multi_label:
         raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
 
 
-def linear_transfer(backbone, info: dict, src: SourceConfig, tc: TransferConfig, seed: int,
+def linear_transfer(backbone, info: dict, src: TransferDatasetConfig, tc: TransferConfig, seed: int,
                     device: torch.device, cache_dir: str | Path) -> dict:
     """The `linear` protocol on one cls dataset for one seed (features from the cache when possible)."""
     _check_single_label(src)
@@ -214,7 +121,7 @@ class _Classifier(nn.Module):
         return F.cross_entropy(logits, batch["labels"])
 
 
-HEAD_KEYS = ("det_head", "seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
+HEAD_KEYS = ("seg_head", "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
              "rpn_batch_size_per_image", "box_batch_size_per_image", "box_head_dim", "box_detections_per_img",
              "seg_channels")  # the [model] keys that size the det / seg heads trained here
 
@@ -224,17 +131,15 @@ class _HeadModel(nn.Module):
 
     Built on the backbone's own arch, not model.arch: a ResNet-50 is evaluated with any config."""
 
-    def __init__(self, cfg: Config, src: SourceConfig, backbone, num_classes: int):
+    def __init__(self, cfg: Config, src: TransferDatasetConfig, backbone, num_classes: int):
         super().__init__()
-        from .backbone import freeze_bn, load_torchvision_state_dict
-        from .model import BranchWithRL, XLearnerModel
         sizes = {k: getattr(cfg.model, k) for k in HEAD_KEYS}
         # detection practice: BN frozen (small per-GPU batches); seg keeps BN trainable when fine-tuned
         frozen_bn = src.task == "det" or bool(src.freeze_backbone)
         mcfg = ModelConfig(arch=backbone.arch, tasks=[src.task], shared_backbone=True, reconcile="none",
                            frozen_bn=frozen_bn, **sizes)
         self.name = src.name
-        self.model = XLearnerModel(mcfg, [src], {src.name: num_classes})
+        self.model = XLearnerModel(mcfg, [as_source(src)], {src.name: num_classes})
         if isinstance(backbone, BranchWithRL):  # the whole expanded network stands in for the backbone
             self.model.backbone = freeze_bn(copy.deepcopy(backbone)) if frozen_bn else copy.deepcopy(backbone)
         else:
@@ -304,7 +209,7 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
     bar.close()
 
 
-def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device: torch.device) -> dict:
+def trained_transfer(backbone, cfg: Config, src: TransferDatasetConfig, seed: int, device: torch.device) -> dict:
     """finetune (cls), det or seg on one dataset for one seed (`src` resolved); `backbone` is not modified.
 
     Batch size: the dataset's `batch_size` (per process), for training and evaluation.
@@ -335,11 +240,11 @@ def trained_transfer(backbone, cfg: Config, src: SourceConfig, seed: int, device
 # ----------------------------------------------------------------------------
 # the driver
 
-def _frac(src: SourceConfig, tc: TransferConfig) -> float:
+def _frac(src: TransferDatasetConfig, tc: TransferConfig) -> float:
     return src.train_fraction if src.train_fraction is not None else tc.train_fraction
 
 
-def resolve(src: SourceConfig, tc: TransferConfig) -> SourceConfig:
+def resolve(src: TransferDatasetConfig, tc: TransferConfig) -> TransferDatasetConfig:
     """A copy of a transfer dataset with every "take it from [transfer]" field filled in."""
     return dataclasses.replace(
         src, protocol=src.protocol or tc.protocol, train_fraction=_frac(src, tc),
@@ -348,7 +253,7 @@ def resolve(src: SourceConfig, tc: TransferConfig) -> SourceConfig:
         epochs=tc.epochs if src.epochs is None else src.epochs)
 
 
-def transfer_one(backbone, info: dict, cfg: Config, src: SourceConfig, seed: int, device: torch.device,
+def transfer_one(backbone, info: dict, cfg: Config, src: TransferDatasetConfig, seed: int, device: torch.device,
                  cache_dir: str | Path) -> dict:
     """One (backbone, dataset, seed): the metrics dict of the dataset's protocol."""
     src = resolve(src, cfg.transfer)
@@ -367,7 +272,7 @@ def _default_names(backbones: list[str]) -> list[str]:
     return names
 
 
-def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
+def open_datasets(datasets: list[TransferDatasetConfig], cfg: Config) -> dict[str, str]:
     """Open every (resolved) transfer dataset before any training, DataError / ConfigError naming the
     first bad one; returns each one's result key (`dataset_key`)."""
     keys = {}
@@ -380,7 +285,7 @@ def open_datasets(datasets: list[SourceConfig], cfg: Config) -> dict[str, str]:
     return keys
 
 
-def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
+def dataset_key(src: TransferDatasetConfig, cfg: Config, splits: dict[str, str]) -> str:
     """What a result on `src` depends on besides the backbone and the seed: the resolved dataset entry,
     the [transfer] values its protocol reads, the det/seg head sizes, and each split as the feature cache
     keys it (size and classes as read from disk; probe.dataset_hash)."""
@@ -391,7 +296,7 @@ def dataset_key(src: SourceConfig, cfg: Config, splits: dict[str, str]) -> str:
     return sha256_text(json.dumps(key, sort_keys=True))
 
 
-def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: list[SourceConfig],
+def _finished(out: Path, cfg: Config, loaded: list, names: list[str], datasets: list[TransferDatasetConfig],
               data_keys: dict[str, str]) -> tuple[dict, dict]:
     """(record path, finished result) of every (name, dataset, seed), the second from rank 0's records."""
     paths = {(name, d.name, seed): record_path(out, info["hash"], data_keys[d.name], d, seed)

@@ -1,14 +1,13 @@
 """The `torchvision` source format: any `torchvision.datasets` class as a reader.
 
-One of the on-disk formats of datasets.py (docs/DESIGN.md §6): with `format =
+One of the source formats (formats.py, docs/DESIGN.md §6): with `format =
 "torchvision"`, a source (upstream or a transfer dataset) is read by the
 `torchvision.datasets` class named by its `name` ("FashionMNIST", "CIFAR10",
 "VOCDetection", ...; a suffix after '@' is a tag, and the `year` for VOC).
 `TorchvisionReader` adapts that class to datasets.Reader's contract
 (`load(i) -> (PIL RGB image, target)`, problems collected while indexing),
 turning VOC XML into det targets (and COCO ground truth for COCOeval) and
-label images into seg maps. datasets.make_reader picks it and datasets.py
-re-exports every name defined here.
+label images into seg maps. formats.make_reader picks it.
 
 FashionMNIST (and MNIST/KMNIST) from local files: torchvision reads the
 *uncompressed* idx files `<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SourceConfig
+from .config import DataConfig
 from .datasets import BadSample, Reader
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -73,7 +72,7 @@ def _mnist_root(cls, root: str) -> str:
 
 
 class TorchvisionReader(Reader):
-    def __init__(self, src: SourceConfig, split: str):
+    def __init__(self, src: DataConfig, split: str):
         super().__init__()
         import torchvision.datasets as tvd
 

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from .. import dist
-from ..evaluate import primary_metric
+from ..config import primary_metric
 
 TIE_POINTS = 2.0   # the target CI half-width: a difference inside ±2 points counts as no difference
 # Student's t, 97.5% quantile (two-sided 95%), for 1..30 degrees of freedom; beyond, the value for 30

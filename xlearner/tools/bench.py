@@ -16,7 +16,7 @@ so a noisy neighbour slows both alike. Data loading is excluded from both
 DataLoaders over the same files, docs/DESIGN.md §7: >= 0.9x). `bench backbone` times
 one bare torchvision classification step, the yardstick of scripts/gpu_check.sh.
 With `model.compile = true` the stage and its floor are both compiled
-(expand.compile_stages), so the ratio stays like for like. `bench transfer`
+(backbone.compile_stages), so the ratio stays like for like. `bench transfer`
 holds a linear transfer against one feature-extraction pass over the same
 images (target <= 1.25x).
 """
@@ -39,11 +39,14 @@ from torch.utils.data import DataLoader
 from torchvision.models import _utils as tv_utils
 
 from .. import data, dist, engine, transfer
+from ..backbone import BACKBONES, compile_stages
 from ..config import Config, ConfigError
-from ..expand import build_train_datasets, compile_stages, images_per_step
-from ..backbone import BACKBONES
-from ..model import XLearnerModel
+from ..data import build_train_datasets, images_per_step
+from ..model import SqueezedModel, XLearnerModel
 from ..probe import extract_features
+from ..rng import seed_everything
+from ..squeeze import Distiller, load_teacher
+from ..weights import load_backbone
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
 
@@ -112,7 +115,7 @@ def _result(name, times, **extra) -> dict:
 def bench_expand(cfg: Config, steps: int = 20) -> dict:
     device = dist.init_distributed()
     tc = cfg.expand
-    engine.seed_everything(tc.seed)
+    seed_everything(tc.seed)
     batches, num_classes = _batches(cfg, tc, min(steps, 4), device)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes).to(device).train()
     tasks = list(model.heads)
@@ -136,10 +139,9 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
 
 
 def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
-    from ..squeeze import Distiller, SqueezedModel, load_teacher
     device = dist.init_distributed()
     sq = cfg.squeeze
-    engine.seed_everything(sq.seed)
+    seed_everything(sq.seed)
     batches, num_classes = _batches(cfg, sq, min(steps, 4), device)
     if teacher_path:
         teacher, _ = load_teacher(teacher_path, cfg)
@@ -182,7 +184,7 @@ def bench_backbone(cfg: Config, steps: int = 20) -> dict:
     src = next((s for s in cfg.sources if s.task == "cls"), None)
     if src is None:
         raise ConfigError("bench backbone: needs a cls source (its image_size and batch_size set the step)")
-    engine.seed_everything(tc.seed)
+    seed_everything(tc.seed)
     classes = src.num_classes or 1000
     model = BACKBONES[cfg.model.arch](num_classes=classes).to(device).train()
     if cfg.model.channels_last:
@@ -312,7 +314,7 @@ def bench_transfer(cfg: Config, backbone: str = "random", rounds: int = 3) -> di
     cls = [dataclasses.replace(transfer.resolve(d, tc), protocol="linear") for d in tc.datasets if d.task == "cls"]
     if not cls:
         raise ConfigError("bench transfer: the config has no cls transfer dataset")
-    bb, info = transfer.load_backbone(backbone, cfg.model.arch)
+    bb, info = load_backbone(backbone, cfg.model.arch)
     bb.to(device).eval()
     with torch.no_grad():  # one-off costs (thread pools, kernel selection) charged to neither side
         bb(torch.zeros(2, 3, cls[0].image_size, cls[0].image_size, device=device))
