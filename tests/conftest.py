@@ -15,7 +15,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from runner import demo_toml  # noqa: E402
-from xlearner.config import Config, load_config  # noqa: E402
+from xlearner.config import Config  # noqa: E402
+from xlearner.configfile import load_config  # noqa: E402
 from xlearner.tools.demo import generate  # noqa: E402
 
 

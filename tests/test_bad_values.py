@@ -10,7 +10,7 @@ import pytest
 
 from runner import REPO, cli, env, image_folder
 from xlearner import config
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 
 TOML = """
 [model]

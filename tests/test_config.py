@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from xlearner.config import ConfigError, config_from_dict, load_config
+from xlearner.config import ConfigError
+from xlearner.configfile import config_from_dict, load_config
 
 GOOD = """
 [model]

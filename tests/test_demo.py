@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from runner import REPO
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 from xlearner.tools.demo import SPECS, generate
 from xlearner.tools.shapes import COLORS, NOVEL, PATTERNS, UPSTREAM
 

@@ -8,7 +8,7 @@ import pytest
 from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes,
                     train_steps)
 from xlearner import expand
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 
 CLS_ONLY = """
 [model]

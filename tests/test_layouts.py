@@ -14,7 +14,8 @@ from PIL import Image
 
 from runner import REPO
 from xlearner import expand
-from xlearner.config import ConfigError, FIXED_CLASSES, load_config
+from xlearner.config import ConfigError, FIXED_CLASSES
+from xlearner.configfile import load_config
 from xlearner.data import build_dataset
 from xlearner.formats import check_data, make_reader
 

@@ -18,7 +18,7 @@ from PIL import Image
 from runner import image_folder
 from xlearner import expand
 from xlearner.cli import main
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 from xlearner.tools.plot import PANEL_KEY, split_loss_key
 
 TOML = """

@@ -112,7 +112,7 @@ def test_sigterm_during_evaluation_stops_it_and_resumes_exactly(tmp_path, world)
 
 @pytest.mark.slow
 def test_stop_at_an_eval_step_with_det_source_resumes_exactly(tmp_path, demo_world, monkeypatch):
-    from xlearner.config import load_config
+    from xlearner.configfile import load_config
     world = demo_world  # the small one: this test needs evaluations, not long ones
     expand.run(load_config(write_config(tmp_path, world, "full", steps=4, eval_every=2, det=True)))
 

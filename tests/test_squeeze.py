@@ -12,7 +12,7 @@ from runner import (assert_same_state, demo_toml, model_state, run, run_and_sign
                     write_config)
 from xlearner import data, expand, squeeze
 from xlearner.checkpoint import CheckpointError
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 from xlearner.model import SqueezedModel
 
 SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log_every=1", "expand.workers=0",

@@ -19,7 +19,7 @@ from PIL import Image
 
 from runner import REPO
 from xlearner import expand, squeeze
-from xlearner.config import load_config
+from xlearner.configfile import load_config
 from xlearner.formats import check_data
 from xlearner.tools.demo import STANDIN_SPECS, generate
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import click
 
-from .config import ROOT_FORMATS, ConfigError, load_config  # no torch: a bad config is refused in a fraction of a second
+from .config import ROOT_FORMATS, ConfigError
+from .configfile import load_config  # no torch: a bad config is refused in a fraction of a second
 
 SET_HELP = "Override a config key, e.g. --set expand.steps=50 (repeatable; sources.NAME.key for a source)."
 # --debug or XLEARNER_DEBUG=1: show the traceback of expected errors too (set by main())

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from . import dist
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
+from .configfile import config_from_dict
 
 LOCK = ".lock"
 

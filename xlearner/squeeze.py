@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from . import data, dist, engine
 from .backbone import compile_stages
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic
-from .config import Config, SourceConfig, SqueezeConfig, config_from_dict
+from .config import Config, SourceConfig, SqueezeConfig
+from .configfile import config_from_dict
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
 from .model import SqueezedModel, XLearnerModel, resolve_student_init

@@ -25,7 +25,8 @@ import torchvision
 from . import dist
 from .backbone import Backbone, backbone_from_state_dict, build_backbone, load_torchvision_state_dict, read_state_dict
 from .checkpoint import load_checkpoint
-from .config import ConfigError, config_from_dict
+from .config import ConfigError
+from .configfile import config_from_dict
 from .model import MultiSourceModel, SqueezedModel, XLearnerModel
 from .probe import sha256_file, sha256_text
 from .reconcile import BranchWithRL
