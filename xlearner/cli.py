@@ -125,6 +125,20 @@ def demo_data(out, seed, scale, world, downstream_scale):
     click.echo(f"demo world written to {out}")
 
 
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the imagefolder.")
+@click.option("--root", default="/usr/share/openclipart/png", show_default=True, type=click.Path(file_okay=False),
+              help="Debian's openclipart-png folder of categories.")
+@_guard
+def clipart(out, root):
+    """A second real downstream set: openclipart-png's categories as a small class-stratified imagefolder."""
+    from .tools.clipart import write_clipart
+    counts = write_clipart(out, root)
+    skipped = ", ".join(f"{n} {why}" for why, n in counts["skipped"].items()) or "none"
+    click.echo(f"wrote {out}: {len(counts['classes'])} classes, {counts['train']} train / {counts['val']} val "
+               f"images; skipped: {skipped}")
+
+
 @main.command("check-data")
 @config_opt
 @set_opt

@@ -36,6 +36,8 @@ class ModelConfig:
     reconcile: str = "hrnet"            # hrnet | scalar | cross_stitch | none
     reconcile_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     reconcile_detach: bool = True       # stop gradients into the other branches
+    branch_init: str = "independent"    # independent: each branch its own random draw | shared: one draw (or
+                                        # `pretrained`) copied into every branch, so the branches share their start
     reconcile_width: float = 1.0        # hrnet: 1.0 = HRNet's full-width fuse paths; < 1 runs every path at width * C_l
                                         # channels, summed, then one 1x1 widening (1/16: R50's RL 6.8 -> 0.63 GMACs)
     other_branches_bn: str = "batch"    # BN of the branches an image's task does not own (they feed the RLs): "batch"
@@ -127,7 +129,8 @@ class TrainConfig:
 @dataclass
 class SqueezeConfig(TrainConfig):
     out: str = "runs/squeeze"
-    student_init: str = ""              # task:<name> (default: first task) | mean (needs model.pretrained) | scratch | path
+    student_init: str = ""              # task:<name> (default: first task) | mean (needs branches that share their
+                                        # start: model.branch_init = "shared" or model.pretrained) | scratch | path
     # The defaults are the recipe chosen on dev splits (docs/ablation/README.md); the first recipe was
     # distill_targets = "own", teacher_norm = "none", distill_stages = [2, 3, 4], distill_loss = "l2", heads = "copy".
     distill_targets: str = "all"        # own: branch t on task-t images | all: every branch on every image (+ every head's KD)
@@ -170,6 +173,8 @@ class AblateConfig:
         "squeeze_norl"])
     ssst_source: str = ""               # the single source of SSST; default: the first cls source
     jobs: int = 1                       # processes sharing the runs (each takes cpu_count / jobs threads)
+    squeeze_steps: int = 0              # the split of the budget expand.steps + squeeze.steps: X-Learner's squeeze
+                                        # gets this many steps and its teacher the rest (0 = squeeze.steps as set)
     optional_datasets: list[str] = field(default_factory=list)  # skipped, saying why, if their files are missing
     out: str = "runs/ablate"
 
@@ -200,6 +205,7 @@ ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
 SEG_HEADS = ("fpn", "deeplab")
 OTHER_BNS = ("batch", "running")
+BRANCH_INITS = ("independent", "shared")
 DISTILL_LOSSES = ("l2", "cka", "cos_smoothl1")
 DISTILL_TARGETS = ("own", "all")
 TEACHER_NORMS = ("none", "standardize")
@@ -207,7 +213,12 @@ STUDENT_HEADS = ("copy", "frozen", "fresh")
 PROTOCOLS = ("linear", "finetune")
 ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
                    "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
-                   "sq_all_copy", "sq_all_lr1")
+                   "sq_all_copy", "sq_all_lr1",
+                   # the second grid (tools/ablate.py's GRID2): teachers gt_<branches>_<squeeze steps>, squeezes
+                   # gx_<branches>_<student init>_<squeeze steps>
+                   *(f"gt_{b}_{n}" for b in ("ind", "sh") for n in (240, 120, 360)),
+                   *(f"gx_{b}_{st}_{n}" for b, st in (("ind", "cls"), ("sh", "cls"), ("sh", "mean"))
+                     for n in (240, 120, 360)))
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "ade20k": ("seg",),
                 "cityscapes": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
@@ -245,6 +256,7 @@ def _validate_model(m: ModelConfig) -> None:
     _stages(m.reconcile_stages, "model.reconcile_stages", allow_empty=True)
     _check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
     _one_of(m.other_branches_bn, "model.other_branches_bn", OTHER_BNS)
+    _one_of(m.branch_init, "model.branch_init", BRANCH_INITS)
     _one_of(m.seg_head, "model.seg_head", SEG_HEADS)
     _at_least(m, "model", 1, "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_batch_size_per_image",
               "box_batch_size_per_image", "box_head_dim", "box_detections_per_img", "seg_channels")
@@ -333,14 +345,19 @@ def _validate_train(tc: TrainConfig, key: str) -> list[str]:
     return []
 
 
+def branches_share_start(m: ModelConfig) -> bool:
+    """Whether the expanded branches start from the same weights: the condition for averaging them."""
+    return m.branch_init == "shared" or bool(m.pretrained) or m.shared_backbone
+
+
 def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     if sq.student_init.startswith("task:"):
         _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
-    _check(sq.student_init != "mean" or bool(m.pretrained) or m.shared_backbone, "squeeze.student_init",
+    _check(sq.student_init != "mean" or branches_share_start(m), "squeeze.student_init",
            "'mean' averages the branches, which is meaningful only when they start from the same weights "
-           "(model.pretrained); with pretrained = \"\" each branch is an independent random draw: use task:<name>",
-           sq.student_init)
+           "(model.branch_init = \"shared\" or model.pretrained); with branch_init = \"independent\" and "
+           "pretrained = \"\" each branch is an independent random draw: use task:<name>", sq.student_init)
     _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
     _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
     _one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)
@@ -372,6 +389,9 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
            ab.ssst_source)
     _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
     _check(ab.jobs >= 1, "ablate.jobs", "must be >= 1", ab.jobs)
+    total = cfg.expand.steps + cfg.squeeze.steps
+    _check(0 <= ab.squeeze_steps < total, "ablate.squeeze_steps", f"must be in [0, {total}) (0 = squeeze.steps; "
+           f"the teacher gets the rest of expand.steps + squeeze.steps = {total})", ab.squeeze_steps)
     for d in ab.optional_datasets:
         _check(d in [x.name for x in tc.datasets], "ablate.optional_datasets", "must name transfer datasets "
                f"{[x.name for x in tc.datasets]}", d)

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from .backbone import BACKBONES, Backbone, build_backbone, load_torchvision_state_dict, read_state_dict
-from .config import ConfigError, ModelConfig, SourceConfig, SqueezeConfig, check_tasks_have_sources
+from .config import (ConfigError, ModelConfig, SourceConfig, SqueezeConfig, branches_share_start,
+                     check_tasks_have_sources)
 from .heads import HEADS
 from .reconcile import ExpandedNet
 
@@ -136,7 +137,7 @@ class XLearnerModel(MultiSourceModel):
         else:
             backbone = ExpandedNet(mcfg.arch, mcfg.tasks, mcfg.reconcile, mcfg.reconcile_stages,
                                    mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn, mcfg.reconcile_width,
-                                   mcfg.other_branches_bn)
+                                   mcfg.other_branches_bn, mcfg.branch_init)
         super().__init__(mcfg, sources, num_classes, backbone.channels)
         self.backbone = backbone
         channels_last(self, mcfg.channels_last)
@@ -310,10 +311,10 @@ def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str
             raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
         backbone.load_state_dict(branches[name].state_dict())
     elif init == "mean":
-        if not (teacher.mcfg.pretrained or teacher.mcfg.shared_backbone):  # unrelated networks: no starting point
+        if not branches_share_start(teacher.mcfg):  # unrelated networks: no common starting point to average around
             raise ConfigError("squeeze.student_init = 'mean': the teacher's branches started from independent random "
-                              "weights (its model.pretrained is empty), so their average is meaningless; "
-                              "use task:<name>")
+                              "weights (its model.branch_init is 'independent' and model.pretrained is empty), so "
+                              "their average is meaningless; use task:<name>")
         sds = [b.state_dict() for b in branches.values()]
         # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
         backbone.load_state_dict({k: torch.stack([sd[k] for sd in sds]).mean(0) if sds[0][k].is_floating_point()

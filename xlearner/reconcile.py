@@ -238,7 +238,7 @@ class ExpandedNet(nn.Module):
 
     def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
                  detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
-                 other_bn: str = "batch"):
+                 other_bn: str = "batch", branch_init: str = "independent"):
         super().__init__()
         if reconcile not in RECONCILE:
             raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
@@ -250,6 +250,12 @@ class ExpandedNet(nn.Module):
         self.tasks, self.detach, self.other_bn = list(tasks), detach, other_bn
         sd = read_state_dict(pretrained)  # read (or download) once for all branches
         self.branches = nn.ModuleDict({t: backbone_from_state_dict(arch, sd, frozen_bn, pretrained) for t in tasks})
+        if branch_init == "shared":  # one starting point for every branch (model soups: only then is a mean meaningful);
+            # every branch is still drawn above, so the RLs and heads draw the same numbers as with "independent"
+            for t in self.tasks[1:]:
+                self.branches[t].load_state_dict(self.branches[self.tasks[0]].state_dict())
+        elif branch_init != "independent":
+            raise ValueError(f"model.branch_init: expected 'independent' or 'shared', got {branch_init!r}")
         self.channels = self.branches[self.tasks[0]].channels
         self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width, detach)
 

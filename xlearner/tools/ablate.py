@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .. import dist, expand, probe, squeeze, transfer
+from .. import data, dist, expand, probe, squeeze, transfer
 from ..config import Config, ConfigError
 from ..data import PR_SET_PDEATHSIG, kill_loader_workers
 from ..datasets import DataError
@@ -62,6 +62,8 @@ class Variant:
     run: str = ""                                # stage "none": whose checkpoint to transfer
     transfer: str = "backbone"                   # backbone | branch (per task, alone) | branch+rl (per task, with RL)
     label: str = ""
+    squeeze_share: float = 0.0                   # the budget's split: the squeeze's share of it (0 = ablate.squeeze_steps
+                                                 # or squeeze.steps); the teacher gets the rest (steps_of)
 
 
 NORL = {"reconcile": "none"}
@@ -79,8 +81,26 @@ GRID = {"sq_v1": SQUEEZE_V1, "sq_all": SQUEEZE_ALL,
         "sq_all_lr1": {**SQUEEZE_ALL, "lr": 0.001}}
 
 
-def _squeeze_of(teacher: str, label: str, recipe: dict | None = None) -> Variant:
-    return Variant(stage="squeeze", budget="squeeze", teacher=teacher, squeeze=recipe or {}, label=label)
+def _squeeze_of(teacher: str, label: str, recipe: dict | None = None, squeeze_share: float = 0.0) -> Variant:
+    return Variant(stage="squeeze", budget="squeeze", teacher=teacher, squeeze=recipe or {}, label=label,
+                   squeeze_share=squeeze_share)
+
+
+# The second grid (issue 28, docs/ablation/README.md): where the branches start x what the student starts from x
+# the split of the 480 steps, each X-Learner squeezed with [squeeze] as configured from its own teacher.
+# A name reads g{t|x}_{branch init}[_{student init}]_{squeeze steps of the 480}; "mean" needs branches that share
+# their start. The split is a share of the budget, so that --quick's 8 steps keep it.
+SPLITS = {240: 0.5, 120: 0.25, 360: 0.75}        # squeeze steps of 480: the squeeze's share; the teacher gets the rest
+BRANCH_INITS = {"ind": "independent", "sh": "shared"}
+STUDENT_INITS = {"cls": "task:cls", "mean": "mean"}
+GRID2_RECIPES = (("ind", "cls"), ("sh", "cls"), ("sh", "mean"))
+GRID2 = {f"gt_{b}_{n}": Variant(model={"branch_init": init}, budget="expand", transfer="branch+rl",
+                                squeeze_share=share, label=f"teacher, {init} branches, {n} squeeze steps")
+         for b, init in BRANCH_INITS.items() for n, share in SPLITS.items()}
+GRID2.update({f"gx_{b}_{st}_{n}": _squeeze_of(f"gt_{b}_{n}", f"X-Learner, {BRANCH_INITS[b]} branches, init "
+                                              f"{STUDENT_INITS[st]}, {n} squeeze steps",
+                                              {"student_init": STUDENT_INITS[st]}, share)
+              for b, st in GRID2_RECIPES for n, share in SPLITS.items()})
 
 
 VARIANTS = {
@@ -97,17 +117,23 @@ VARIANTS = {
     "xlearner_v1": _squeeze_of("teacher_rl", "X-Learner, squeeze v1", SQUEEZE_V1),
     "squeeze_norl": _squeeze_of("teacher_norl", "Squeeze of no-RL"),
     **{name: _squeeze_of("teacher_rl", name, recipe) for name, recipe in GRID.items()},
+    **GRID2,
 }
 # Work units: each chain is trained in this order by one process (a variant after the one it starts from).
 CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alone", *GRID),
-          ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",))
+          ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",),
+          *((f"gt_{b}_{n}", *(f"gx_{b}_{st}_{n}" for bb, st in GRID2_RECIPES if bb == b))
+            for n in (120, 360, 240) for b in BRANCH_INITS))  # the longest squeezes not last: the jobs end together
 
 
 def quick(cfg: Config) -> Config:
     """Smoke-test sizes: a handful of steps, one transfer epoch, small downstream subsets, two seeds."""
     cfg = copy.deepcopy(cfg)
+    total = cfg.expand.steps + cfg.squeeze.steps
     for tc in (cfg.expand, cfg.squeeze):
         tc.steps, tc.warmup_steps, tc.eval_every, tc.ckpt_every, tc.log_every = 4, 1, 0, 100, 2
+    if cfg.ablate.squeeze_steps:  # the split, kept as a share of the 8 steps
+        cfg.ablate.squeeze_steps = min(max(round(8 * cfg.ablate.squeeze_steps / total), 1), 7)
     cfg.transfer.epochs = 1
     for d in cfg.transfer.datasets:
         d.train_subset, d.val_subset = min(d.train_subset, 200), min(d.val_subset, 100)
@@ -115,15 +141,25 @@ def quick(cfg: Config) -> Config:
     return cfg
 
 
+def steps_of(cfg: Config, v: Variant) -> int:
+    """A variant's own optimiser steps. The budget is expand.steps + squeeze.steps; its split gives the squeeze
+    (and a "trained on instead") v.squeeze_share of it, else ablate.squeeze_steps, else squeeze.steps; the
+    teacher the rest."""
+    total = cfg.expand.steps + cfg.squeeze.steps
+    if v.squeeze_share:
+        squeeze_steps = min(max(round(v.squeeze_share * total), 1), total - 1)
+    else:
+        squeeze_steps = cfg.ablate.squeeze_steps or cfg.squeeze.steps
+    return {"expand": total - squeeze_steps, "squeeze": squeeze_steps, "both": total}[v.budget]
+
+
 def budget(cfg: Config, name: str) -> int:
     """Optimiser steps of one variant, counting the runs it starts from (its teacher or init)."""
     v = VARIANTS[name]
     if v.stage == "none":
         return budget(cfg, v.run)
-    own = {"expand": cfg.expand.steps, "squeeze": cfg.squeeze.steps,
-           "both": cfg.expand.steps + cfg.squeeze.steps}[v.budget]
     before = v.init or v.teacher
-    return own + (budget(cfg, before) if before else 0)
+    return steps_of(cfg, v) + (budget(cfg, before) if before else 0)
 
 
 def variant_config(cfg: Config, name: str, seed: int, out: Path) -> Config:
@@ -131,8 +167,7 @@ def variant_config(cfg: Config, name: str, seed: int, out: Path) -> Config:
     c = copy.deepcopy(cfg)
     c.expand.seed = c.squeeze.seed = seed
     c.expand.out = c.squeeze.out = str(run_dir(out, seed, name))
-    steps = {"expand": cfg.expand.steps, "squeeze": cfg.squeeze.steps,
-             "both": cfg.expand.steps + cfg.squeeze.steps}[v.budget]
+    steps = steps_of(cfg, v)
     tc = c.squeeze if v.stage == "squeeze" else c.expand
     tc.steps, tc.warmup_steps = steps, min(tc.warmup_steps, steps - 1)
     for k, val in v.model.items():
@@ -237,6 +272,17 @@ def drop_missing_datasets(cfg: Config) -> list[str]:
     return dropped
 
 
+def check_data_present(cfg: Config) -> None:
+    """Open every split the table will read, in this process, before any worker starts: a missing folder is one
+    DataError line naming it (the CLI's Error:), not a traceback from each worker."""
+    for s in cfg.sources:
+        for split in ("train", "val"):
+            data.build_dataset(s, split, train=False)
+    for d in cfg.transfer.datasets:
+        for split in ("train", "val"):
+            probe.open_split(transfer.resolve(d, cfg.transfer), split, train=False)
+
+
 def take_units(units) -> Iterator[tuple]:
     """The queue's units up to its None sentinel (one per worker). A blocking get: get_nowait() raises
     queue.Empty whenever another process holds the queue's read lock, which once sent a worker home
@@ -309,6 +355,7 @@ def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n
     if unknown:
         raise ConfigError(f"ablate.variants: unknown {unknown} (choose from {list(VARIANTS)})")
     skipped = drop_missing_datasets(cfg)
+    check_data_present(cfg)
     train_all(cfg, jobs or cfg.ablate.jobs)
     scores = {v: {} for v in VARIANTS if v in cfg.ablate.variants}
     for seed in cfg.ablate.seeds:
