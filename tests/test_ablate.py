@@ -139,3 +139,44 @@ def test_a_worker_takes_every_unit_even_while_another_holds_the_queue():
 
     units = [(("teacher_rl",), 0), (("msmt",), 0), (("ssst",), 1)]
     assert list(ablate.take_units(Contended(units + [None, None]))) == units
+
+
+def _ablate_cfg(**sets):
+    from xlearner.configfile import load_config
+    return load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ablate.toml"),
+                       [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_the_split_keeps_the_total_budget():
+    cfg = _ablate_cfg()
+    assert cfg.expand.steps + cfg.squeeze.steps == 480
+    # the grid's three splits: the teacher gets what the squeeze does not, every X-Learner spends 480
+    for n, teacher in ((120, 360), (240, 240), (360, 120)):
+        for b in ("ind", "sh"):
+            assert ablate.steps_of(cfg, ablate.VARIANTS[f"gt_{b}_{n}"]) == teacher
+            assert ablate.budget(cfg, f"gt_{b}_{n}") == teacher
+        for b, st in ablate.GRID2_RECIPES:
+            assert ablate.steps_of(cfg, ablate.VARIANTS[f"gx_{b}_{st}_{n}"]) == n
+            assert ablate.budget(cfg, f"gx_{b}_{st}_{n}") == 480
+    # ablate.squeeze_steps moves X-Learner's split; every variant still spends 480
+    cfg = _ablate_cfg(**{"ablate.squeeze_steps": 120})
+    assert ablate.budget(cfg, "teacher_rl") == 360
+    assert {v: ablate.budget(cfg, v) for v in ("xlearner", "expand_rl", "msmt", "ssst", "expand_norl")} == dict.fromkeys(
+        ("xlearner", "expand_rl", "msmt", "ssst", "expand_norl"), 480)
+    c = ablate.variant_config(cfg, "xlearner", 0, Path("runs"))
+    assert (c.squeeze.steps, ablate.variant_config(cfg, "teacher_rl", 0, Path("runs")).expand.steps) == (120, 360)
+    # --quick's 8 steps keep the share: 120 / 480 of 8 = 2
+    q = ablate.quick(cfg)
+    assert (ablate.budget(q, "teacher_rl"), ablate.budget(q, "xlearner")) == (6, 8)
+    assert (ablate.budget(q, "gt_sh_360"), ablate.budget(q, "gx_sh_mean_360")) == (2, 8)
+    with pytest.raises(ConfigError, match=r"ablate.squeeze_steps: must be in \[0, 480\)"):
+        _ablate_cfg(**{"ablate.squeeze_steps": 480})
+
+
+def test_grid_names_in_config_match_the_variants():
+    from xlearner.config import ABLATE_VARIANTS
+    assert set(ABLATE_VARIANTS) == set(ablate.VARIANTS)
+    assert ablate.VARIANTS["gt_sh_120"].model == {"branch_init": "shared"}
+    assert ablate.VARIANTS["gx_sh_mean_120"].teacher == "gt_sh_120"
+    assert ablate.VARIANTS["gx_sh_mean_120"].squeeze == {"student_init": "mean"}
+    assert ablate.VARIANTS["gx_ind_cls_240"].squeeze == {"student_init": "task:cls"}

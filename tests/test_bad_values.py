@@ -84,8 +84,10 @@ BAD = [
     ('squeeze.heads="shared"', "squeeze.heads: expected copy|frozen|fresh, got 'shared'"),
     ("squeeze.norm_steps=0", "squeeze.norm_steps: must be >= 1, got 0"),
     ('squeeze.student_init="mean"', "squeeze.student_init: 'mean' averages the branches, which is meaningful only "
-                                    "when they start from the same weights (model.pretrained); with pretrained = \"\" "
+                                    "when they start from the same weights (model.branch_init = \"shared\" or "
+                                    "model.pretrained); with branch_init = \"independent\" and pretrained = \"\" "
                                     "each branch is an independent random draw: use task:<name>, got 'mean'"),
+    ('model.branch_init="tied"', "model.branch_init: expected independent|shared, got 'tied'"),
     ("transfer.dev_fraction=0.6", "transfer.dev_fraction: must be in [0, 0.5], got 0.6"),
     ("squeeze.lambda_kd=-1", "squeeze.lambda_kd: must be >= 0, got -1.0"),
     ("squeeze.kd_temperature=0", "squeeze.kd_temperature: must be > 0, got 0.0"),
@@ -102,7 +104,10 @@ BAD = [
     ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
     ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|msst|msmt|teacher_rl|teacher_norl|expand_rl|"
                                         "expand_rl_alone|expand_norl|xlearner|xlearner_v1|squeeze_norl|sq_v1|sq_all|"
-                                        "sq_all_det|sq_all_copy|sq_all_lr1, got 'mtl'"),
+                                        "sq_all_det|sq_all_copy|sq_all_lr1|gt_ind_240|gt_ind_120|gt_ind_360|gt_sh_240|"
+                                        "gt_sh_120|gt_sh_360|gx_ind_cls_240|gx_ind_cls_120|gx_ind_cls_360|gx_sh_cls_240|"
+                                        "gx_sh_cls_120|gx_sh_cls_360|gx_sh_mean_240|gx_sh_mean_120|gx_sh_mean_360, "
+                                        "got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
     ("sources.a.train_subset=10", "sources.a.train_subset: a [[transfer.datasets]] key; a [[sources]] entry does not take it"),
@@ -211,3 +216,15 @@ def test_allowed_names_match_the_code():
     assert config.SEG_HEADS == tuple(heads.SEG_DECODERS)
     assert config.DISTILL_LOSSES == tuple(squeeze.FEATURE_LOSSES)
     assert config.ABLATE_VARIANTS == tuple(ablate.VARIANTS)
+
+
+def test_ablate_on_missing_data_is_one_line(tmp_path):
+    """ablate opens every split before its workers start: a missing folder is one Error line, no traceback."""
+    p = subprocess.run(cli("ablate", "--config", str(REPO / "configs" / "ablate.toml"), "--set",
+                           f'data_root="{tmp_path / "nowhere"}"', "--set", f'ablate.out="{tmp_path / "runs"}"'),
+                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0].startswith("Error: source 'shapes-cls' (train): 1 problem(s)"), p.stderr
+    assert f"{tmp_path / 'nowhere' / 'data/ablate/shapes-cls/train'}: split directory not found" in p.stderr
+    assert not (tmp_path / "runs").exists()

@@ -424,3 +424,26 @@ def test_model_from_checkpoint_round_trip():
     assert isinstance(again, SqueezedModel) and set(again.adapters["cls"]) == {"layer3", "layer4"}
     with pytest.raises(ValueError, match="kind"):
         model_from_checkpoint({**ckpt, "meta": {"kind": "what", "num_classes": NUM_CLASSES}})
+
+
+def test_shared_branch_init_starts_every_branch_from_the_same_weights():
+    torch.manual_seed(0)
+    shared = make_model("hrnet", branch_init="shared")
+    torch.manual_seed(0)
+    independent = make_model("hrnet")
+    sds = {t: shared.backbone.branches[t].state_dict() for t in TASKS}
+    for k, v in sds["cls"].items():  # identical branches at step 0, buffers included
+        for t in TASKS[1:]:
+            assert torch.equal(v, sds[t][k]), (t, k)
+    assert not torch.equal(independent.backbone.branches["cls"].conv1.weight,
+                           independent.backbone.branches["det"].conv1.weight)
+    # the same random draws as "independent": the first branch, every RL and every head are equal
+    for (k, a), b in zip(independent.state_dict().items(), shared.state_dict().values()):
+        if not k.startswith(("backbone.branches.det.", "backbone.branches.seg.")):
+            assert torch.equal(a, b), k
+    # the mean of identical branches is that branch, and it is allowed now
+    student = SqueezedModel.from_expanded(shared, "mean", SqueezeConfig(distill_stages=[2, 3, 4]))
+    for k, v in student.backbone.state_dict().items():
+        assert torch.equal(v, sds["cls"][k]), k
+    with pytest.raises(ValueError, match="model.branch_init: expected 'independent' or 'shared', got 'tied'"):
+        make_model("hrnet", branch_init="tied")

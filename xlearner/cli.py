@@ -115,12 +115,13 @@ def main(debug):
 @click.option("--world", default="demo", type=click.Choice(["demo", "standin"]),
               help="demo: the small demo world; standin: configs/xlearner_r50.toml's six sources at full size "
                    "(JPEG; configs/standin.sets points the recipe at it).")
+@click.option("--workers", default=2, help="Processes drawing the images (the bytes do not depend on it).")
 @_guard
-def demo_data(out, seed, scale, world, downstream_scale):
+def demo_data(out, seed, scale, world, downstream_scale, workers):
     """Write the embedded demo world (shapes, textures, boxes, masks) in the real data formats."""
     from .tools.demo import generate
     out = out or f"data/{world}"
-    summary = generate(out, seed=seed, scale=scale, world=world, downstream_scale=downstream_scale)
+    summary = generate(out, seed=seed, scale=scale, world=world, downstream_scale=downstream_scale, workers=workers)
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"demo world written to {out}")
 

@@ -316,9 +316,11 @@ def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str
                               "weights (its model.branch_init is 'independent' and model.pretrained is empty), so "
                               "their average is meaningless; use task:<name>")
         sds = [b.state_dict() for b in branches.values()]
-        # floats (weights, BN statistics) are averaged; the integer BN step counter takes the max
-        backbone.load_state_dict({k: torch.stack([sd[k] for sd in sds]).mean(0) if sds[0][k].is_floating_point()
-                                  else torch.stack([sd[k] for sd in sds]).max(0).values for k in sds[0]})
+        # floats (weights, BN statistics): w_1 + mean_b (w_b - w_1), the mean, written so that branches that are
+        # still identical give exactly w_1; the integer BN step counter takes the max
+        backbone.load_state_dict({k: sds[0][k] + torch.stack([sd[k] - sds[0][k] for sd in sds]).mean(0)
+                                  if sds[0][k].is_floating_point() else torch.stack([sd[k] for sd in sds]).max(0).values
+                                  for k in sds[0]})
     elif init == "scratch":
         pass
     elif Path(init).is_file():
