@@ -13,14 +13,15 @@
 #   1 env        GPU, torch / torchvision / CUDA / cuDNN versions, /dev/shm, cores
 #   2 boxes      one detection batch's anchors and boxes under bf16 autocast vs fp32 (800 x 1088): max error, px
 #   3 backbone   a bare torchvision ResNet-50 training step, batch 256, bf16, cudnn.benchmark off and on
-#   4 recipe     the recipe, eager, real loader and engine, 30 steps: step time, images/s per source,
+#   4 recipe     the recipe, eager, real loader and engine, 20 steps: step time, images/s per source,
 #                data-wait, peak memory (the last 10 steps), and its final checkpoint
-#   5 squeeze    20 squeeze steps from case 4's checkpoint: step time and peak memory
-#   6 syncbn     case 4 under a one-rank NCCL process group (torchrun), DDP, every BN a SyncBatchNorm forced onto
-#                its collective path: the sync path's cost per step against case 4
+#   5 squeeze    20 squeeze steps from case 4's checkpoint (norm_steps 5): step time and peak memory
+#   6 syncbn-*   case 4 under a one-rank NCCL process group (torchrun), DDP, SyncBatchNorm forced onto its
+#                collective path: only the BNs that learn (learning, the default), then every BN (all,
+#                sync_bn_no_grad): the sync path's cost per step against case 4
 #   7 profile    case 4 in-process for a few steps: host syncs per step by call site, top kernels, det batch
 #                shapes, checkpoint write time
-# About 4-5 minutes on one H200 (the limits add up to 345 s).
+# About 4-5 minutes on one H200 (the limits add up to 385 s).
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh   (CPU, toy sizes, time limits x 10: proves the plumbing,
 #                                                 measures nothing; tests/test_gpu_check.py runs it)
 set -uo pipefail
@@ -54,8 +55,8 @@ if [ "$TINY" = 1 ]; then
 else
   WORLD=${WORLD:-gpu/standin}
   [ -f "$WORLD/.complete" ] || { echo "{\"case\": \"world\", \"error\": \"$WORLD missing: run scripts/gpu_prepare.sh here and carry gpu\"}" | tee -a "$RESULTS"; exit 1; }
-  SIZES=""
-  STEPS=30; LOG_EVERY=10; SQ_STEPS=20; PROFILE_STEPS=6; BATCH=256; BB_STEPS=20; SLOW=1
+  SIZES="--set squeeze.norm_steps=5"  # the teacher's statistics from 5 batches: this check times steps
+  STEPS=20; LOG_EVERY=10; SQ_STEPS=20; PROFILE_STEPS=6; BATCH=256; BB_STEPS=15; SLOW=1
 fi
 STANDIN="$(grep -v '^#' configs/standin.sets | sed 's/^/--set /') --set data_root=$WORLD"
 NO_VAL=""  # this check times training: no evaluation
@@ -89,7 +90,7 @@ case_ env 20 $PY -m xlearner.tools.gpucheck env
 case_ boxes 20 $PY -m xlearner.tools.gpucheck boxes
 case_ backbone 45 $PY -m xlearner.tools.gpucheck backbone --batch $BATCH --steps $BB_STEPS
 
-rm -rf "$SCRATCH/recipe" "$SCRATCH/squeeze" "$SCRATCH/syncbn" "$SCRATCH/profile"
+rm -rf "$SCRATCH/recipe" "$SCRATCH/squeeze" "$SCRATCH/syncbn-"* "$SCRATCH/profile"
 case_ recipe 75 $PY cli.py expand $R50 --set expand.steps=$STEPS --set expand.log_every=$LOG_EVERY \
   --set expand.ckpt_every=100000 --out "$SCRATCH/recipe" && summary recipe "$SCRATCH/recipe"
 RECIPE_STEP_S=$($PY -c 'import json, sys; print(next((json.loads(l)["step_s"] for l in open(sys.argv[1]) if "\"case\": \"recipe\"" in l and "step_s" in l), ""))' "$RESULTS")
@@ -104,10 +105,13 @@ fi
 rm -f "$SCRATCH/recipe/checkpoint"*.pt  # about 1 GB each at full size
 
 # (on a CPU, TINY: gloo, and the engine converts no BN: the plumbing only)
-case_ syncbn 60 $TORCHRUN --standalone --nproc_per_node=1 -m xlearner.tools.gpucheck syncbn expand $R50 --set expand.sync_bn=true \
-  --set expand.steps=$STEPS --set expand.log_every=$LOG_EVERY --set expand.ckpt_every=100000 --out "$SCRATCH/syncbn" \
-  && summary syncbn "$SCRATCH/syncbn" $RECIPE_STEP_S
-rm -f "$SCRATCH/syncbn/checkpoint"*.pt
+for scope in learning all; do  # sync_bn as it is now (only the BNs that learn), then every BN (sync_bn_no_grad)
+  case_ syncbn-$scope 50 $TORCHRUN --standalone --nproc_per_node=1 -m xlearner.tools.gpucheck syncbn expand $R50 \
+    --set expand.sync_bn=true --set expand.sync_bn_no_grad=$([ $scope = all ] && echo true || echo false) \
+    --set expand.steps=$STEPS --set expand.log_every=$LOG_EVERY --set expand.ckpt_every=100000 \
+    --out "$SCRATCH/syncbn-$scope" && summary syncbn-$scope "$SCRATCH/syncbn-$scope" $RECIPE_STEP_S
+  rm -f "$SCRATCH/syncbn-$scope/checkpoint"*.pt
+done
 
 case_ profile 45 $PY -m xlearner.tools.gpucheck profile $R50 --set expand.steps=$PROFILE_STEPS \
   --set expand.log_every=$PROFILE_STEPS --set expand.ckpt_every=100000 --out "$SCRATCH/profile"

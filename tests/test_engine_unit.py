@@ -1,4 +1,5 @@
 """The training engine on a toy model and loader: schedule, errors, checkpoints, resume."""
+import copy
 import json
 import math
 import os
@@ -222,3 +223,31 @@ def test_progress_in_a_log_file_is_plain_lines(demo_world, tmp_path):
     assert p.returncode == 0, logs.decode()[-3000:]
     assert b"\r" not in logs
     assert b"[expand] step 1/2 loss" in logs and b"[expand] step 2/2 loss" in logs
+
+
+def test_sync_bn_syncs_only_where_it_learns(tmp_path):
+    """sync_bn converts every BN; those in a forward under no_grad (the other branches, the teacher) normalise with
+    their own batch like a plain BatchNorm, those in a forward that builds a graph take SyncBatchNorm's collective
+    path (on a CPU tensor in a process group, that path refuses: the proof that it was taken)."""
+    import torch.distributed as tdist
+    from xlearner import dist
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+        synced = dist.convert_sync_batchnorm(copy.deepcopy(plain))
+        assert type(synced[1]) is dist.GradSyncBatchNorm
+        x = torch.randn(2, 3, 5, 5)
+        with torch.no_grad():
+            torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(synced[1].running_mean, plain[1].running_mean, rtol=0, atol=0)
+        assert int(synced[1].num_batches_tracked) == 1
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            synced(x)
+        # sync_bn_no_grad = true: every BN syncs, also under no_grad (the old behaviour)
+        every = dist.convert_sync_batchnorm(copy.deepcopy(plain), no_grad_too=True)
+        assert type(every[1]) is torch.nn.SyncBatchNorm
+        with torch.no_grad(), pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            every(x)
+    finally:
+        tdist.destroy_process_group()

@@ -447,3 +447,48 @@ def test_shared_branch_init_starts_every_branch_from_the_same_weights():
         assert torch.equal(v, sds["cls"][k]), k
     with pytest.raises(ValueError, match="model.branch_init: expected 'independent' or 'shared', got 'tied'"):
         make_model("hrnet", branch_init="tied")
+
+
+def test_det_boxes_stay_fp32_under_bf16_autocast():
+    """On an 800 x 1088 canvas under bf16 autocast, the RPN's anchors and decoded boxes, and the RoI head's
+    predictions, are fp32: they agree with fp32 arithmetic on the same offsets to well under a pixel. torchvision's
+    own components, as the head used them before, are off by pixels (measured: 7 px anchors, 17 px boxes)."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import AnchorGenerator, concat_box_prediction_layers
+    from xlearner.heads import DetHead
+    torch.manual_seed(0)
+    mcfg = ModelConfig(**SMALL_DET)
+    head = DetHead(mcfg, [SOURCES[2]], NUM_CLASSES, {"layer1": 8, "layer2": 8, "layer3": 8, "layer4": 8}).eval()
+    images = ImageList(torch.zeros(1, 3, 800, 1088), [(800, 1088)])
+    feats = [torch.randn(1, 32, 800 // s, 1088 // s) for s in (4, 8, 16, 32, 64)]
+
+    def decoded(anchor_gen, rpn_head):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fpn = [f.bfloat16() for f in feats]  # what the FPN's convs return under autocast
+            logits, deltas = rpn_head(fpn)
+            anchors = anchor_gen(images, fpn)
+            _, deltas = concat_box_prediction_layers(logits, deltas)
+            boxes = head.rpn.box_coder.decode(deltas, anchors).reshape(-1, 4)
+        exact = head.rpn.box_coder.decode(deltas.float(), [a.float() for a in anchors]).reshape(-1, 4)
+        return boxes, exact, anchors[0]
+
+    boxes, exact, anchors = decoded(head.rpn.anchor_generator, head.rpn.head)
+    assert boxes.dtype == anchors.dtype == torch.float32
+    ref_anchors = head.rpn.anchor_generator(images, [f.float() for f in feats])[0]
+    assert torch.equal(anchors, ref_anchors)
+    assert (boxes - exact).abs().max().item() < 1e-3
+    # before: torchvision's AnchorGenerator and RPNHead as they are (same weights)
+    plain = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    boxes, exact, anchors = decoded(plain, super(type(head.rpn.head), head.rpn.head).forward)
+    assert boxes.dtype == anchors.dtype == torch.bfloat16
+    assert (anchors.float() - ref_anchors).abs().max().item() > 4  # bf16 spacing is 4 px in [512, 1024)
+    assert (boxes.float() - exact).abs().max().item() > 4
+    # the RoI head's predictions reach postprocess_detections (its decode) in fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pyramid = {str(i): f[:, :32] for i, f in enumerate(feats[:4])}
+        proposals = [torch.tensor([[100.0, 200.0, 900.0, 700.0], [10.0, 10.0, 60.0, 90.0]])]
+        seen = {}
+        post = head.roi_heads.postprocess_detections
+        head.roi_heads.postprocess_detections = lambda c, r, *a: seen.update(c=c.dtype, r=r.dtype) or post(c, r, *a)
+        head.roi_heads(pyramid, proposals, [(800, 1088)], None, head.predictors["det_a"])
+    assert seen == {"c": torch.float32, "r": torch.float32}

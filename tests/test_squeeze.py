@@ -205,3 +205,41 @@ def test_squeeze_sigterm_then_rerun_resumes_exactly(setup, tmp_path):
     run("squeeze", "--config", toml, "--teacher", teacher, "--out", str(tmp_path / "cut"), *s)
     assert_same_state(model_state(tmp_path / "full" / "checkpoint.pt"), model_state(tmp_path / "cut" / "checkpoint.pt"))
     assert train_steps(tmp_path / "cut" / "log.jsonl") == [1, 2, 3, 4, 5]
+
+
+def test_bench_floor_does_the_squeeze_work(demo_world, tmp_path):
+    """bench squeeze's floor runs as many teacher-branch forwards and KD head forwards as the squeeze does, on the
+    same images (counted with forward hooks over one step of each)."""
+    from runner import demo_toml, tiny_sizes
+    from xlearner.configfile import load_config
+    from xlearner.tools.bench import squeeze_bench_parts
+    cfg = load_config(demo_toml(demo_world, tmp_path / "runs", tmp_path / "c.toml"), tiny_sizes() + [
+        "squeeze.workers=0", "model.channels_last=true"])
+    parts = squeeze_bench_parts(cfg, torch.device("cpu"), n_batches=1)
+    teacher = parts["distiller"].teacher
+    counts: dict[str, int] = {}
+
+    def count(name, module):
+        module.register_forward_hook(lambda *a: counts.__setitem__(name, counts.get(name, 0) + 1))
+
+    student_heads = parts["distiller"].student.heads
+    for t in teacher.tasks:  # a branch's forward reaches its layer4 once
+        count(f"stage teacher {t}", teacher.backbone.branches[t].layer4)
+        count(f"floor teacher {t}", parts["teacher_bbs"][t].layer4)
+    for side, heads, t_heads in (("stage", student_heads, teacher.heads), ("floor", parts["heads"], parts["t_heads"])):
+        for who, h in (("student", heads), ("teacher", t_heads)):
+            count(f"{side} {who} seg decoder", h["seg"].decoder)
+            for name, p in h["cls"].predictors.items():
+                count(f"{side} {who} cls {name}", p)
+    batch = parts["batches"][0]
+    parts["fns"]["stage"](batch)
+    stage = dict(counts)
+    counts.clear()
+    parts["fns"]["floor"](batch)
+    floor = dict(counts)
+    assert {k.replace("stage ", ""): v for k, v in stage.items()} == {k.replace("floor ", ""): v for k, v in floor.items()}
+    # every teacher branch on each of the 5 sources' images; the seg decoders: the KD of every source, plus the
+    # student's own task loss on the seg source; each cls predictor: KD on the 5 images (+ the own loss for the student)
+    assert stage["stage teacher det"] == 5 and stage["stage teacher seg decoder"] == 5
+    assert stage["stage student seg decoder"] == 6 and stage["stage student cls shapes-cls"] == 5
+    assert stage["stage teacher cls shapes-cls"] == 5

@@ -117,7 +117,10 @@ class TrainConfig:
     amp: str = "off"                    # off | bf16 | fp16 (fp16 uses a GradScaler)
     grad_accum: int = 1                 # micro-batches per optimiser step
     clip_grad: float = 0.0              # max grad norm; 0 = off
-    sync_bn: bool = False               # SyncBatchNorm (CUDA only)
+    sync_bn: bool = False               # SyncBatchNorm (CUDA, several processes)
+    cudnn_benchmark: bool = False       # cuDNN autotuning (CUDA): faster fixed shapes; each new det image size re-tunes
+    sync_bn_no_grad: bool = False       # also sync the BNs of a forward under no_grad (the other branches feeding the
+                                        # RLs, the squeeze's teacher): they learn nothing from it (dist.GradSyncBatchNorm)
     eval_every: int = 0                 # 0 = only at the end
     ckpt_every: int = 200
     log_every: int = 20

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def is_dist() -> bool:
@@ -84,8 +85,9 @@ def _slurm_to_torchrun_env() -> None:
 _DEVICE: torch.device | None = None  # this rank's device: where collectives put their tensors
 
 
-def init_distributed() -> torch.device:
-    """Start the process group if launched by torchrun/SLURM and return this rank's device (CUDA if any)."""
+def init_distributed(timeout_min: float = 30.0) -> torch.device:
+    """Start the process group if launched by torchrun/SLURM and return this rank's device (CUDA if any).
+    `timeout_min`: how long a collective may wait for the slowest rank before the job aborts."""
     global _DEVICE
     _slurm_to_torchrun_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -96,11 +98,34 @@ def init_distributed() -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(minutes=timeout_min),
             device_id=dev if use_cuda else None,
         )
     _DEVICE = dev
     return dev
+
+
+class GradSyncBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm that synchronises its statistics only in a forward that builds a graph. A BN that runs
+    under no_grad (the other branches of an expanded net, which only feed the RLs; the squeeze's teacher) learns
+    nothing from the other ranks' images, and each sync costs a collective and a host sync: there it
+    normalises with its own batch, as a plain BatchNorm in training mode would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return nn.modules.batchnorm._BatchNorm.forward(self, x)  # plain BatchNorm: this rank's statistics
+
+
+def convert_sync_batchnorm(model: nn.Module, no_grad_too: bool = False) -> nn.Module:
+    """Every BatchNorm a SyncBatchNorm (`sync_bn`); unless `no_grad_too`, one that syncs only where it learns
+    (GradSyncBatchNorm: in forwards that build a graph)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not no_grad_too:
+        for m in model.modules():
+            if type(m) is nn.SyncBatchNorm:  # torch builds nn.SyncBatchNorm itself: the subclass, same state
+                m.__class__ = GradSyncBatchNorm
+    return model
 
 
 def cleanup() -> None:

@@ -272,10 +272,12 @@ def _setup(run: Run) -> _State:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in remove_stale_tmp(out):
             dist.log(f"[{run.stage}] removed {tmp}, left by a checkpoint write that was killed")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
     model = run.model.to(device)
     ckpt_module = run.ckpt_module or model
     if tc.sync_bn and device.type == "cuda" and dist.is_dist():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = dist.convert_sync_batchnorm(model, no_grad_too=tc.sync_bn_no_grad)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")

@@ -100,6 +100,26 @@ class ClsHead(Head):
 # ----------------------------------------------------------------------------
 # detection
 
+# Boxes in fp32 under bf16 autocast. torchvision builds anchors in the features' dtype, and BoxCoder.decode computes
+# in the dtype of the predicted offsets: bf16 keeps 8 bits of mantissa, so a box centre at x = 900 px rounds to 4 px
+# (measured: 17 px at worst on an 800 x 1088 canvas, docs/RESULTS.md). The convolutions and linear layers stay in
+# the autocast dtype; what they predict, the anchors, the decoding, NMS and the losses' box arithmetic are fp32.
+
+class FP32Anchors(AnchorGenerator):
+    """torchvision's AnchorGenerator, its anchors in fp32 whatever the features' dtype (it reads only their sizes)."""
+
+    def forward(self, image_list, feature_maps):
+        return super().forward(image_list, [torch.empty(f.shape[-2:], device=f.device) for f in feature_maps])
+
+
+class FP32RPNHead(RPNHead):
+    """torchvision's RPNHead (its convs in the autocast dtype), its objectness and box offsets returned in fp32."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 class PerSourceRoIHeads(RoIHeads):
     """torchvision's RoIHeads (box branch only) with the box predictor passed in per call.
 
@@ -114,7 +134,7 @@ class PerSourceRoIHeads(RoIHeads):
         if self.training:
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = box_predictor(box_features)
+        class_logits, box_regression = (t.float() for t in box_predictor(box_features))  # fp32 boxes (above)
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
             return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
@@ -141,10 +161,10 @@ class DetHead(Head):
                                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
             for s in sources})
         self.fpn = FeaturePyramidNetwork([channels[k] for k in STAGES], c, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        anchors = FP32Anchors(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
         # torchvision convention: eval keeps half the proposals of training
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
+            anchors, FP32RPNHead(c, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=mcfg.rpn_batch_size_per_image, positive_fraction=0.5,
             pre_nms_top_n=dict(training=mcfg.rpn_pre_nms_top_n, testing=mcfg.rpn_pre_nms_top_n // 2),

@@ -45,7 +45,7 @@ from ..data import build_train_datasets, images_per_step
 from ..model import SqueezedModel, XLearnerModel
 from ..probe import extract_features
 from ..rng import seed_everything
-from ..squeeze import Distiller, load_teacher
+from ..squeeze import Distiller, kd_loss, load_teacher, pixels
 from ..weights import load_backbone
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
@@ -138,37 +138,86 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
                    compile=cfg.model.compile)
 
 
-def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
-    device = dist.init_distributed()
+def _squeeze_floor_loss(student_bb, teacher_bbs: nn.ModuleDict, heads: nn.ModuleDict, t_heads: nn.ModuleDict,
+                        adapters: nn.ModuleDict, norms: nn.ModuleDict, distiller: Distiller):
+    """The squeeze's work with bare modules: per source, the student's plain ResNet and task loss; every teacher
+    branch the Distiller distils on that image as a plain ResNet (no RL) under no_grad; each (branch, stage)
+    adapter's 1x1 conv against the standardised teacher feature; the KD of every head Distiller.kd_losses reads."""
+    sq, feature_loss = distiller.sq, distiller.feature_loss
+
+    def loss_fn(_, batch):
+        total = 0.0
+        for s in distiller.sources:
+            head = heads[s.task]
+            x, ctx = head.prepare(batch[s.name], s.name)
+            feats = student_bb(x)
+            loss, outputs = head.loss(feats, ctx, s.name)
+            with torch.no_grad():
+                t_feats = {b: teacher_bbs[b](x) for b in distiller.branches(s.task)}
+            feat = torch.stack([torch.stack([feature_loss(adapters[b][k](feats[k]), norms[b][k](t[k]))
+                                             for k in adapters[b]]).mean() for b, t in t_feats.items()]).mean()
+            kd = []
+            for o in distiller.sources if sq.distill_targets == "all" else [s] if s.task == "cls" else []:
+                if o.task == "cls":
+                    s_logits = outputs if o.name == s.name else heads["cls"].logits(feats, o.name)
+                    kd.append(kd_loss(s_logits, t_heads["cls"].logits(t_feats["cls"], o.name), sq.kd_temperature,
+                                      o.multi_label))
+                elif o.task == "seg":
+                    s_logits = heads["seg"].predictors[o.name](heads["seg"].decoder(feats))
+                    t_logits = t_heads["seg"].predictors[o.name](t_heads["seg"].decoder(t_feats["seg"]))
+                    kd.append(kd_loss(pixels(s_logits), pixels(t_logits), sq.kd_temperature, False))
+            kd_term = torch.stack(kd).mean() if kd else loss.new_zeros(())
+            total = total + s.weight * (sq.lambda_task * loss + sq.lambda_feat * feat + sq.lambda_kd * kd_term)
+        return total
+    return loss_fn
+
+
+def squeeze_bench_parts(cfg: Config, device, teacher_path: str | None = None, n_batches: int = 4) -> dict:
+    """What bench squeeze times: {"fns": {"stage", "floor"} step functions, "batches", and the modules of
+    both sides (the stage's `distiller`; the floor's `teacher_bbs`, `heads`, `t_heads`)}."""
     sq = cfg.squeeze
     seed_everything(sq.seed)
-    batches, num_classes = _batches(cfg, sq, min(steps, 4), device)
+    batches, num_classes = _batches(cfg, sq, n_batches, device)
     if teacher_path:
         teacher, _ = load_teacher(teacher_path, cfg)
     else:
         teacher = XLearnerModel(cfg.model, cfg.sources, num_classes)
     student = SqueezedModel.from_expanded(teacher, sq.student_init, sq)
     distiller = Distiller(student, teacher, cfg.sources, sq).to(device).train()
-    tasks = list(teacher.heads)
-    # Floor: the student's plain ResNet (keyed by every task, one module) plus T teacher-branch stand-ins.
-    student_bb = plain_backbone(teacher.mcfg.arch)
-    teacher_bbs = [plain_backbone(teacher.mcfg.arch).eval() for _ in tasks]
-    floor_bb = nn.ModuleDict({t: student_bb for t in tasks}).to(device)
-    teacher_bbs = nn.ModuleList(teacher_bbs).to(device)
+    # Floor: the same work with bare modules (_squeeze_floor_loss): plain ResNets for the student and for each
+    # teacher branch, copies of the student's heads, adapters and standardisations, the teacher's heads.
+    student_bb = plain_backbone(teacher.mcfg.arch).to(device)
+    teacher_bbs = nn.ModuleDict({t: plain_backbone(teacher.mcfg.arch) for t in teacher.tasks}).to(device).eval()
     floor_heads = copy.deepcopy(student.heads).to(device)
+    floor_adapters, floor_norms = copy.deepcopy(student.adapters).to(device), copy.deepcopy(student.norms).to(device)
+    t_heads = copy.deepcopy(teacher.heads).to(device).eval().requires_grad_(False)
+    teacher_bbs.requires_grad_(False)
+    if cfg.model.channels_last:  # both sides in the stage's memory format
+        for m in (student_bb, teacher_bbs, floor_heads, floor_adapters, t_heads):
+            m.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         compile_stages(distiller)
         compile_stages(distiller.teacher)
-        compile_stages(floor_bb)
+        compile_stages(student_bb)
         compile_stages(teacher_bbs)
-    floor_loss = _floor_loss(floor_bb, floor_heads, cfg.sources, lambda t: list(teacher_bbs))
+    floor_loss = _squeeze_floor_loss(student_bb, teacher_bbs, floor_heads, t_heads, floor_adapters, floor_norms,
+                                     distiller)
+    trainable = nn.ModuleList([student_bb, floor_heads, floor_adapters])
     fns = {
         "stage": _train_step(distiller, lambda m, b: m.total_loss(m(b)), engine.build_optimizer(distiller, sq), sq, device),
-        "floor": _train_step(None, floor_loss, engine.build_optimizer(nn.ModuleList([student_bb, floor_heads]), sq), sq, device),
+        "floor": _train_step(None, floor_loss, engine.build_optimizer(trainable, sq), sq, device),
     }
-    times = _alternate(fns, batches, steps, device)
+    return {"fns": fns, "batches": batches, "distiller": distiller, "teacher_bbs": teacher_bbs,
+            "heads": floor_heads, "t_heads": t_heads}
+
+
+def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None) -> dict:
+    device = dist.init_distributed()
+    parts = squeeze_bench_parts(cfg, device, teacher_path, min(steps, 4))
+    times = _alternate(parts["fns"], parts["batches"], steps, device)
+    sq, arch = cfg.squeeze, parts["distiller"].teacher.mcfg.arch
     return _result("squeeze", times, images_per_s=images_per_step(cfg.sources) / times["stage"],
-                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=teacher.mcfg.arch,
+                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=arch,
                    amp=sq.amp, compile=cfg.model.compile)
 
 

@@ -164,10 +164,19 @@ def case_boxes() -> dict:
     bf16_anchors = anchors_gen(images, [f.bfloat16() for f in feats])[0]
     with torch.autocast(device.type, dtype=torch.bfloat16):
         boxes = coder.decode(codes, [bf16_anchors]).reshape(-1, 4)
-    return {"case": "boxes", "canvas": [800, 1088], "anchor_dtype_under_bf16": str(bf16_anchors.dtype),
-            "box_dtype_under_bf16": str(boxes.dtype),
-            "max_anchor_err_px": round((bf16_anchors.float() - ref_anchors).abs().max().item(), 3),
-            "max_box_err_px": round((boxes.float() - ref).abs().max().item(), 3)}
+    # after: heads.py's FP32Anchors, and FP32RPNHead's offsets returned as fp32
+    from ..heads import FP32Anchors
+    ours = FP32Anchors(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        our_anchors = ours(images, [f.bfloat16() for f in feats])[0]
+        our_boxes = coder.decode(codes.float(), [our_anchors]).reshape(-1, 4)
+    return {"case": "boxes", "canvas": [800, 1088],
+            "torchvision": {"anchor_dtype": str(bf16_anchors.dtype), "box_dtype": str(boxes.dtype),
+                            "max_anchor_err_px": round((bf16_anchors.float() - ref_anchors).abs().max().item(), 3),
+                            "max_box_err_px": round((boxes.float() - ref).abs().max().item(), 3)},
+            "ours": {"anchor_dtype": str(our_anchors.dtype), "box_dtype": str(our_boxes.dtype),
+                     "max_anchor_err_px": round((our_anchors - ref_anchors).abs().max().item(), 4),
+                     "max_box_err_px": round((our_boxes - ref).abs().max().item(), 4)}}
 
 
 def force_syncbn_collectives() -> None:
