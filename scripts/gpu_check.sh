@@ -21,7 +21,7 @@
 #                sync_bn_no_grad): the sync path's cost per step against case 4
 #   7 profile    case 4 in-process for a few steps: host syncs per step by call site, top kernels, det batch
 #                shapes, checkpoint write time
-# About 4-5 minutes on one H200 (the limits add up to 385 s).
+# About 4 minutes on one H200 (the limits add up to 415 s). GPU_CHECK_CASES="env profile" runs only those.
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh   (CPU, toy sizes, time limits x 10: proves the plumbing,
 #                                                 measures nothing; tests/test_gpu_check.py runs it)
 set -uo pipefail
@@ -51,7 +51,7 @@ if [ "$TINY" = 1 ]; then
   for s in imagenet places365 inat2021; do SIZES+=" --set sources.$s.image_size=32 --set sources.$s.batch_size=2 --set sources.$s.num_classes=0"; done
   for s in coco objects365 ade20k; do SIZES+=" --set sources.$s.image_size=64 --set sources.$s.batch_size=2"; done
   SIZES+=" --set expand.workers=1 --set squeeze.workers=1 --set squeeze.norm_steps=1"
-  STEPS=2; LOG_EVERY=1; SQ_STEPS=2; PROFILE_STEPS=2; BATCH=2; BB_STEPS=1; SLOW=10
+  STEPS=2; LOG_EVERY=1; SQ_STEPS=2; PROFILE_STEPS=6; BATCH=2; BB_STEPS=1; SLOW=10
 else
   WORLD=${WORLD:-gpu/standin}
   [ -f "$WORLD/.complete" ] || { echo "{\"case\": \"world\", \"error\": \"$WORLD missing: run scripts/gpu_prepare.sh here and carry gpu\"}" | tee -a "$RESULTS"; exit 1; }
@@ -63,9 +63,13 @@ NO_VAL=""  # this check times training: no evaluation
 for s in imagenet places365 inat2021 coco objects365 ade20k; do NO_VAL+=" --set sources.$s.val=\"\""; done
 R50="--config configs/xlearner_r50.toml $STANDIN $NO_VAL $SIZES"
 
+want() {  # GPU_CHECK_CASES="env profile" runs only those cases (default: all)
+  [ -z "${GPU_CHECK_CASES:-}" ] || [[ " $GPU_CHECK_CASES " == *" $1 "* ]]
+}
 case_() {  # case_ NAME SECONDS COMMAND...: run under a time limit; append its last line if JSON, or an error line
   local name=$1 limit=$(($2 * SLOW)) rc last
   shift 2
+  want "${name%%-*}" || return 0
   local t0=$SECONDS
   timeout -k 5 $limit "$@" > "$SCRATCH/$name.out" 2> "$SCRATCH/$name.err"
   rc=$?
@@ -80,6 +84,7 @@ case_() {  # case_ NAME SECONDS COMMAND...: run under a time limit; append its l
   if [ "${last:0:1}" = "{" ]; then echo "$last" | tee -a "$RESULTS"; fi
 }
 summary() {  # summary NAME RUN_DIR [BASELINE_STEP_S]: the run's last logged window as a JSON line
+  want "${1%%-*}" || return 0
   $PY -c 'import json, sys; from xlearner.tools.bench import summarise_run
 r = {**summarise_run(sys.argv[2]), "case": sys.argv[1]}
 if len(sys.argv) > 3: r["overhead_vs_recipe"] = round(r["step_s"] / float(sys.argv[3]) - 1, 3)
@@ -99,7 +104,7 @@ if [ -f "$SCRATCH/recipe/checkpoint.pt" ]; then
   case_ squeeze 60 $PY cli.py squeeze $R50 --teacher "$SCRATCH/recipe/checkpoint.pt" --set squeeze.steps=$SQ_STEPS \
     --set squeeze.log_every=$LOG_EVERY --set squeeze.ckpt_every=100000 --out "$SCRATCH/squeeze" \
     && summary squeeze "$SCRATCH/squeeze"
-else
+elif want squeeze; then
   echo '{"case": "squeeze", "error": "no checkpoint from the recipe case"}' | tee -a "$RESULTS"
 fi
 rm -f "$SCRATCH/recipe/checkpoint"*.pt  # about 1 GB each at full size
@@ -113,7 +118,7 @@ for scope in learning all; do  # sync_bn as it is now (only the BNs that learn),
   rm -f "$SCRATCH/syncbn-$scope/checkpoint"*.pt
 done
 
-case_ profile 45 $PY -m xlearner.tools.gpucheck profile $R50 --set expand.steps=$PROFILE_STEPS \
+case_ profile 75 $PY -m xlearner.tools.gpucheck profile $R50 --set expand.steps=$PROFILE_STEPS \
   --set expand.log_every=$PROFILE_STEPS --set expand.ckpt_every=100000 --out "$SCRATCH/profile"
 rm -f "$SCRATCH/profile/checkpoint"*.pt
 echo "gpu_check: $(grep -c . "$RESULTS") JSON lines in $RESULTS ($(grep -c '"error"' "$RESULTS") errors)"

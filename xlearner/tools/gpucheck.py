@@ -19,8 +19,6 @@ import platform
 import shutil
 import sys
 import time
-import traceback
-import warnings
 
 import torch
 import torch.nn as nn
@@ -77,41 +75,39 @@ def case_backbone(batch: int, steps: int) -> dict:
     return out
 
 
-class SyncSites:
-    """torch.cuda.set_sync_debug_mode("warn") turns every host sync into a warning; count them by call site
-    (the innermost frame in this project's code, else the innermost frame outside torch)."""
-
-    def __init__(self):
-        self.sites: collections.Counter = collections.Counter()
-
-    def showwarning(self, message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
-            return self._orig(message, category, filename, lineno, file, line)
-        stack = traceback.extract_stack()[:-1]
-        ours = [f for f in stack if f"{os.sep}xlearner{os.sep}" in f.filename and "gpucheck" not in f.filename]
-        frame = ours[-1] if ours else stack[-1]
-        self.sites[f"{os.path.relpath(frame.filename)}:{frame.lineno} {frame.name}"] += 1
-
-    def __enter__(self):
-        self._orig = warnings.showwarning
-        warnings.showwarning = self.showwarning
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        warnings.showwarning = self._orig
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def case_profile(argv: list[str]) -> dict:
-    """`cli.py expand ARGV` in this process: host syncs per call site, the profiler's top kernels, the
-    detection batches' shapes, and the final checkpoint's write time."""
+def _call_site(evt) -> str:
+    """The innermost frame in this project's code of a profiler event's nearest ancestor that has a Python stack."""
+    while evt is not None:
+        frames = [f for f in (getattr(evt, "stack", None) or []) if f"xlearner{os.sep}" in f and "gpucheck" not in f]
+        if frames:
+            return frames[0]
+        evt = evt.cpu_parent
+    return "(no Python frame: autograd or a worker thread)"
+
+
+def case_profile(argv: list[str], first: int = 3, steps: int = 2) -> dict:
+    """`cli.py expand ARGV` in this process, profiled over `steps` training steps after `first` warm-up steps:
+    the host syncs per step by call site (CUDA runtime sync calls, each traced to its Python frame), the top
+    kernels, the detection batches' shapes, and the final checkpoint's write time."""
     from .. import engine
     from ..cli import main
     device = _device()
-    det_shapes, save_s = collections.Counter(), []
+    det_shapes, save_s, seen = collections.Counter(), [], [0]
     move_to, save = engine.move_to, engine.save_run_checkpoint
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = torch.profiler.profile(activities=activities, with_stack=True)
 
-    def recording_move_to(batch, dev):
+    def recording_move_to(batch, dev):  # called once per step, before its forward: the profiler's window
+        if seen[0] == first:
+            prof.start()
+        elif seen[0] == first + steps:
+            _sync(device)
+            prof.stop()
+        seen[0] += 1
         for b in batch.values():
             if isinstance(b, dict) and "targets" in b:  # a det batch: a list of differently sized images
                 det_shapes[" ".join(f"{im.shape[-2]}x{im.shape[-1]}" for im in b["images"])] += 1
@@ -125,21 +121,17 @@ def case_profile(argv: list[str]) -> dict:
         return out
 
     engine.move_to, engine.save_run_checkpoint = recording_move_to, timed_save
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")
-    with SyncSites() as syncs, torch.profiler.profile(activities=activities) as prof:
-        try:
-            main.main(["expand", *argv], standalone_mode=False)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode(0)
+    main.main(["expand", *argv], standalone_mode=False)
+    if seen[0] <= first + steps:
+        raise SystemExit(f"gpucheck profile: needs more than {first + steps} steps (expand.steps)")
+    events = prof.events()
+    syncs = collections.Counter(_call_site(e) for e in events if e.name in SYNC_CALLS)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
-    total = sum(getattr(e, key) for e in events) or 1
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:12]
-    return {"case": "profile", "host_syncs_by_site": dict(syncs.sites.most_common(15)),
+    table = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in table) or 1
+    top = sorted(table, key=lambda e: getattr(e, key), reverse=True)[:12]
+    return {"case": "profile", "steps": steps, "host_syncs_per_step": sum(syncs.values()) / steps,
+            "host_syncs_per_step_by_site": {k: v / steps for k, v in syncs.most_common(15)},
             "top_kernels": [{"name": e.key[:90], "share": round(getattr(e, key) / total, 3), "calls": e.count}
                             for e in top],
             "det_batch_shapes": len(det_shapes), "det_shapes_sample": dict(det_shapes.most_common(4)),
