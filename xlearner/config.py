@@ -186,6 +186,8 @@ class AblateConfig:
 class Config:
     data_root: str = ""                 # relative data paths of [[sources]] / [[transfer.datasets]] resolve
                                         # against it when the config loads; "" = the working directory
+    dist_timeout_min: float = 30.0      # how long a collective waits for the slowest rank before the job aborts
+                                        # (torch.distributed's timeout): longer than any rank-0-only work
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     expand: TrainConfig = field(default_factory=TrainConfig)
@@ -411,6 +413,7 @@ def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> Non
 
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError naming the first bad key (what it is, what is allowed); return the warnings."""
+    _check(cfg.dist_timeout_min > 0, "dist_timeout_min", "must be > 0 (minutes)", cfg.dist_timeout_min)
     _validate_model(cfg.model)
     _validate_sources(cfg)
     warnings = _validate_train(cfg.expand, "expand") + _validate_train(cfg.squeeze, "squeeze")

@@ -210,7 +210,7 @@ def locked(stage: str):
         def run(*args, **kwargs):
             bound = signature.bind(*args, **kwargs).arguments
             out = bound.get("out") or getattr(bound["cfg"], stage).out
-            dist.init_distributed()
+            dist.init_distributed(bound["cfg"].dist_timeout_min)
             with hold_lock(out, stage):
                 return fn(*args, **kwargs)
         return run
