@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's comparison at 8x the data a step, on one GPU (configs/ablate_gpu.toml; docs/ablation/gpu/).
-#   bash scripts/gpu_ablate.sh [SECONDS]
+#   bash scripts/gpu_ablate.sh [SECONDS [ABLATE OPTIONS...]]   (options go to `cli.py ablate`, e.g. --seeds 1)
 # writes the ablation's world if missing (data/ablate: 70 MB, too large to carry, so it is drawn there with
 # 16 processes; same seed, same generator as on the CPU), then runs `ablate` for at most SECONDS (default 300)
 # and packs what finished (every run's metrics.json, every transfer's scores.json, the report) into
@@ -10,6 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=${1:-300}
+shift $(( $# > 0 ? 1 : 0 ))
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${ABLATE_DATA:-data/ablate}
 RUNS=${ABLATE_RUNS:-runs/ablate_gpu}
@@ -24,10 +25,10 @@ t0=$SECONDS
 echo "gpu_ablate: world ready after $((SECONDS - t0)) s"
 QUICK=""; [ "${GPU_CHECK_TINY:-0}" = 1 ] && QUICK="--quick --jobs 2"
 timeout -k 10 $((LIMIT - (SECONDS - t0))) $PY cli.py ablate --config configs/ablate_gpu.toml --set ablate.out="$RUNS" \
-  --out "$RUNS/report" $QUICK
+  --out "$RUNS/report" $QUICK "$@"
 rc=$?
 echo "gpu_ablate: ablate exit $rc after $((SECONDS - t0)) s"
-mkdir -p "$(dirname "$PACK")"
+mkdir -p "$(dirname "$PACK")" "$RUNS"
 (cd "$RUNS" && find . \( -name metrics.json -o -name scores.json -o -name 'ablation.*' -o -name log.jsonl \) -print0 \
   | tar czf - --null -T -) > "$PACK"
 echo "gpu_ablate: packed $(tar tzf "$PACK" | wc -l) files into $PACK ($(du -k "$PACK" | cut -f1) kB)"
