@@ -228,3 +228,17 @@ def test_transfer12_moves_with_data_root_and_offers_cityscapes(tmp_path):
     (cs,) = [d for d in load_config(uncommented).transfer.datasets if d.format == "cityscapes"]
     assert (cs.task, cs.root, cs.train_split, cs.val_split, cs.metric) == ("seg", "/datasets/cityscapes", "train",
                                                                           "val", "mIoU")
+
+
+def test_ade20k_root_names_the_folder_once(tmp_path):
+    """mmsegmentation users write `root = "ADEChallengeData2016"`: it serves both splits (train / val may be left out)."""
+    ade_tree(tmp_path)
+    cfg = load_config(None, [f'data_root="{tmp_path}"', 'sources=[{name="ade", task="seg", format="ade20k", '
+                                                       'root="ADEChallengeData2016"}]'])
+    src = cfg.sources[0]
+    assert [Path(p).name for p, _ in make_reader(src, "train").items] == ["ADE_train_00000001.jpg",
+                                                                           "ADE_train_00000002.jpg"]
+    assert [Path(p).name for p, _ in make_reader(src, "val").items] == ["ADE_val_00000001.jpg", "ADE_val_00000002.jpg"]
+    # neither train nor root: still the line that names the key
+    bare = load_config(None, ['sources=[{name="ade", task="seg", format="ade20k"}]']).sources[0]
+    assert make_reader(bare, "val").problems == ["sources.ade.val: not set in the config"]

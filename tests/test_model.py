@@ -492,3 +492,23 @@ def test_det_boxes_stay_fp32_under_bf16_autocast():
         head.roi_heads.postprocess_detections = lambda c, r, *a: seen.update(c=c.dtype, r=r.dtype) or post(c, r, *a)
         head.roi_heads(pyramid, proposals, [(800, 1088)], None, head.predictors["det_a"])
     assert seen == {"c": torch.float32, "r": torch.float32}
+
+
+@pytest.mark.parametrize("reconcile", ["hrnet", "scalar", "cross_stitch"])
+def test_branch_with_rl_trains_only_what_gets_a_gradient(reconcile):
+    """A fine-tuned BranchWithRL (transfer --with-rl, trainable backbone) under DDP needs every trainable parameter
+    to get a gradient: the branch and the RLs into it are trainable, everything else is frozen."""
+    from xlearner.reconcile import BranchWithRL
+    torch.manual_seed(0)
+    net = make_model(reconcile).backbone
+    with torch.no_grad():  # non-zero RLs, so that the paths carry gradient
+        for m in net.reconcile.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(0.5)
+    wrapped = BranchWithRL(net, "det", "resnet18")
+    sum(f.sum() for f in wrapped(torch.randn(2, 3, 64, 64)).values()).backward()
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    got_grad = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert trainable == got_grad
+    assert all(n.startswith(("net.branches.det.", "net.reconcile.into.det.")) for n in trainable)
+    assert any(n.startswith("net.reconcile.into.det.") for n in trainable)

@@ -65,7 +65,7 @@ class DataConfig:
     task: str = "cls"                   # cls | det | seg
     format: str = "imagefolder"         # imagefolder | csv | coco | masks | ade20k | cityscapes | torchvision
     train: str = ""                     # split dir (imagefolder/masks), csv file, coco image dir, or the
-                                        # ADEChallengeData2016 folder (ade20k: train and val both name it)
+                                        # ADEChallengeData2016 folder (ade20k: train and val both name it, or root)
     val: str = ""
     train_ann: str = ""                 # coco instances JSON for train
     val_ann: str = ""

@@ -40,6 +40,10 @@ PATH_READERS = {
 ROOT_READERS = {"cityscapes": CityscapesReader, "torchvision": TorchvisionReader}
 
 
+# formats whose one folder holds every split (as mmsegmentation users write it): `root` may name it for both
+FOLDER_OF_SPLITS = ("ade20k",)
+
+
 def make_reader(src: DataConfig, split: str) -> Reader:
     """The reader of one split ("train" or "val") of a source; problems are collected, not raised."""
     if split not in ("train", "val"):
@@ -49,6 +53,8 @@ def make_reader(src: DataConfig, split: str) -> Reader:
     if src.format not in PATH_READERS:
         raise DataError(f"sources.{src.name}.format: unknown format {src.format!r}")
     path = src.train if split == "train" else src.val
+    if not path and src.format in FOLDER_OF_SPLITS:  # ADEChallengeData2016 holds both splits: `root` names it once
+        path = src.root
     if not path:
         return _missing(f"sources.{src.name}.{split}", "not set in the config")
     return PATH_READERS[src.format](src, split, path)

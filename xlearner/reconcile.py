@@ -322,6 +322,12 @@ class BranchWithRL(nn.Module):
         if task not in net.branches:
             raise ValueError(f"branch {task!r}: the expanded model's branches are {net.tasks}")
         self.net, self.task, self.arch, self.channels = net, task, arch, net.channels
+        if net.detach:  # what receives no gradient trains nothing: frozen, so that a fine-tuned BranchWithRL
+            # under DDP (find_unused_parameters=False) has no parameter that waits for a gradient
+            own = {id(p) for m in (net.branches[task], net.reconcile.into[task]) for p in m.parameters()}
+            for p in net.parameters():
+                if id(p) not in own:
+                    p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(x, self.task)
