@@ -180,3 +180,23 @@ def test_grid_names_in_config_match_the_variants():
     assert ablate.VARIANTS["gx_sh_mean_120"].teacher == "gt_sh_120"
     assert ablate.VARIANTS["gx_sh_mean_120"].squeeze == {"student_init": "mean"}
     assert ablate.VARIANTS["gx_ind_cls_240"].squeeze == {"student_init": "task:cls"}
+
+
+def test_margin_rule_by_hand():
+    tasks_of = {"a": "cls", "b": "cls", "d": "det"}
+    sc = lambda a, b, d: {"a": a, "b": b, "d": d}  # noqa: E731
+    summary = {"scores": {"msmt": {"0": sc(10, 20, 5), "1": sc(12, 22, 7)},
+                          "x1": {"0": sc(12, 20, 6), "1": sc(14, 22, 6)},     # cls +1, det 0 -> min 0
+                          "x2": {"0": sc(20, 30, 5.2), "1": sc(20, 30, 7.0)},  # cls +9, det +0.1 -> min 0.1
+                          "x3": {"0": sc(8, 20, 9), "1": sc(10, 22, 9)}},      # cls -1, det +3 -> min -1
+               "transfer_ratios": {"x1": {"cls mean": [0.99, 0.1], "det mean": [0.97, 0.1]},
+                                   "x2": {"cls mean": [1.02, 0.1], "det mean": [0.90, 0.1]},
+                                   "x3": {"cls mean": [1.0, 0.1], "det mean": [1.0, 0.1]}}}
+    out = ablate_report.margin_rule(summary, tasks_of, ["x1", "x2", "x3"])
+    assert out["table"]["x1"]["margin"] == pytest.approx({"cls": 1.0, "det": 0.0})
+    assert out["table"]["x2"]["margin"] == pytest.approx({"cls": 9.0, "det": 0.1})
+    assert out["table"]["x3"]["min_margin"] == pytest.approx(-1.0)
+    # x1 (0) and x2 (0.1) are within 0.5 points: the larger min ratio decides, 0.97 over 0.90
+    assert out["winner"] == "x1" and out["table"]["x1"]["min_ratio"] == 0.97
+    # a narrower band: x2's margin alone is best
+    assert ablate_report.margin_rule(summary, tasks_of, ["x1", "x2", "x3"], band=0.05)["winner"] == "x2"

@@ -191,3 +191,28 @@ def write(summary: dict, report_dir: Path, labels: dict[str, str]) -> str:
     plot(summary, labels, report_dir / "ablation.png")
     dist.log("\n" + md)
     return md
+
+
+def margin_rule(summary: dict, tasks_of: dict[str, str], recipes: list[str], bar: str = "msmt", band: float = 0.5,
+                ratio_band: float = 0.01) -> dict:
+    """Issue 28's selection rule (docs/ablation/README.md) on a summary (ablation.json): each recipe's margin over
+    `bar` per task (the mean over seeds of recipe - bar, task means of the datasets in `tasks_of`), their min,
+    and its student / teacher ratios. The winner: the largest min margin; within `band` points of the best, the
+    largest min ratio; within `ratio_band` of that, the largest mean margin. {"table": {recipe: ...}, "winner"}."""
+    def task_mean(v, seed, task):
+        names = [d for d, t in tasks_of.items() if t == task]
+        return sum(summary["scores"][v][seed][d] for d in names) / len(names)
+
+    tasks = sorted(set(tasks_of.values()), key=("cls", "det", "seg").index)
+    seeds = list(summary["scores"][bar])
+    table = {}
+    for r in recipes:
+        m = {t: sum(task_mean(r, s, t) - task_mean(bar, s, t) for s in seeds) / len(seeds) for t in tasks}
+        ratio = {t: summary["transfer_ratios"][r][f"{t} mean"][0] for t in tasks} if r in summary["transfer_ratios"] else {}
+        table[r] = {"margin": m, "min_margin": min(m.values()), "mean_margin": sum(m.values()) / len(m),
+                    "ratio": ratio, "min_ratio": min(ratio.values()) if ratio else float("nan")}
+    best = max(v["min_margin"] for v in table.values())
+    tied = [r for r in recipes if table[r]["min_margin"] >= best - band]
+    top_ratio = max(table[r]["min_ratio"] for r in tied)
+    tied = [r for r in tied if table[r]["min_ratio"] >= top_ratio - ratio_band]
+    return {"table": table, "winner": max(tied, key=lambda r: table[r]["mean_margin"])}
