@@ -48,7 +48,8 @@ def test_readme_test_blocks_run(tmp_path):
 
 
 OPTIONS = {  # every command's options, exactly (check-data --out and export --set were dead: removed)
-    "demo-data": ["--out", "--seed", "--scale", "--downstream-scale", "--world"],
+    "demo-data": ["--out", "--seed", "--scale", "--downstream-scale", "--world", "--workers"],
+    "clipart": ["--out", "--root"],
     "check-data": ["--config", "--set"],
     "expand": ["--config", "--set", "--out"],
     "squeeze": ["--config", "--set", "--teacher", "--out"],
