@@ -45,7 +45,7 @@ fi
 if [ "$TINY" = 1 ]; then
   WORLD=${WORLD:-$SCRATCH/standin-tiny}
   [ -f "$WORLD/.complete" ] || $PY cli.py demo-data --world standin --out "$WORLD" --scale 0.02 >> "$LOG" 2>&1 || exit 1
-  SIZES="--set model.arch=\"resnet18\" --set model.channels_last=false --set expand.amp=\"off\" --set squeeze.amp=\"off\""
+  SIZES="--set model.arch=\"resnet10\" --set model.channels_last=false --set expand.amp=\"off\" --set squeeze.amp=\"off\""
   SIZES+=" --set model.fpn_channels=64 --set model.box_batch_size_per_image=64 --set model.box_head_dim=256"
   SIZES+=" --set model.rpn_pre_nms_top_n=300 --set model.rpn_post_nms_top_n=150 --set model.seg_channels=64"
   for s in imagenet places365 inat2021; do SIZES+=" --set sources.$s.image_size=32 --set sources.$s.batch_size=2 --set sources.$s.num_classes=0"; done
