@@ -242,3 +242,40 @@ def test_ade20k_root_names_the_folder_once(tmp_path):
     # neither train nor root: still the line that names the key
     bare = load_config(None, ['sources=[{name="ade", task="seg", format="ade20k"}]']).sources[0]
     assert make_reader(bare, "val").problems == ["sources.ade.val: not set in the config"]
+
+
+def test_coco_reader_keeps_annotations_compact(tmp_path):
+    """A COCO train split is held as arrays, with no pycocotools index unless evaluation asks for `coco`.
+    Measured with scripts/annotation_memory.py at a tenth of Objects365 (170k images, 2.5M boxes): a rank's
+    RSS after reading 2,325 MB before, 277 MB after; a forked worker's copied pages after 100 batches 243 -> 29 MB.
+    Here, 2,000 images and 30,000 boxes: what the reader keeps is under 4 MB (about 35 MB before)."""
+    import gc
+    import json as js
+    import random
+    import tracemalloc
+    from xlearner.datasets import CocoReader
+    rng = random.Random(0)
+    (tmp_path / "im").mkdir()
+    for i in range(2000):
+        (tmp_path / "im" / f"{i}.jpg").touch()
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(2000)],
+            "annotations": [{"id": k, "image_id": k % 2000, "category_id": 1 + k % 7, "iscrowd": 0,
+                             "bbox": [rng.uniform(0, 500), rng.uniform(0, 300), 20.0, 30.0]} for k in range(30000)],
+            "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 8)]}
+    (tmp_path / "a.json").write_text(js.dumps(data))
+    del data
+    gc.collect()
+    tracemalloc.start()
+    reader = CocoReader(str(tmp_path / "im"), str(tmp_path / "a.json"))
+    gc.collect()
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert reader.problems == [] and len(reader) == 2000
+    assert reader._coco is None and reader.boxes.shape == (30000, 4) and reader.boxes.dtype == np.float32
+    assert kept < 4 * 2**20, kept
+    # the targets are what the lists gave: image 3's boxes are annotations 3, 2003, 4003, ... in order
+    path, img_id, w, h, start, end = reader.items[3]
+    assert (img_id, end - start) == (3, 15)
+    np.testing.assert_array_equal(reader.labels[start:end], [1 + k % 7 for k in range(3, 30000, 2000)])
+    # evaluation still gets its pycocotools index, read on first use
+    assert sorted(reader.coco.getImgIds())[:3] == [0, 1, 2] and len(reader.coco.getAnnIds()) == 30000

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import gc
 import hashlib
 import multiprocessing
 import random
@@ -309,6 +310,8 @@ class MultiSourceLoader:
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
                             # the workers' base seed comes from here, not from the global RNG
                             generator=torch.Generator().manual_seed(self.seed))
+        if self.workers > 0:  # the workers fork here: objects made so far (the readers' annotations) go to the
+            gc.freeze()       # permanent generation, so the collector's scans do not copy their pages in every worker
         self._iters[src.name] = iter(loader)
 
     def __iter__(self):

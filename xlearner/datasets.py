@@ -231,14 +231,22 @@ def coco_categories(ann_path: str) -> list[tuple[int, str]] | None:
 
 
 class CocoReader(Reader):
-    """COCO detection JSON. `coco` is the pycocotools.COCO of the split (for COCOeval).
+    """COCO detection JSON. `coco` is the pycocotools.COCO of the split (for COCOeval), built on first use.
 
     With `train_ann` (a val split), the categories must be the train JSON's,
-    ids and names: label i+1 must mean the same category in both splits."""
+    ids and names: label i+1 must mean the same category in both splits.
+
+    What stays in memory is compact: per image (path, image id, width, height,
+    first box, end box) and every box of the split in one float32 array with
+    one label array. The parsed JSON is dropped after reading, and no
+    pycocotools index is built unless `coco` is asked for (evaluation of a val
+    split): an Objects365-size train JSON (1.7 M images, 25 M boxes) is tens of
+    GB as Python objects, in every rank and, page by page, every loader worker
+    (docs/RESULTS.md)."""
 
     def __init__(self, image_dir: str, ann_path: str, train_ann: str = ""):
         super().__init__()
-        self.ann_path, self.coco, self.cat_ids = ann_path, None, []
+        self.ann_path, self._coco, self._parsed, self.cat_ids = ann_path, None, False, []
         if not os.path.isfile(ann_path):
             return self.problem(ann_path, "annotation JSON not found")
         try:
@@ -282,18 +290,30 @@ class CocoReader(Reader):
                 x, y, w, h = bbox
                 W, H = img.get("width") or math.inf, img.get("height") or math.inf
                 boxes[img_id].append(([max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)], label[cid]))
+        del data, anns  # the parsed JSON: from here on only the compact form below
+        box_list, label_list = [], []
         for img_id in sorted(images):
             img = images[img_id]
             path = os.path.join(image_dir, str(img.get("file_name", "")))
             if not os.path.isfile(path):
                 self.problem(path, f"image file not found (listed in {ann_path})")
             else:
-                self.items.append((path, img_id, img.get("width"), img.get("height"), boxes[img_id]))
-        from pycocotools.coco import COCO
-        self.coco = COCO()  # from the parsed dict: no second read, and no progress prints
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+                start = len(box_list)
+                box_list += [b for b, _ in boxes[img_id]]
+                label_list += [c for _, c in boxes[img_id]]
+                self.items.append((path, img_id, img.get("width"), img.get("height"), start, len(box_list)))
+        self.boxes = np.array(box_list, np.float32).reshape(-1, 4)
+        self.labels = np.array(label_list, np.int64)
+        self._parsed = True
+
+    @property
+    def coco(self):
+        """The split's pycocotools.COCO (read from the JSON on first use: evaluation only), or None if unreadable."""
+        if self._coco is None and self._parsed:
+            from pycocotools.coco import COCO
+            with contextlib.redirect_stdout(io.StringIO()):  # no progress prints
+                self._coco = COCO(self.ann_path)
+        return self._coco
 
     def _same_categories_as(self, train_ann: str, cats: list[tuple[int, str]]) -> None:
         train = coco_categories(train_ann)
@@ -304,9 +324,9 @@ class CocoReader(Reader):
                                         f"extra {extra}")
 
     def load(self, i):
-        path, img_id, W, H, anns = self.items[i]
+        path, img_id, W, H, start, end = self.items[i]
         img = decode_image(path)
         if (W and W != img.width) or (H and H != img.height):
             raise BadSample(path, f"image is {img.width}x{img.height} but {self.ann_path} says {W}x{H}")
-        return img, {"boxes": np.array([a[0] for a in anns], np.float32).reshape(-1, 4),
-                     "labels": np.array([a[1] for a in anns], np.int64), "image_id": img_id}
+        return img, {"boxes": self.boxes[start:end].copy(), "labels": self.labels[start:end].copy(),
+                     "image_id": img_id}
