@@ -291,12 +291,16 @@ class CocoReader(Reader):
                 W, H = img.get("width") or math.inf, img.get("height") or math.inf
                 boxes[img_id].append(([max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)], label[cid]))
         del data, anns  # the parsed JSON: from here on only the compact form below
+        self._keep(image_dir, images, boxes)
+
+    def _keep(self, image_dir: str, images: dict, boxes: dict) -> None:
+        """items (path, image id, width, height, first box, end box) of the images on disk, every box in one array."""
         box_list, label_list = [], []
         for img_id in sorted(images):
             img = images[img_id]
             path = os.path.join(image_dir, str(img.get("file_name", "")))
             if not os.path.isfile(path):
-                self.problem(path, f"image file not found (listed in {ann_path})")
+                self.problem(path, f"image file not found (listed in {self.ann_path})")
             else:
                 start = len(box_list)
                 box_list += [b for b, _ in boxes[img_id]]
