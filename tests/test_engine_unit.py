@@ -251,3 +251,39 @@ def test_sync_bn_syncs_only_where_it_learns(tmp_path):
             every(x)
     finally:
         tdist.destroy_process_group()
+
+
+def _slow_main_worker(rank: int, store_path: str, mode: str, results) -> None:
+    """One of two gloo ranks whose process group times out after 2 s; rank 0's work takes 4 s."""
+    import datetime
+    import time as t
+    import torch.distributed as tdist
+    from xlearner import dist
+    tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
+                             timeout=datetime.timedelta(seconds=2))
+
+    def work():
+        t.sleep(4)
+        return {"AP": 12.5}
+    try:
+        if mode == "from_main":
+            results[rank] = dist.from_main(work)
+        else:  # the collective it replaced: rank 0 works, then broadcasts
+            results[rank] = dist.broadcast_object(work() if rank == 0 else None)
+    except RuntimeError as e:
+        results[rank] = f"error: {type(e).__name__}"
+
+
+@pytest.mark.parametrize("mode", ["from_main", "broadcast"])
+def test_rank0_work_longer_than_the_timeout_does_not_abort(tmp_path, mode):
+    """COCOeval runs on rank 0 alone: the others wait for it in the store (dist.from_main), so work that outlasts the
+    process group's timeout does not abort the job; a collective wait (the broadcast it replaced) did."""
+    import torch.multiprocessing as tmp
+    with tmp.Manager() as manager:
+        results = manager.dict()
+        tmp.spawn(_slow_main_worker, args=(str(tmp_path / "store"), mode, results), nprocs=2, join=True)
+        results = dict(results)
+    if mode == "from_main":
+        assert results == {0: {"AP": 12.5}, 1: {"AP": 12.5}}
+    else:
+        assert results[1] == "error: RuntimeError"  # rank 1 timed out in the collective after 2 s

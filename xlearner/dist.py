@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -169,6 +171,27 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+MAIN_WORK_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for rank-0-only work (from_main)
+_main_work = itertools.count()
+
+
+def from_main(fn: Callable[[], object]):
+    """fn() on rank 0, its (picklable) result on every rank. The other ranks wait for it in the process group's
+    store, not in a collective: a collective waits at most the process group's timeout (NCCL's watchdog, gloo's
+    timeout) and would abort the job when rank 0's work outlasts it (COCOeval over Objects365's 80k val images).
+    Every rank calls it at the same point, like a collective, so the keys match."""
+    if not is_dist():
+        return fn()
+    key = f"xlearner/from_main/{next(_main_work)}"
+    store = dist.distributed_c10d._get_default_store()  # the store torchrun's rendezvous set up for this group
+    if is_main_process():
+        value = fn()
+        store.set(key, pickle.dumps(value))
+        return value
+    store.wait([key], MAIN_WORK_TIMEOUT)
+    return pickle.loads(store.get(key))
 
 
 def broadcast_object(obj):

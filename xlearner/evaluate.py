@@ -223,13 +223,13 @@ def _combine_cls(src: DataConfig, logits_all: list, labels_all: list, num_classe
 
 def _combine_det(dataset, detections: list[dict], img_ids: list[int]) -> dict[str, float]:
     parts = dist.all_gather_object((detections, img_ids))
-    res = None
-    if dist.is_main_process():
+
+    def score() -> dict[str, float]:  # rank 0 alone, for as long as COCOeval takes (dist.from_main: no collective)
         all_dets = [d for p in parts for d in p[0]]
         all_ids = [i for p in parts for i in p[1]]
         subset = getattr(dataset, "indices", None) is not None  # a dev split or val_subset
-        res = coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if subset else None)
-    return dist.broadcast_object(res)
+        return coco_evaluate(dataset.coco, all_dets, img_ids=all_ids if subset else None)
+    return dist.from_main(score)
 
 
 def _combine_seg(conf: torch.Tensor) -> dict:
