@@ -24,7 +24,8 @@ t0=$SECONDS
 [ -f "$DATA/.complete" ] || $PY cli.py demo-data --out "$DATA" --downstream-scale 5 --workers "$(nproc)" > /dev/null || exit 1
 echo "gpu_ablate: world ready after $((SECONDS - t0)) s"
 QUICK=""; [ "${GPU_CHECK_TINY:-0}" = 1 ] && QUICK="--quick --jobs 2"
-timeout -k 10 $((LIMIT - (SECONDS - t0))) $PY cli.py ablate --config configs/ablate_gpu.toml --set ablate.out="$RUNS" \
+LEFT=$((LIMIT - (SECONDS - t0))); [ $LEFT -ge 10 ] || LEFT=10  # timeout 0 would mean no limit
+timeout -k 10 $LEFT $PY cli.py ablate --config configs/ablate_gpu.toml --set ablate.out="$RUNS" \
   --out "$RUNS/report" $QUICK "$@"
 rc=$?
 echo "gpu_ablate: ablate exit $rc after $((SECONDS - t0)) s"

@@ -83,10 +83,6 @@ BAD = [
     ('squeeze.teacher_norm="whiten"', "squeeze.teacher_norm: expected none|standardize, got 'whiten'"),
     ('squeeze.heads="shared"', "squeeze.heads: expected copy|frozen|fresh, got 'shared'"),
     ("squeeze.norm_steps=0", "squeeze.norm_steps: must be >= 1, got 0"),
-    ('squeeze.student_init="mean"', "squeeze.student_init: 'mean' averages the branches, which is meaningful only "
-                                    "when they start from the same weights (model.branch_init = \"shared\" or "
-                                    "model.pretrained); with branch_init = \"independent\" and pretrained = \"\" "
-                                    "each branch is an independent random draw: use task:<name>, got 'mean'"),
     ('model.branch_init="tied"', "model.branch_init: expected independent|shared, got 'tied'"),
     ("transfer.dev_fraction=0.6", "transfer.dev_fraction: must be in [0, 0.5], got 0.6"),
     ("squeeze.lambda_kd=-1", "squeeze.lambda_kd: must be >= 0, got -1.0"),

@@ -31,6 +31,9 @@ def test_gpu_check_tiny_runs_every_case(tmp_path):
     assert sorted(f.name for f in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.log"]
     assert sum(f.stat().st_size for f in out.iterdir()) < 200_000
     assert p.stdout.splitlines()[-1].endswith("(0 errors)")
+    # the syncbn cases ran in a process group (one rank, gloo on a CPU, where no BN is converted)
+    log = (out / "gpu_check.log").read_text()
+    assert log.count("gpucheck syncbn: process group gloo, world size 1, forced SyncBatchNorm forwards 0") == 2
 
 
 def test_gpu_ablation_config_loads():

@@ -119,8 +119,8 @@ class TrainConfig:
     clip_grad: float = 0.0              # max grad norm; 0 = off
     sync_bn: bool = False               # SyncBatchNorm (CUDA, several processes)
     cudnn_benchmark: bool = False       # cuDNN autotuning (CUDA): faster fixed shapes; each new det image size re-tunes
-    sync_bn_no_grad: bool = False       # also sync the BNs of a forward under no_grad (the other branches feeding the
-                                        # RLs, the squeeze's teacher): they learn nothing from it (dist.GradSyncBatchNorm)
+    sync_bn_no_grad: bool = True        # also sync the BNs of a forward under no_grad (the other branches feeding the
+                                        # RLs): false syncs only where a BN learns (dist.GradSyncBatchNorm), not measured yet
     eval_every: int = 0                 # 0 = only at the end
     ckpt_every: int = 200
     log_every: int = 20
@@ -359,10 +359,8 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     if sq.student_init.startswith("task:"):
         _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
-    _check(sq.student_init != "mean" or branches_share_start(m), "squeeze.student_init",
-           "'mean' averages the branches, which is meaningful only when they start from the same weights "
-           "(model.branch_init = \"shared\" or model.pretrained); with branch_init = \"independent\" and "
-           "pretrained = \"\" each branch is an independent random draw: use task:<name>", sq.student_init)
+    # student_init = "mean" is checked against the teacher's own model config when the squeeze starts
+    # (model.init_student_backbone): the teacher checkpoint, not this file, says where its branches started
     _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
     _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
     _one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)

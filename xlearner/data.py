@@ -310,8 +310,9 @@ class MultiSourceLoader:
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
                             # the workers' base seed comes from here, not from the global RNG
                             generator=torch.Generator().manual_seed(self.seed))
-        if self.workers > 0:  # the workers fork here: objects made so far (the readers' annotations) go to the
-            gc.freeze()       # permanent generation, so the collector's scans do not copy their pages in every worker
+        if self.workers > 0 and not gc.get_freeze_count():  # the workers fork here: once per process, what lives
+            gc.collect()  # now (the readers' annotations) goes to the permanent generation, so that the collector's
+            gc.freeze()   # scans do not copy its pages in every worker; garbage is collected first, never frozen
         self._iters[src.name] = iter(loader)
 
     def __iter__(self):

@@ -171,6 +171,9 @@ def case_boxes() -> dict:
                      "max_box_err_px": round((our_boxes - ref).abs().max().item(), 4)}}
 
 
+SYNC_CALLS_MADE = [0]  # forced SyncBatchNorm forwards, counted for the syncbn case's closing line
+
+
 def force_syncbn_collectives() -> None:
     """Make every SyncBatchNorm in training mode take its collective path, even in a one-rank process group
     (torch falls back to plain BN when world_size is 1): the one-GPU stand-in for a multi-GPU job's cost."""
@@ -180,6 +183,7 @@ def force_syncbn_collectives() -> None:
     def forward(self, x):
         if not (self.training and torch.distributed.is_initialized()):
             return plain(self, x)
+        SYNC_CALLS_MADE[0] += 1
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -193,9 +197,20 @@ def force_syncbn_collectives() -> None:
 def main(argv: list[str]) -> None:
     what, rest = argv[0], argv[1:]
     if what == "syncbn":  # a torchrun child: patch, then the CLI as usual (its own lines, no JSON)
+        # dist.init_distributed starts a group only for WORLD_SIZE > 1: start the one-rank group here, so that the
+        # engine wraps DDP and converts SyncBatchNorm (CUDA) as on a cluster
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        group = f"process group {torch.distributed.get_backend()}, world size {torch.distributed.get_world_size()}"
         force_syncbn_collectives()
         from ..cli import main as cli
-        cli.main(rest, standalone_mode=True)
+        try:  # (the stage destroys the group when it ends)
+            cli.main(rest, standalone_mode=False)
+        finally:
+            print(f"gpucheck syncbn: {group}, forced SyncBatchNorm forwards {SYNC_CALLS_MADE[0]}", file=sys.stderr,
+                  flush=True)
         return
     if what == "env":
         result = case_env()
