@@ -71,6 +71,7 @@ def test_budgets_are_equal(demo_config):
     demo_config.expand.steps, demo_config.squeeze.steps = 240, 200
     budgets = {v: ablate.budget(demo_config, v) for v in ablate.VARIANTS}
     assert budgets.pop("teacher_rl") == budgets.pop("teacher_norl") == 240  # half of X-Learner's budget
+    assert budgets.pop("teacher_prev") == 220  # the previous recipe: half of this config's 440
     # the grid's teachers get the rest of the budget after their squeeze's share (a quarter, half, three quarters)
     assert {v: budgets.pop(v) for v in list(budgets) if v.startswith("gt_")} == {
         "gt_ind_240": 220, "gt_sh_240": 220, "gt_ind_120": 330, "gt_sh_120": 330, "gt_ind_360": 110, "gt_sh_360": 110}

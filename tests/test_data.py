@@ -19,7 +19,8 @@ from PIL import Image
 
 from xlearner.tools.bench import bench_loader
 from xlearner.config import Config, SourceConfig
-from xlearner.data import (IMAGENET_MEAN, IMAGENET_STD, DataWarning, MultiSourceLoader, build_dataset,
+from xlearner.backbone import IMAGENET_MEAN, IMAGENET_STD, to_input
+from xlearner.data import (DataWarning, MultiSourceLoader, build_dataset,
                            build_eval_loader, collate_fn, move_to)
 from xlearner.datasets import DataError
 from xlearner.formats import check_data
@@ -41,8 +42,10 @@ def png(path, size=(20, 16), value=None, mode="RGB"):
     return path
 
 
-def unnormalize(img):
-    return img * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+def unit(img):
+    """A loader image (uint8) as float pixels in [0, 1]."""
+    assert img.dtype == torch.uint8
+    return img.float() / 255
 
 
 def imagefolder(root, classes=("a", "b"), per_class=4, size=(20, 16)):
@@ -112,8 +115,7 @@ def test_coco_reader_matches_pycocotools(tmp_path):
     for i in range(len(ds)):
         img, t = ds[i]
         info = coco.loadImgs(t["image_id"])[0]
-        assert img.shape == (3, info["height"], info["width"]) and img.dtype == torch.float32
-        assert 0.0 <= img.min() and img.max() <= 1.0
+        assert img.shape == (3, info["height"], info["width"]) and img.dtype == torch.uint8
         ref = coco.loadAnns(coco.getAnnIds(imgIds=t["image_id"], iscrowd=False))
         expect = torch.tensor([[x, y, min(x + w, info["width"]), min(y + h, info["height"])]
                                for x, y, w, h in (a["bbox"] for a in ref)], dtype=torch.float32).reshape(-1, 4)
@@ -336,6 +338,7 @@ def test_det_flip_moves_the_boxes(tmp_path):
         is_flipped = x1 != box[0]
         flipped.add(is_flipped)
         assert (x1, y1, x2, y2) == ((W - box[2], box[1], W - box[0], box[3]) if is_flipped else box)
+        img = unit(img)
         assert img[:, y1:y2, x1:x2].min() == 1.0 and img.sum() == 3 * (x2 - x1) * (y2 - y1)  # the box is on the object
     assert flipped == {True, False}
 
@@ -353,7 +356,7 @@ def test_seg_mask_moves_with_the_image(tmp_path):
     for seed in range(6):
         img, m = ds[(0, seed)]
         assert img.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.int64
-        decoded = (unnormalize(img)[0] * 255 / 60).round().long()
+        decoded = (img[0].long() / 60).round().long()
         agree, mirrored = (decoded == m).float().mean(), (decoded == m.flip(-1)).float().mean()
         assert agree > 0.85 and agree > mirrored + 0.2, (seed, agree, mirrored)
     img, m = build_dataset(src, "train", train=False)[0]  # eval: a plain resize to S x S
@@ -401,7 +404,7 @@ def test_fashion_mnist_from_local_idx_files(tmp_path, monkeypatch):
         assert (len(train), len(val)) == (6, 4) and train.num_classes == 10 and train.classes[0] == "T-shirt/top"
         img, label = val[3]
         assert label == 3 and img.shape == (3, 28, 28)
-        pixels = unnormalize(img)
+        pixels = unit(img)
         assert torch.allclose(pixels[0], pixels[2], atol=1e-5)  # gray became 3 equal channels
         assert torch.allclose(pixels[0] * 255, torch.from_numpy(images["t10k"][3]).float(), atol=1e-3)
     assert (tmp_path / "tv/FashionMNIST/raw/train-images-idx3-ubyte").is_file()
@@ -510,6 +513,35 @@ def test_bench_loader_alternates_rounds_and_keeps_the_best_of_each(tmp_path, mon
     assert (res["multi_images_per_s"], res["plain_images_per_s"], res["ratio"]) == (120.0, 50.0, 2.401)
     assert (res["multi_images_per_s_per_worker"], res["plain_images_per_s_per_worker"]) == (60.0, 25.0)
     assert res["loader_step_s"] == round(per_step / 120.04, 3)
+
+
+def test_batches_are_uint8_and_to_input_makes_the_old_float_tensors_to_the_last_bit(demo_config):
+    """The loader sends uint8 (a quarter of the bytes to copy); backbone.to_input, on the device, makes exactly
+    the tensors the old CPU transform made (its geometry, then ToDtype and, but for det, Normalize)."""
+    from torchvision.transforms import v2
+    to_float, norm = v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    for s in demo_config.sources:
+        s.batch_size = 2
+        S = s.image_size
+        old = {("cls", True): [v2.RandomResizedCrop(S, scale=(0.6, 1.0)), v2.RandomHorizontalFlip(), to_float, norm],
+               ("cls", False): [v2.Resize(S), v2.CenterCrop(S), to_float, norm],
+               ("seg", True): [v2.RandomResizedCrop(S, scale=(0.5, 1.0)), v2.RandomHorizontalFlip(), to_float, norm],
+               ("seg", False): [v2.Resize((S, S)), to_float, norm],
+               ("det", True): [v2.RandomHorizontalFlip(), to_float], ("det", False): [to_float]}
+        for train in (True, False):
+            ds, before = build_dataset(s, "train", train=train), v2.Compose([v2.ToImage(), *old[s.task, train]])
+            for i, seed in ((0, 11), (1, 12), (2, 13)):
+                torch.manual_seed(seed)
+                expect = before(ds.reader.load(i)[0])
+                img = ds[(i, seed)][0]
+                assert img.dtype == torch.uint8
+                assert torch.equal(to_input(img, normalize=s.task != "det"), expect), (s.name, train, i)
+    datasets = {s.name: build_dataset(s, "train", train=True) for s in demo_config.sources}
+    step = next(MultiSourceLoader(demo_config.sources, datasets, workers=0))
+    assert all((b["images"].dtype if torch.is_tensor(b["images"]) else b["images"][0].dtype) == torch.uint8
+               for b in step.values())
+    x = step[demo_config.sources[0].name]["images"]
+    assert torch.equal(to_input(x), torch.stack([to_input(im) for im in x])) and to_input(to_input(x)).equal(to_input(x))
 
 
 def test_demo_world_is_clean_and_loads(demo_config):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -83,6 +84,27 @@ def test_non_finite_loss_names_source_and_step(tmp_path):
     run = make_run(tmp_path, model=ToyModel(nan_at=3), steps=5)
     with pytest.raises(engine.NonFiniteLossError, match=r"'a' at step 3"):
         engine.train(run)
+    # read back only when the loop logs (step 5 here) or checkpoints (step 4): still the step it appeared at,
+    # and the checkpoint of step 4, whose weights it spoiled, is never written
+    run = make_run(tmp_path / "late", model=ToyModel(nan_at=3), steps=8, log_every=5, ckpt_every=4)
+    with pytest.raises(engine.NonFiniteLossError, match=r"'a' at step 3"):
+        engine.train(run)
+    assert not (tmp_path / "late" / "run" / "checkpoint.pt").exists()
+
+
+def test_the_loop_reads_back_from_the_device_only_when_it_logs(tmp_path, monkeypatch):
+    """No host sync per step: engine.py and dist.py read tensors back (tolist, item, float, bool) only at the
+    logging steps (3 and 6 here); the stop flag is agreed on without a device tensor."""
+    reads = []
+    for method in ("tolist", "item", "__float__", "__bool__", "__int__"):
+        def counted(self, *args, _orig=getattr(torch.Tensor, method), _name=method, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith((os.path.join("xlearner", "engine.py"), os.path.join("xlearner", "dist.py"))):
+                reads.append(_name)
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    engine.train(make_run(tmp_path, steps=6, log_every=3))
+    assert reads == ["tolist", "tolist"]
 
 
 def test_unused_parameters_are_named(tmp_path):

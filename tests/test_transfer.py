@@ -9,6 +9,7 @@ import torchvision
 
 from runner import REPO, image_folder
 from xlearner import probe, results, transfer, weights
+from xlearner.backbone import to_input
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig, TransferDatasetConfig
 from xlearner.datasets import DataError
@@ -232,7 +233,7 @@ class _HugeGradModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
 
     def forward(self, batch):
-        return 1e6 * self.w * batch["images"].mean().abs()
+        return 1e6 * self.w * to_input(batch["images"]).mean().abs()
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.01])

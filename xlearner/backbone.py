@@ -20,6 +20,30 @@ import torch
 import torch.nn as nn
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.transforms.v2 import functional as TF
+
+# The statistics every backbone's input is normalised with (ImageNet's, as torchvision's weights expect).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STATS: dict = {}  # device -> (mean, std) as [3, 1, 1] tensors: made once, not copied from the host every step
+
+
+def to_input(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Loader images -> what a backbone sees, on the images' own device (the GPU, in training).
+
+    The loaders deliver uint8 images: a quarter of fp32's bytes to pin and to copy. Here they become float in
+    [0, 1] and, unless the consumer normalises them itself (the detector's transform), normalised, with the
+    operations the CPU transform used (torchvision's to_dtype, then subtract and divide): the same numbers to
+    the last bit. Float images are taken as already converted and pass unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    x = TF.to_dtype(images, torch.float32, scale=True)
+    if not normalize:
+        return x
+    if x.device not in _STATS:
+        _STATS[x.device] = tuple(torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _STATS[x.device]
+    return x.sub_(mean).div_(std)
 
 
 def resnet10(weights=None) -> torchvision.models.ResNet:

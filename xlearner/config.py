@@ -218,7 +218,7 @@ STUDENT_HEADS = ("copy", "frozen", "fresh")
 PROTOCOLS = ("linear", "finetune")
 ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
                    "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
-                   "sq_all_copy", "sq_all_lr1",
+                   "sq_all_copy", "sq_all_lr1", "teacher_prev", "xlearner_prev",
                    # the second grid (tools/ablate.py's GRID2): teachers gt_<branches>_<squeeze steps>, squeezes
                    # gx_<branches>_<student init>_<squeeze steps>
                    *(f"gt_{b}_{n}" for b in ("ind", "sh") for n in (240, 120, 360)),

@@ -8,7 +8,7 @@ This module turns `SourceConfig`s into that stream:
     build_dataset(src, split, train)  reader (datasets.py) + per-task transform
     MultiSourceLoader                 next() -> {source name: batch}, forever
     build_eval_loader                 this rank's shard of a val split
-    collate_fn(task), move_to         batching and host -> device
+    collate_fn(task), move_to         batching and host -> device (uint8 images: heads convert them there)
 
 Determinism. A sample's augmentation is a pure function of (seed, source,
 epoch, index): the batch sampler hands the dataset `(index, aug_seed)` keys and
@@ -45,10 +45,6 @@ from .config import DataConfig, SourceConfig
 from .datasets import BadSample, DataError
 from .formats import make_reader
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -60,13 +56,12 @@ class DataWarning(UserWarning):
 # transforms: torchvision.transforms.v2 moves boxes and masks with the image
 
 def build_transform(task: str, train: bool, image_size: int) -> v2.Compose:
-    to_float = v2.ToDtype(torch.float32, scale=True)  # images only: masks stay integer labels
-    normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    """Geometry only, on uint8 images: float conversion and normalisation happen on the device
+    (backbone.to_input, called by each head's `prepare`), so a step copies a quarter of the bytes."""
     if task == "det":
-        # native size, [0, 1], not normalised: the detector's GeneralizedRCNNTransform
-        # resizes (image_size is its shorter side) and normalises on the device
+        # native size: the detector's GeneralizedRCNNTransform resizes (image_size is its shorter side)
         flip = [v2.RandomHorizontalFlip()] if train else []
-        return v2.Compose([v2.ToImage(), *flip, to_float])
+        return v2.Compose([v2.ToImage(), *flip])
     if task == "cls":
         geometry = ([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0)), v2.RandomHorizontalFlip()] if train
                     else [v2.Resize(image_size), v2.CenterCrop(image_size)])
@@ -76,7 +71,7 @@ def build_transform(task: str, train: bool, image_size: int) -> v2.Compose:
                     else [v2.Resize((image_size, image_size))])
     else:
         raise ValueError(f"unknown task {task!r}")
-    return v2.Compose([v2.ToImage(), *geometry, to_float, normalize])
+    return v2.Compose([v2.ToImage(), *geometry])
 
 
 def sample_seed(seed: int, source: str, epoch: int, index: int) -> int:
@@ -180,14 +175,15 @@ def _collate(task: str, ignore_index: int, samples: list) -> dict:
         return {"images": [s[0] for s in kept], "targets": [s[1] for s in kept], "skipped": skipped}
     if not kept:  # every image undecodable: MultiSourceLoader moves on to the next batch
         target_key = "labels" if task == "cls" else "masks"
-        return {"images": torch.zeros(0, 3, 1, 1), target_key: torch.zeros(0, dtype=torch.long), "skipped": skipped}
+        return {"images": torch.zeros(0, 3, 1, 1, dtype=torch.uint8), target_key: torch.zeros(0, dtype=torch.long),
+                "skipped": skipped}
     if task == "cls":
         labels = [s[1] for s in kept]
         labels = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)
         return {"images": torch.stack([s[0] for s in kept]), "labels": labels, "skipped": skipped}
     h = max(s[0].shape[-2] for s in kept)
     w = max(s[0].shape[-1] for s in kept)
-    images = torch.zeros(len(kept), 3, h, w)
+    images = torch.zeros(len(kept), 3, h, w, dtype=torch.uint8)
     masks = torch.full((len(kept), h, w), ignore_index, dtype=torch.long)  # padding carries no loss
     for i, (img, mask) in enumerate(kept):
         images[i, :, : img.shape[-2], : img.shape[-1]] = img

@@ -85,12 +85,14 @@ def _slurm_to_torchrun_env() -> None:
 
 
 _DEVICE: torch.device | None = None  # this rank's device: where collectives put their tensors
+_STOP_GROUP = None  # under nccl: a gloo group of every rank for the per-step stop flag (`agree_on_stop`)
+_TIMEOUT: datetime.timedelta | None = None  # the process group's timeout (`dist_timeout_min`), for that group too
 
 
 def init_distributed(timeout_min: float = 30.0) -> torch.device:
     """Start the process group if launched by torchrun/SLURM and return this rank's device (CUDA if any).
     `timeout_min`: how long a collective may wait for the slowest rank before the job aborts."""
-    global _DEVICE
+    global _DEVICE, _TIMEOUT
     _slurm_to_torchrun_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
@@ -98,9 +100,10 @@ def init_distributed(timeout_min: float = 30.0) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(dev)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        _TIMEOUT = datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_min),
+            timeout=_TIMEOUT,
             device_id=dev if use_cuda else None,
         )
     _DEVICE = dev
@@ -131,8 +134,10 @@ def convert_sync_batchnorm(model: nn.Module, no_grad_too: bool = False) -> nn.Mo
 
 
 def cleanup() -> None:
+    global _STOP_GROUP
     if is_dist():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the stop group too
+    _STOP_GROUP = None
 
 
 def barrier() -> None:
@@ -219,15 +224,19 @@ def stop_requested() -> int:
     return _stop_signal
 
 
-def agree_on_stop(device: torch.device | None = None) -> int:
+def agree_on_stop() -> int:
     """Collective: the stop signal of any rank (max over ranks), so that all ranks stop together.
 
-    Every rank must call it at the same point of the loop (the end of each step).
-    `device`: where the flag lives for the backend (default: this rank's device)."""
+    Every rank must call it at the same point of the loop (the end of each step). The flag is a CPU tensor on a
+    gloo group: reading a GPU tensor back would wait for the GPU to drain its queue every step."""
+    global _STOP_GROUP
     if not is_dist():
         return _stop_signal
-    flag = torch.tensor([_stop_signal], device=device or _DEVICE)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if dist.get_backend() != "gloo" and _STOP_GROUP is None:
+        # new_group is collective too: every rank makes it here, at the same step
+        _STOP_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT)
+    flag = torch.tensor([_stop_signal])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_STOP_GROUP)  # None: the default (gloo) group
     return int(flag.item())
 
 

@@ -188,16 +188,32 @@ def _flat(losses: dict) -> dict[str, torch.Tensor]:
             for k, v in losses.items() for t, x in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
-def _finite_values(losses: dict, stage: str, step: int) -> dict[str, float]:
-    """The losses as floats; a non-finite one stops the run, naming the source and the (1-based) step."""
+def _loss_vector(losses: dict) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The losses' flat names, and their values as one detached fp32 vector, left on the device (no host sync)."""
     losses = _flat(losses)
-    # One host sync per micro-step: the values are needed for this check and for the log.
-    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-    for name, v in values.items():
-        if not math.isfinite(v):
-            raise NonFiniteLossError(f"[{stage}] non-finite loss {v} for '{name}' at step {step + 1}; "
-                                     "lower the lr, enable clip_grad, or check that source's data")
-    return values
+    return tuple(losses), torch.stack([v.detach().float() for v in losses.values()])
+
+
+def _drain_window(s: _State) -> None:
+    """Bring the window's losses to the host: one sync, made only where the loop logs, checkpoints or evaluates.
+
+    A non-finite loss stops the run, naming the source and the (1-based) step it appeared at; the check runs
+    before every checkpoint and evaluation, so no checkpoint holds the weights it spoiled."""
+    w = s.window
+    if not w.pending:
+        return
+    values = iter(torch.cat([v for _, _, micro in w.pending for v in micro]).tolist())
+    for step, names, micro in w.pending:
+        step_losses: dict[str, float] = {}
+        for _ in micro:  # the step's average over its micro-batches
+            for name, v in zip(names, values):
+                if not math.isfinite(v):
+                    raise NonFiniteLossError(f"[{s.run.stage}] non-finite loss {v} for '{name}' at step {step}; "
+                                             "lower the lr, enable clip_grad, or check that source's data")
+                step_losses[name] = step_losses.get(name, 0.0) + v / len(micro)
+        for name, v in step_losses.items():
+            w.losses[name] = w.losses.get(name, 0.0) + v
+    w.pending.clear()
 
 
 @dataclass
@@ -205,7 +221,8 @@ class _Window:
     """The steps since the last log line: their summed losses, time, and time spent waiting for data."""
     t0: float = field(default_factory=time.perf_counter)
     wait: float = 0.0
-    losses: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)   # name -> summed float, drained from `pending`
+    pending: list = field(default_factory=list)  # (step, names, [loss vector per micro-batch]) on the device
     n: int = 0
 
 
@@ -247,10 +264,11 @@ def train(run: Run) -> nn.Module:
             _stop_run(s, signalled, eval_pending=True)
         while s.step < tc.steps:
             t_step = time.perf_counter()
-            _log_window(s, _train_step(s))
+            _train_step(s)
+            _log_window(s)
             s.stop.step_took(time.perf_counter() - t_step)
             # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = dist.agree_on_stop(run.device)
+            signalled = dist.agree_on_stop()
             eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps
             if not signalled and eval_step:
                 signalled = _evaluate(s)
@@ -318,10 +336,10 @@ def _log_start(s: _State) -> None:
                        "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
 
-def _train_step(s: _State) -> dict[str, float]:
-    """One optimiser step over `grad_accum` micro-batches; returns each loss, averaged over the micro-batches."""
+def _train_step(s: _State) -> None:
+    """One optimiser step over `grad_accum` micro-batches; its losses, averaged over them, join the window unsynced."""
     run, tc = s.run, s.run.tc
-    losses_sum: dict[str, float] = {}
+    names, micro_losses = (), []
     for micro in range(tc.grad_accum):
         t_wait = time.perf_counter()
         batch = move_to(next(run.loader), run.device)
@@ -334,8 +352,8 @@ def _train_step(s: _State) -> dict[str, float]:
                 losses = s.train_model(batch)
                 total = s.model.total_loss(losses) / tc.grad_accum
             s.scaler.scale(total).backward()
-        for name, v in _finite_values(losses, run.stage, s.step).items():
-            losses_sum[name] = losses_sum.get(name, 0.0) + v / tc.grad_accum
+        names, vector = _loss_vector(losses)
+        micro_losses.append(vector)
     if not s.checked_grads:
         _check_all_grads(s.model)
         s.checked_grads = True
@@ -347,27 +365,26 @@ def _train_step(s: _State) -> dict[str, float]:
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    return losses_sum
+    s.window.pending.append((s.step, names, micro_losses))
 
 
-def _log_window(s: _State, losses: dict[str, float]) -> None:
-    """Add the step to the window; every `log_every` steps (and at the last) average it over ranks and log it."""
+def _log_window(s: _State) -> None:
+    """Count the step in the window; every `log_every` steps (and at the last) average it over ranks and log it."""
     run, tc, w = s.run, s.run.tc, s.window
-    for k, v in losses.items():
-        w.losses[k] = w.losses.get(k, 0.0) + v
     w.n += 1
     s.bar.update(1)
-    elapsed = time.perf_counter() - w.t0
-    images = run.images_per_step * tc.grad_accum * dist.get_world_size() * w.n
-    s.bar.set_postfix(loss=f"{sum(losses.values()):.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}")
     if not (_every(s.step, tc.log_every) or s.step == tc.steps):
         return
+    _drain_window(s)
+    elapsed = time.perf_counter() - w.t0
+    images = run.images_per_step * tc.grad_accum * dist.get_world_size() * w.n
     # Collective: every rank reaches this line at the same step.
     mean = dist.all_reduce_mean({k: v / w.n for k, v in w.losses.items()}, run.device)
     record = {"event": "train", "step": s.step, "loss": sum(mean.values()), "losses": mean,
               "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
               "data_wait": w.wait / elapsed, "max_mem_mb": max_memory_mb(run.device),
               "skipped_images": dict(getattr(run.loader, "skipped", {}))}
+    s.bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
     _log_event(s.out, record)
     dist.log(f"[{run.stage}] step {s.step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.4g} "
              f"{record['images_per_s']:.0f} img/s data-wait {record['data_wait']:.0%} "
@@ -379,6 +396,7 @@ def _log_window(s: _State, losses: dict[str, float]) -> None:
 
 def _save(s: _State, eval_pending: bool = False) -> None:
     """Checkpoint the step just finished (atomically; every rank's RNG, so that each resumes its own stream)."""
+    _drain_window(s)  # a non-finite loss stops the run before its weights are saved
     rngs = dist.all_gather_object(rng_state())
     save_run_checkpoint({
         "model": s.ckpt_module.state_dict(), "optimizer": s.optimizer.state_dict(),
@@ -393,6 +411,7 @@ def _evaluate(s: _State) -> int:
     run, step = s.run, s.step
     if run.evaluate is None:
         return 0
+    _drain_window(s)
     if s.train_model is not s.model:  # DDP syncs BN running stats at the start of a forward: after the
         for b in s.model.buffers():   # last step each rank still has its own, so evaluate rank 0's (the
             dist.broadcast_tensor(b)          # checkpointed) ones
@@ -404,7 +423,7 @@ def _evaluate(s: _State) -> int:
     finally:
         s.model.train()
         set_rng_state(rng)
-    signalled = dist.agree_on_stop(run.device)  # a stopped rank's evaluation is partial: discard it on all ranks
+    signalled = dist.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
     if signalled:
         return signalled
     dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(

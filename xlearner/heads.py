@@ -11,7 +11,7 @@ classes.
 Every head has the same three-call interface, used by XLearnerModel
 (model.py) and SqueezedModel (squeeze.py):
 
-    images, ctx = head.prepare(batch, source)   # what the backbone sees (B,3,H,W) + what the head needs
+    images, ctx = head.prepare(batch, source)   # what the backbone sees (B,3,H,W, float) + what the head needs
     loss, outputs = head.loss(feats, ctx, source)   # feats = backbone stage dict; outputs: cls logits else None
     head.predict(feats, ctx, source)             # cls logits | det boxes in input coords | seg logits at input size
 
@@ -37,8 +37,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from . import dist
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, to_input
 from .config import ModelConfig, SourceConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD  # det images arrive unnormalised; the detector normalises them
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -77,7 +77,7 @@ class ClsHead(Head):
             self.predictors[s.name] = nn.Linear(channels["layer4"], num_classes[s.name])
 
     def prepare(self, batch: dict, source: str):
-        return batch["images"], {"labels": batch.get("labels")}
+        return to_input(batch["images"]), {"labels": batch.get("labels")}
 
     def logits(self, feats: dict, source: str) -> torch.Tensor:
         return self.predictors[source](torch.flatten(F.adaptive_avg_pool2d(feats["layer4"], 1), 1))
@@ -181,9 +181,9 @@ class DetHead(Head):
             self.predictors[s.name] = FastRCNNPredictor(mcfg.box_head_dim, num_classes[s.name] + 1)
 
     def prepare(self, batch: dict, source: str):
-        """Resize + normalise + pad a list of [0,1] images (and their targets) as torchvision does."""
+        """Resize + normalise + pad a list of images (and their targets) as torchvision does."""
         self._source(source)
-        images = list(batch["images"])
+        images = [to_input(img, normalize=False) for img in batch["images"]]  # [0, 1]: the transform normalises
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transforms[source](images, batch.get("targets"))
         return image_list.tensors, {"image_list": image_list, "targets": targets,
@@ -284,7 +284,7 @@ class SegHead(Head):
             self.predictors[s.name] = nn.Conv2d(mcfg.seg_channels, num_classes[s.name], 1)
 
     def prepare(self, batch: dict, source: str):
-        images = batch["images"]
+        images = to_input(batch["images"])
         return images, {"masks": batch.get("masks"), "size": tuple(images.shape[-2:])}
 
     def logits(self, feats: dict, ctx: dict, source: str) -> torch.Tensor:

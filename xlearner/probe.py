@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import data, dist
+from .backbone import to_input
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import TransferDatasetConfig
 from .evaluate import mean_per_class_accuracy
@@ -168,7 +169,7 @@ def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_s
             continue
         i, x, y = batch
         idx.append(i)
-        feats.append(backbone(x.to(device, non_blocking=True))["layer4"].float().mean((2, 3)).cpu())
+        feats.append(backbone(to_input(x.to(device, non_blocking=True)))["layer4"].float().mean((2, 3)).cpu())
         labels.append(y)
     parts = dist.all_gather_object((torch.cat(idx), torch.cat(feats), torch.cat(labels)))
     idx, feats, labels = (torch.cat([p[k] for p in parts]) for k in range(3))

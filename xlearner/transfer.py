@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import data, dist
-from .backbone import freeze_bn, load_torchvision_state_dict
+from .backbone import freeze_bn, load_torchvision_state_dict, to_input
 from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
 from .engine import wrap_ddp
 from .evaluate import evaluate
@@ -112,7 +112,7 @@ class _Classifier(nn.Module):
         self.fc = nn.Linear(feature_dim(backbone), num_classes)
 
     def predict(self, images, source=None):
-        return self.fc(self.backbone(images)["layer4"].mean((2, 3)))
+        return self.fc(self.backbone(to_input(images))["layer4"].mean((2, 3)))
 
     def forward(self, batch):
         logits = self.predict(batch["images"])

@@ -118,10 +118,16 @@ VARIANTS = {
     "squeeze_norl": _squeeze_of("teacher_norl", "Squeeze of no-RL"),
     **{name: _squeeze_of("teacher_rl", name, recipe) for name, recipe in GRID.items()},
     **GRID2,
+    # The recipe before issue 28's grid (independent branches, the cls branch as the student, 240 + 240 steps),
+    # kept as a row of the final table next to the chosen one.
+    "teacher_prev": Variant(model={"branch_init": "independent"}, budget="expand", transfer="branch+rl",
+                            squeeze_share=0.5, label="X-Learner's teacher, previous recipe"),
+    "xlearner_prev": _squeeze_of("teacher_prev", "X-Learner, previous recipe", {"student_init": "task:cls"}, 0.5),
 }
 # Work units: each chain is trained in this order by one process (a variant after the one it starts from).
 CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alone", *GRID),
           ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",),
+          ("teacher_prev", "xlearner_prev"),
           *((f"gt_{b}_{n}", *(f"gx_{b}_{st}_{n}" for bb, st in GRID2_RECIPES if bb == b))
             for n in (120, 360, 240) for b in BRANCH_INITS))  # the longest squeezes not last: the jobs end together
 
