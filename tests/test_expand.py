@@ -119,7 +119,7 @@ def test_compile_stages_in_place_keeps_keys_loss_and_grads():
     """model.compile = true compiles every trunk's layer1..4 in place: same state_dict keys (so
     checkpoints and exact resume are unchanged), same loss and gradients. backend aot_eager traces
     exactly what inductor would compile (dynamo + AOTAutograd) without the C++ build, which takes
-    minutes on a CPU (README, "Full scale")."""
+    minutes on a CPU (docs/OPERATIONS.md, "Full scale")."""
     import torch
 
     from xlearner.config import ModelConfig, SourceConfig

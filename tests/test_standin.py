@@ -1,4 +1,4 @@
-"""The full-size stand-in world and the ResNet-50 recipe on it (README, "Full scale").
+"""The full-size stand-in world and the ResNet-50 recipe on it (docs/OPERATIONS.md, "Full scale").
 
 `demo-data --world standin` writes configs/xlearner_r50.toml's six sources at
 their real sizes and file types, in the real datasets' layouts (ImageNet, Places365,

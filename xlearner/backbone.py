@@ -177,7 +177,7 @@ def compile_stages(model: nn.Module, **options) -> int:
     measured) and stop compiling after `recompile_limit` (8) variants. Hence static
     shapes, and a limit that leaves room for 8 variants per stage. Detection
     inputs change size every batch and recompile per shape: compile suits
-    fixed-size inputs (README, "Full scale").
+    fixed-size inputs (docs/OPERATIONS.md, "Full scale").
     """
     import torch._dynamo  # only when compiling: loading dynamo costs every other run a second
 
