@@ -45,7 +45,7 @@ class ModelConfig:
     shared_backbone: bool = False       # MSMT (hard sharing) ablation: one backbone shared by every task
     frozen_bn: bool = False             # FrozenBatchNorm2d in the backbone (detection practice)
     channels_last: bool = False         # memory format for GPU runs
-    compile: bool = False               # torch.compile the backbone stages (measured: README, "Full scale")
+    compile: bool = False               # torch.compile the backbone stages (measured: docs/OPERATIONS.md, "Full scale")
     seg_head: str = "fpn"               # fpn | deeplab (det is always Faster R-CNN: FPN + RPN + RoIHeads)
     # Detection sizes: torchvision's defaults suit 800 px images on GPUs (the demo's are 17x cheaper on CPU)
     fpn_channels: int = 256
