@@ -60,7 +60,7 @@ def main() -> None:
         json_mb = os.path.getsize(ann) / 2**20
         gc.collect()
         sys.path.insert(0, a.repo)
-        from xlearner.datasets import CocoReader  # noqa: E402
+        from xlearner.formats.files import CocoReader  # noqa: E402
         base = rss_mb()
         t0 = time.time()
         reader = CocoReader(f"{root}/images", ann)

@@ -1,4 +1,4 @@
-"""Tests of the multi-source loader (xlearner/data.py) and the readers (xlearner/datasets.py).
+"""Tests of the multi-source loader (xlearner/data.py) and the readers (xlearner/formats/).
 
 Every test writes its own tiny data into tmp_path (PNGs, JSON, CSV, idx files):
 nothing is downloaded, and nothing depends on the demo world.
@@ -22,9 +22,9 @@ from xlearner.config import Config, SourceConfig
 from xlearner.backbone import IMAGENET_MEAN, IMAGENET_STD, to_input
 from xlearner.data import (DataWarning, MultiSourceLoader, build_dataset,
                            build_eval_loader, collate_fn, move_to)
-from xlearner.datasets import DataError
+from xlearner.formats.files import DataError
 from xlearner.formats import check_data
-from xlearner.tvdatasets import prepare_mnist_like
+from xlearner.formats.tvdatasets import prepare_mnist_like
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""Datasets read in the layouts they ship in (xlearner/seglayouts.py) and the config's data_root.
+"""Datasets read in the layouts they ship in (xlearner/formats/seglayouts.py) and the config's data_root.
 
 Every test writes a tiny tree in the real layout (ADEChallengeData2016, torchvision's Cityscapes)
 into tmp_path: nothing is downloaded.
@@ -253,7 +253,7 @@ def test_coco_reader_keeps_annotations_compact(tmp_path):
     import json as js
     import random
     import tracemalloc
-    from xlearner.datasets import CocoReader
+    from xlearner.formats.files import CocoReader
     rng = random.Random(0)
     (tmp_path / "im").mkdir()
     for i in range(2000):

@@ -12,7 +12,7 @@ from xlearner import probe, results, transfer, weights
 from xlearner.backbone import to_input
 from xlearner.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig, TransferDatasetConfig
-from xlearner.datasets import DataError
+from xlearner.formats.files import DataError
 
 README = str(REPO / "README.md")
 

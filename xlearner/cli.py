@@ -37,7 +37,7 @@ _debug = False
 def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix, besides ConfigError. Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
-    from .datasets import DataError
+    from .formats.files import DataError
     from .rundir import RunDirError
     from .tools.plot import PlotError
     return (CheckpointError, DataError, RunDirError, PlotError, FileNotFoundError)

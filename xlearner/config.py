@@ -18,7 +18,7 @@ TASKS = ("cls", "det", "seg")
 FORMATS = ("imagefolder", "csv", "coco", "masks", "ade20k", "cityscapes", "torchvision")
 # formats whose files are found from `root` and the split names train_split / val_split (not `train` / `val`)
 ROOT_FORMATS = ("cityscapes", "torchvision")
-# formats with a fixed label space (datasets.py / tvdatasets.py read them; num_classes may only repeat it)
+# formats with a fixed label space (formats/files.py / formats/tvdatasets.py read them; num_classes may only repeat it)
 FIXED_CLASSES = {"ade20k": 150, "cityscapes": 19}
 # the keys of a [[sources]] / [[transfer.datasets]] entry that are paths: relative ones resolve against data_root
 PATH_KEYS = ("train", "val", "train_ann", "val_ann", "root")

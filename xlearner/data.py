@@ -5,7 +5,7 @@ with its own labels (docs/DESIGN.md §1), so one training step needs one batch f
 *every* source, each at its own batch size and with its task's augmentation.
 This module turns `SourceConfig`s into that stream:
 
-    build_dataset(src, split, train)  reader (datasets.py) + per-task transform
+    build_dataset(src, split, train)  reader (formats/) + per-task transform
     MultiSourceLoader                 next() -> {source name: batch}, forever
     build_eval_loader                 this rank's shard of a val split
     collate_fn(task), move_to         batching and host -> device (uint8 images: heads convert them there)
@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 
 from . import dist
 from .config import DataConfig, SourceConfig
-from .datasets import BadSample, DataError
+from .formats.files import BadSample, DataError
 from .formats import make_reader
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

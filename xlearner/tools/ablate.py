@@ -46,7 +46,7 @@ from typing import Iterator
 from .. import data, dist, expand, probe, squeeze, transfer
 from ..config import Config, ConfigError
 from ..data import PR_SET_PDEATHSIG, kill_loader_workers
-from ..datasets import DataError
+from ..formats.files import DataError
 from . import ablate_report
 
 

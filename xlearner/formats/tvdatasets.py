@@ -1,6 +1,6 @@
 """The `torchvision` source format: any `torchvision.datasets` class as a reader.
 
-One of the source formats (formats.py, docs/DESIGN.md §6): with `format =
+One of the source formats (formats/__init__.py, docs/DESIGN.md §6): with `format =
 "torchvision"`, a source (upstream or a transfer dataset) is read by the
 `torchvision.datasets` class named by its `name` ("FashionMNIST", "CIFAR10",
 "VOCDetection", ...; a suffix after '@' is a tag, and the `year` for VOC).
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
-from .datasets import BadSample, Reader
+from ..config import DataConfig
+from .files import BadSample, Reader
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

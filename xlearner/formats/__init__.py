@@ -1,6 +1,6 @@
 """Which reader reads which format: `format` of a source or transfer dataset -> a Reader of one split, and the data check.
 
-The readers themselves live by kind (docs/DESIGN.md §6): datasets.py (the base
+The readers themselves live by kind (docs/DESIGN.md §6): files.py (the base
 class, `imagefolder`, `csv`, `coco`), seglayouts.py (`masks`, `ade20k`,
 `cityscapes`) and tvdatasets.py (`torchvision`). This module is the one place
 that knows them all, so none of them imports another's module but the base's.
@@ -8,9 +8,9 @@ that knows them all, so none of them imports another's module but the base's.
 """
 from __future__ import annotations
 
-from . import dist
-from .config import DataConfig
-from .datasets import CocoReader, CsvReader, DataError, ImageFolderReader, Reader
+from .. import dist
+from ..config import DataConfig
+from .files import CocoReader, CsvReader, DataError, ImageFolderReader, Reader
 from .seglayouts import ADE20KReader, CityscapesReader, MaskReader
 from .tvdatasets import TorchvisionReader
 

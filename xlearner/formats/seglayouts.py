@@ -1,6 +1,6 @@
 """Segmentation readers: label maps stored beside images, as `masks` and as ADE20K and Cityscapes ship.
 
-Readers of datasets.py's contract (docs/DESIGN.md §6; `load(i) -> (PIL RGB image,
+Readers of files.py's contract (docs/DESIGN.md §6; `load(i) -> (PIL RGB image,
 uint8 [H, W] training labels)`, problems collected while indexing, `BadSample` for
 one bad image). `LabelMapReader` pairs images with PNG label maps and checks
 sizes and values; each format says how a stored map becomes training labels, so
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import Cityscapes
 
-from .config import FIXED_CLASSES, DataConfig
-from .datasets import BadSample, Reader, image_files, decode_image
+from ..config import FIXED_CLASSES, DataConfig
+from .files import BadSample, Reader, image_files, decode_image
 
 
 @lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ list of raw samples: `reader.load(i) -> (PIL RGB image, target)` with
 - det: {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
   "image_id": int}, crowd (and VOC "difficult") boxes already left out,
 - seg: a uint8 [H, W] label map (numpy).
-formats.py maps a config's `format` to its reader; transforms, batching and
+formats/__init__.py maps a config's `format` to its reader; transforms, batching and
 the multi-source loader live in data.py.
 
 Formats (a config's `format`), this module's first:
