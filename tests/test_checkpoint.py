@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
-from xlearner import checkpoint, engine
-from xlearner.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
+from xlearner import engine
+
+from xlearner.run import checkpoint
+from xlearner.run.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
 from test_engine_unit import make_run
 
 

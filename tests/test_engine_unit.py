@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from xlearner import engine
-from xlearner.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
+from xlearner.run.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
 from xlearner.config import Config, TrainConfig
 
 
@@ -92,14 +92,17 @@ def test_non_finite_loss_names_source_and_step(tmp_path):
     assert not (tmp_path / "late" / "run" / "checkpoint.pt").exists()
 
 
+LOOP_FILES = tuple(os.path.join("xlearner", *p) for p in (("engine.py",), ("run", "dist.py"), ("run", "preempt.py")))
+
+
 def test_the_loop_reads_back_from_the_device_only_when_it_logs(tmp_path, monkeypatch):
-    """No host sync per step: engine.py and dist.py read tensors back (tolist, item, float, bool) only at the
-    logging steps (3 and 6 here); the stop flag is agreed on without a device tensor."""
+    """No host sync per step: the loop and the process-group code read tensors back (tolist, item, float, bool)
+    only at the logging steps (3 and 6 here); the stop flag is agreed on without a device tensor."""
     reads = []
     for method in ("tolist", "item", "__float__", "__bool__", "__int__"):
         def counted(self, *args, _orig=getattr(torch.Tensor, method), _name=method, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller.endswith((os.path.join("xlearner", "engine.py"), os.path.join("xlearner", "dist.py"))):
+            if caller.endswith(LOOP_FILES):
                 reads.append(_name)
             return _orig(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, method, counted)
@@ -252,7 +255,7 @@ def test_sync_bn_syncs_only_where_it_learns(tmp_path):
     their own batch like a plain BatchNorm, those in a forward that builds a graph take SyncBatchNorm's collective
     path (on a CPU tensor in a process group, that path refuses: the proof that it was taken)."""
     import torch.distributed as tdist
-    from xlearner import dist
+    from xlearner.run import dist
     tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
@@ -280,7 +283,7 @@ def _slow_main_worker(rank: int, store_path: str, mode: str, results) -> None:
     import datetime
     import time as t
     import torch.distributed as tdist
-    from xlearner import dist
+    from xlearner.run import dist
     tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
                              timeout=datetime.timedelta(seconds=2))
 

@@ -91,7 +91,7 @@ def test_torchrun_two_processes_demo_config(tmp_path, world):
     # The 2-rank evaluation scored the checkpointed model: every rank used rank 0's BN statistics.
     import torch
     from xlearner import data
-    from xlearner.checkpoint import load_checkpoint
+    from xlearner.run.checkpoint import load_checkpoint
     from xlearner.evaluate import evaluate
     from xlearner.weights import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))

@@ -20,7 +20,7 @@ import torch
 
 from runner import REPO, Proc, assert_same_state, cli, env, model_state, run, train_steps, write_config
 from xlearner import data, expand
-from xlearner.checkpoint import load_checkpoint
+from xlearner.run.checkpoint import load_checkpoint
 
 STEP_LINE = re.compile(r"\[expand\] step (\d+)/\d+ loss")
 
@@ -66,7 +66,7 @@ def test_group_sigterm_at_a_random_step_resumes_exactly(tmp_path, world):
 def test_torchrun_group_sigterm_resumes_exactly(tmp_path, world):
     full = write_config(tmp_path, world, "full", steps=5)
     cut = write_config(tmp_path, world, "cut", steps=5)
-    launcher = [sys.executable, "-m", "xlearner.dist", "--standalone", "--nproc_per_node=2", str(REPO / "cli.py")]
+    launcher = [sys.executable, "-m", "xlearner.run.torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "cli.py")]
     run_full = subprocess.run([*launcher, "expand", "--config", str(full)], cwd=REPO, env=env(),
                               capture_output=True, text=True, timeout=600)
     assert run_full.returncode == 0, run_full.stderr[-3000:]
@@ -146,7 +146,7 @@ import torch
 import torch.nn as nn
 from xlearner import engine
 from xlearner.config import Config, TrainConfig
-from xlearner.rundir import RunLock
+from xlearner.run.rundir import RunLock
 
 class Hangs:
     skipped = {}
@@ -199,7 +199,7 @@ def test_second_sigterm_ends_a_hung_step_at_once(tmp_path):
     assert "second signal 15: stopping at once: no checkpoint written for the unfinished step " \
            "(last checkpoint: step 2)" in proc.output, proc.output
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
-    assert not (tmp_path / "run" / ".lock").exists()  # os._exit runs no `finally`: dist.on_forced_exit did it
+    assert not (tmp_path / "run" / ".lock").exists()  # os._exit runs no `finally`: preempt.on_forced_exit did it
 
 
 def test_a_hung_step_ends_after_the_grace_period(tmp_path):
@@ -225,9 +225,9 @@ def test_the_grace_of_a_hung_step_is_three_slowest_steps_when_that_is_longer(tmp
 
 
 def test_a_step_reported_just_after_the_signal_still_lengthens_the_grace(monkeypatch):
-    from xlearner import dist
-    monkeypatch.setenv(dist.GRACE_ENV, "0.2")
-    stop = dist.GracefulStop("expand", last_ckpt=None)
+    from xlearner.run import preempt
+    monkeypatch.setenv(preempt.GRACE_ENV, "0.2")
+    stop = preempt.GracefulStop("expand", last_ckpt=None)
     ended = []
     monkeypatch.setattr(stop, "_exit_now", lambda signum, why: ended.append(why))
     try:
@@ -239,7 +239,7 @@ def test_a_step_reported_just_after_the_signal_still_lengthens_the_grace(monkeyp
         assert ended == ["the step did not finish within 1.5 s of signal 15"]
     finally:
         stop.step_finished()
-        dist.request_stop(0)
+        preempt.request_stop(0)
 
 
 # ----------------------------------------------------------------------------

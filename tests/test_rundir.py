@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from runner import REPO, Proc, as_sets, assert_same_state, cli, demo_toml, env, model_state, run, train_steps, write_config
-from xlearner import rundir
+from xlearner.run import rundir
 from xlearner.config import Config, TrainConfig
-from xlearner.rundir import INFO, LOCK, REFUSE, WARN, RunDirError, RunLock, ResumeError
+from xlearner.run.rundir import INFO, LOCK, REFUSE, WARN, RunDirError, RunLock, ResumeError
 
 FAST = as_sets(["expand.workers=0"])
 HOST = socket.gethostname()
@@ -102,7 +102,7 @@ def test_torchrun_refuses_a_lock_from_another_host_on_every_rank(tmp_path, demo_
     (tmp_path / "t" / LOCK).write_text(json.dumps(foreign))
     # --monitor-interval: the agent looks at its workers every 2 s, so it does not stop rank 1 for rank 0's exit
     # before rank 1 has said why it stops too
-    launcher = [sys.executable, "-m", "xlearner.dist", "--standalone", "--nproc_per_node=2", "--monitor-interval=2",
+    launcher = [sys.executable, "-m", "xlearner.run.torchrun", "--standalone", "--nproc_per_node=2", "--monitor-interval=2",
                 str(REPO / "cli.py")]
     p = subprocess.run([*launcher, "expand", "--config", str(toml), *FAST], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=300)

@@ -11,7 +11,7 @@ import torchvision
 from runner import (assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes, train_steps,
                     write_config)
 from xlearner import data, expand, squeeze
-from xlearner.checkpoint import CheckpointError
+from xlearner.run.checkpoint import CheckpointError
 from xlearner.configfile import load_config
 from xlearner.model import SqueezedModel
 

@@ -10,7 +10,7 @@ import torchvision
 from runner import REPO, image_folder
 from xlearner import probe, results, transfer, weights
 from xlearner.backbone import to_input
-from xlearner.checkpoint import CheckpointError
+from xlearner.run.checkpoint import CheckpointError
 from xlearner.config import Config, ConfigError, SourceConfig, TransferConfig, TransferDatasetConfig
 from xlearner.formats.files import DataError
 

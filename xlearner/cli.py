@@ -36,9 +36,9 @@ _debug = False
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix, besides ConfigError. Anything else is a bug and keeps its traceback."""
-    from .checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
+    from .run.checkpoint import CheckpointError  # imports torch: only evaluated once a command has failed
     from .formats.files import DataError
-    from .rundir import RunDirError
+    from .run.rundir import RunDirError
     from .tools.plot import PlotError
     return (CheckpointError, DataError, RunDirError, PlotError, FileNotFoundError)
 
@@ -166,7 +166,7 @@ def expand(config, sets, out):
     """Expansion stage: task-specific backbones + reconciliation layers (python or torchrun)."""
     cfg = _load(config, sets, "expand.out", out)  # before importing torch: a bad config fails at once
     from . import expand as stage
-    from .dist import cleanup
+    from .run.dist import cleanup
     _preflight(cfg, "expand", config)
     try:
         stage.run(cfg)
@@ -184,7 +184,7 @@ def squeeze(config, sets, teacher, out):
     """Squeeze stage: distil the expanded teacher into one standard backbone (python or torchrun)."""
     cfg = _load(config, sets, "squeeze.out", out)  # before importing torch: a bad config fails at once
     from . import squeeze as stage
-    from .dist import cleanup
+    from .run.dist import cleanup
     _preflight(cfg, "squeeze", config)
     try:
         stage.run(cfg, teacher)
@@ -207,7 +207,7 @@ def transfer(config, sets, backbones, names, branch, with_rl, out):
     """Transfer evaluation on [[transfer.datasets]]: writes results.json and results.md."""
     cfg = _load(config, sets, "transfer.out", out)  # before importing torch: a bad config fails at once
     from . import transfer as stage
-    from .dist import cleanup
+    from .run.dist import cleanup
     if names and len(names) != len(backbones):
         raise click.UsageError(f"got {len(names)} --name for {len(backbones)} --backbone")
     try:
@@ -223,7 +223,7 @@ def transfer(config, sets, backbones, names, branch, with_rl, out):
 @_guard
 def export(checkpoint, out, branch):
     """Write a torchvision-format backbone state_dict (loads into torchvision.models.<arch>(), fc.* missing)."""
-    from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+    from .run.checkpoint import CheckpointError, load_checkpoint, save_atomic
     from .weights import backbone_state_dict, model_from_checkpoint
     try:  # not a run checkpoint, or no such branch: model.py says which, as a ValueError
         state = backbone_state_dict(model_from_checkpoint(load_checkpoint(checkpoint)), branch)

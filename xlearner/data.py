@@ -23,15 +23,10 @@ which `collate_fn` drops and counts (`batch["skipped"]`, `loader.skipped`).
 """
 from __future__ import annotations
 
-import atexit
-import ctypes
 import functools
 import gc
 import hashlib
-import multiprocessing
 import random
-import signal
-import sys
 import warnings
 
 import numpy as np
@@ -40,13 +35,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from . import dist
+from .run import dist, preempt
 from .config import DataConfig, SourceConfig
 from .formats.files import BadSample, DataError
 from .formats import make_reader
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
 
 class DataWarning(UserWarning):
     """A sample was skipped; the message names the file and the reason."""
@@ -206,22 +198,6 @@ def move_to(batch, device):
     return batch
 
 
-def kill_loader_workers() -> None:
-    """SIGKILL the loader workers still alive: call it before a process exits (atexit does, below).
-
-    At exit, multiprocessing terminate()s (SIGTERM) the daemon children still alive, then joins
-    them. Loader workers ignore SIGTERM (below), so that join would wait forever for a loader
-    still referenced at exit (a traceback keeps it alive): end them first, with SIGKILL. A
-    multiprocessing.Process child (tools/ablate.py's workers) exits without atexit: it calls this."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
-    for p in multiprocessing.active_children():
-        if p.daemon:
-            p.kill()
-
-
-atexit.register(kill_loader_workers)  # after multiprocessing's own hook (imported by torch): runs before it
-
-
 def _worker_init(worker_id: int) -> None:
     """Seeding and signals of a loader worker (train and eval loaders)."""
     # torch already seeds each worker (base_seed + id); give `random` and numpy the
@@ -229,15 +205,7 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    # A cluster signals the whole process group. A worker that died of that SIGTERM/SIGINT would
-    # make the main process fail ("DataLoader worker ... is killed by signal") before it could
-    # checkpoint; so workers ignore them and exit when the main process shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        # ...and die with the main process if it exits without shutting them down (a second
-        # signal, or the grace period for a hung step, ends it with os._exit): PR_SET_PDEATHSIG
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    preempt.loader_worker_signals()
 
 
 # ----------------------------------------------------------------------------
@@ -348,7 +316,7 @@ class MultiSourceLoader:
 
 
 class EvalLoader(DataLoader):
-    """A DataLoader that ends early once this process has been asked to stop (`dist.stop_requested`).
+    """A DataLoader that ends early once this process has been asked to stop (`preempt.stop_requested`).
 
     A stop signal during a long evaluation must not wait for its end: the batches
     stop coming, evaluate() scores what it has on every rank (its collectives
@@ -357,7 +325,7 @@ class EvalLoader(DataLoader):
 
     def __iter__(self):
         batches = super().__iter__()
-        while not dist.stop_requested():
+        while not preempt.stop_requested():
             try:
                 batch = next(batches)
             except StopIteration:

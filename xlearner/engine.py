@@ -19,7 +19,7 @@ squeeze. Everything else is the same and lives here, once:
   and an exact resume when the same command is run again on the same `out`
   (evaluation never draws from the training RNG, so a resumed run that skips
   or repeats an evaluation trains on the same random numbers), once rundir.check_resume has vetted the config;
-- stops that a cluster can rely on (`dist.GracefulStop`): a signal to the whole
+- stops that a cluster can rely on (`preempt.GracefulStop`): a signal to the whole
   process group finishes the step, checkpoints and exits 128+signal; a second
   signal, or a step that cannot finish within the grace period, exits at once.
 """
@@ -39,12 +39,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import dist
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
+from .run import dist, preempt
+from .run.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tmp, save_run_checkpoint
 from .config import Config, TrainConfig
 from .data import move_to
-from .rng import rng_state, seed_everything, set_rng_state
-from .rundir import check_resume
+from .run.rng import rng_state, seed_everything, set_rng_state
+from .run.rundir import check_resume
 
 
 class NonFiniteLossError(RuntimeError):
@@ -239,7 +239,7 @@ class _State:
     train_model: nn.Module | None = None  # DDP(model), or model in a single process
     step: int = 0             # optimiser steps done
     eval_pending: bool = False  # the checkpoint was written before (or during) this step's evaluation
-    stop: dist.GracefulStop | None = None
+    stop: preempt.GracefulStop | None = None
     bar: object = None
     window: _Window = field(default_factory=_Window)
     checked_grads: bool = False
@@ -255,7 +255,7 @@ def train(run: Run) -> nn.Module:
     s.train_model = wrap_ddp(s.model, run.device)
     if not resumed:
         _log_start(s)
-    s.stop = dist.GracefulStop(run.stage, last_ckpt=s.step if resumed else None)
+    s.stop = preempt.GracefulStop(run.stage, last_ckpt=s.step if resumed else None)
     s.model.train()
     s.bar = dist.progress(total=tc.steps, initial=s.step, desc=run.stage, dynamic_ncols=True)
     s.window = _Window()  # img/s and data-wait are timed from here: the loop, not the setup
@@ -268,7 +268,7 @@ def train(run: Run) -> nn.Module:
             _log_window(s)
             s.stop.step_took(time.perf_counter() - t_step)
             # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = dist.agree_on_stop()
+            signalled = preempt.agree_on_stop()
             eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps
             if not signalled and eval_step:
                 signalled = _evaluate(s)
@@ -423,7 +423,7 @@ def _evaluate(s: _State) -> int:
     finally:
         s.model.train()
         set_rng_state(rng)
-    signalled = dist.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
+    signalled = preempt.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
     if signalled:
         return signalled
     dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(

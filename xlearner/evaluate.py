@@ -31,7 +31,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import data, dist
+from . import data
+
+from .run import dist
 from .config import DataConfig, SourceConfig
 from .engine import autocast
 

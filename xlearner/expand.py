@@ -17,15 +17,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import data, dist, engine
+from . import data, engine
+
+from .run import dist
 from .backbone import compile_stages
-from .checkpoint import load_checkpoint
+from .run.checkpoint import load_checkpoint
 from .config import Config, check_tasks_have_sources
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
 from .model import XLearnerModel
-from .rng import seed_everything
-from .rundir import locked
+from .run.rng import seed_everything
+from .run.rundir import locked
 
 
 @locked("expand")  # OUT/.lock for the life of the run

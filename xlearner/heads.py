@@ -36,7 +36,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import dist
+from .run import dist
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, to_input
 from .config import ModelConfig, SourceConfig
 

@@ -27,9 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import data, dist
+from . import data
+
+from .run import dist
 from .backbone import to_input
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .run.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import TransferDatasetConfig
 from .evaluate import mean_per_class_accuracy
 

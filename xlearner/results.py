@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from .run import dist
 from .config import TransferDatasetConfig
 
 

@@ -39,17 +39,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, dist, engine
+from . import data, engine
+
+from .run import dist
 from .backbone import compile_stages
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic
+from .run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic
 from .config import Config, SourceConfig, SqueezeConfig
 from .configfile import config_from_dict
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
 from .model import SqueezedModel, XLearnerModel, resolve_student_init
 from .probe import sha256_file
-from .rng import seed_everything
-from .rundir import locked
+from .run.rng import seed_everything
+from .run.rundir import locked
 from .weights import backbone_state_dict, model_from_checkpoint
 
 

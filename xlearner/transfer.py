@@ -57,7 +57,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from . import data, dist
+from . import data
+
+from .run import dist
 from .backbone import freeze_bn, load_torchvision_state_dict, to_input
 from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
 from .engine import wrap_ddp
@@ -67,7 +69,7 @@ from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, 
                     random_subset, sha256_text, stratified_subset)
 from .reconcile import BranchWithRL
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
-from .rundir import locked
+from .run.rundir import locked
 from .weights import load_backbone
 
 WEIGHT_DECAY = 1e-4                # finetune / det / seg SGD

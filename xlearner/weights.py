@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from . import dist
+from .run import dist
 from .backbone import Backbone, backbone_from_state_dict, build_backbone, load_torchvision_state_dict, read_state_dict
-from .checkpoint import load_checkpoint
+from .run.checkpoint import load_checkpoint
 from .config import ConfigError
 from .configfile import config_from_dict
 from .model import MultiSourceModel, SqueezedModel, XLearnerModel

@@ -33,7 +33,6 @@ time. The statistics and the table are ablate_report.py's.
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -43,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .. import data, dist, expand, probe, squeeze, transfer
+from .. import data, expand, probe, squeeze, transfer
+
+from ..run import dist, preempt
 from ..config import Config, ConfigError
-from ..data import PR_SET_PDEATHSIG, kill_loader_workers
 from ..formats.files import DataError
 from . import ablate_report
 
@@ -301,13 +301,12 @@ def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
     """One of ablate.jobs processes: take (chain, seed) units until none is left."""
     import torch
     torch.set_num_threads(threads)
-    if sys.platform.startswith("linux"):  # a parent killed outright stops its workers as a signal would
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    preempt.die_with_parent(signal.SIGTERM)  # a parent killed outright stops its workers as a signal would
     try:
         for chain, seed in take_units(units):
             run_chain(cfg, chain, seed, Path(cfg.ablate.out))
     finally:  # also on a stop (SystemExit): a multiprocessing child skips atexit, where this would run
-        kill_loader_workers()
+        preempt.kill_loader_workers()
 
 
 def train_all(cfg: Config, jobs: int) -> None:

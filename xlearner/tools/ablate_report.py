@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from .. import dist
+from ..run import dist
 from ..config import primary_metric
 
 TIE_POINTS = 2.0   # the target CI half-width: a difference inside ±2 points counts as no difference

@@ -38,13 +38,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.models import _utils as tv_utils
 
-from .. import data, dist, engine, transfer
+from .. import data, engine, transfer
+
+from ..run import dist
 from ..backbone import BACKBONES, compile_stages
 from ..config import Config, ConfigError
 from ..data import build_train_datasets, images_per_step
 from ..model import SqueezedModel, XLearnerModel
 from ..probe import extract_features
-from ..rng import seed_everything
+from ..run.rng import seed_everything
 from ..squeeze import Distiller, kd_loss, load_teacher, pixels
 from ..weights import load_backbone
 

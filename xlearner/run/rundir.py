@@ -34,9 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import dist
-from .config import Config, ConfigError
-from .configfile import config_from_dict
+from . import dist, preempt
+from ..config import Config, ConfigError
+from ..configfile import config_from_dict
 
 LOCK = ".lock"
 
@@ -130,7 +130,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
-        self._unhook = dist.on_forced_exit(self._unlink)
+        self._unhook = preempt.on_forced_exit(self._unlink)
         self._catch_sigterm()
 
     def _wait_for_record(self, tries: int = 20) -> dict | None:

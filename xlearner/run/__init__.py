@@ -1,0 +1,1 @@
+"""Operations beside the method: process groups, preemption, checkpoints, run directories, RNG state."""
