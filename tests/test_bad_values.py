@@ -100,9 +100,10 @@ BAD = [
     ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
     ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|msst|msmt|teacher_rl|teacher_norl|expand_rl|"
                                         "expand_rl_alone|expand_norl|xlearner|xlearner_v1|squeeze_norl|sq_v1|sq_all|"
-                                        "sq_all_det|sq_all_copy|sq_all_lr1|gt_ind_240|gt_ind_120|gt_ind_360|gt_sh_240|"
-                                        "gt_sh_120|gt_sh_360|gx_ind_cls_240|gx_ind_cls_120|gx_ind_cls_360|gx_sh_cls_240|"
-                                        "gx_sh_cls_120|gx_sh_cls_360|gx_sh_mean_240|gx_sh_mean_120|gx_sh_mean_360, "
+                                        "sq_all_det|sq_all_copy|sq_all_lr1|gt_ind_240|gt_ind_120|gt_ind_360|"
+                                        "gt_sh_240|gt_sh_120|gt_sh_360|gx_ind_cls_240|gx_ind_cls_120|gx_ind_cls_360|gx_sh_cls_240|"
+                                        "gx_sh_cls_120|gx_sh_cls_360|gx_sh_mean_240|gx_sh_mean_120|gx_sh_mean_360|"
+                                        "teacher_prev|xlearner_prev, "
                                         "got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
@@ -205,10 +206,10 @@ def test_bad_teacher_or_student_init_fails_before_training(tiny):
 
 def test_allowed_names_match_the_code():
     """config.py imports no torch, so it lists the names the registries accept; they must agree."""
-    from xlearner import backbone, heads, reconcile, squeeze
+    from xlearner import backbone, heads, model, squeeze
     from xlearner.tools import ablate
     assert config.ARCHS == tuple(backbone.BACKBONES)
-    assert config.RECONCILES == tuple(reconcile.RECONCILE)
+    assert config.RECONCILES == tuple(model.RECONCILE)
     assert config.SEG_HEADS == tuple(heads.SEG_DECODERS)
     assert config.DISTILL_LOSSES == tuple(squeeze.FEATURE_LOSSES)
     assert config.ABLATE_VARIANTS == tuple(ablate.VARIANTS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xlearner.reconcile import ExpandedNet
+from xlearner.model import ExpandedNet
 
 TASKS = ["cls", "det", "seg"]
 

@@ -2,7 +2,9 @@
 
 - No import cycle in xlearner/: every import counts, a function-level one too (a lazy import that dodges a
   cycle is still the cycle).
-- No function over 60 lines (docstring included): each one reads at once.
+- No function over 60 lines (docstring included): each one reads at once. The training loop, engine.train, may
+  take up to 100: it reads top to bottom, as one loop.
+- A `module.Name` in a docstring or comment names something defined in that module.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xlearner"
 MAX_FUNCTION_LINES = 60
+LOOP, MAX_LOOP_LINES = ("xlearner/engine.py", "train"), 100
 
 
 def _module_name(path: Path) -> str:
@@ -75,7 +78,8 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
-                if n > limit:
+                loop = (path.relative_to(PACKAGE.parent).as_posix(), node.name) == LOOP
+                if n > (MAX_LOOP_LINES if loop else limit):
                     out.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({n} lines)")
     return out
 
@@ -99,5 +103,70 @@ def test_no_import_cycle_in_xlearner():
     assert find_cycle(import_graph()) is None
 
 
-def test_no_function_over_60_lines():
+def test_no_function_over_60_lines_but_the_loop():
     assert long_functions() == []
+    assert long_functions(limit=20) and not any(f.startswith("xlearner/engine.py") and " train (" in f
+                                                 for f in long_functions(limit=20))  # the loop's own bar: 100
+
+
+# ----------------------------------------------------------------------------
+# pointers in docstrings and comments: `module.Name` names something defined in that module
+
+POINTER = r"(?<![\w./`-])`?({mods})\.([A-Za-z_]\w*)"
+
+
+def _defined(path: Path) -> set[str]:
+    """Top-level names of a module: functions, classes, assignments, and the names it imports."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _texts(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every docstring and comment of a file."""
+    import io
+    import tokenize
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if tok.type == tokenize.COMMENT or (tok.type == tokenize.STRING and tok.string.startswith(('"""', "'''"))):
+            out.append((tok.start[0], tok.string))
+    return out
+
+
+FILE_SUFFIXES = {"py", "pt", "pth", "json", "jsonl", "md", "toml", "png", "txt"}  # `checkpoint.pt`, `results.md`
+VARIABLES = {"model", "run"}  # also the usual names of objects (`model.predict`, `run.tc`): only CapWords checked
+
+
+def stale_pointers() -> list[str]:
+    """`module.Name` in a docstring or comment, where module is an xlearner module (by its last name) and Name is
+    neither defined there nor a key of the config section of the same name (`model.arch`, `squeeze.steps`)."""
+    import re
+    import dataclasses
+    from xlearner import config
+    files = {p.stem if p.name != "__init__.py" else p.parent.name: p for p in PACKAGE.rglob("*.py")}
+    sections = {"model": config.ModelConfig, "expand": config.TrainConfig, "squeeze": config.SqueezeConfig,
+                "transfer": config.TransferConfig, "ablate": config.AblateConfig}
+    keys = {s: {f.name for f in dataclasses.fields(c)} for s, c in sections.items()}
+    defined = {m: _defined(p) for m, p in files.items()}
+    defined["xlearner"] |= {p.name for p in PACKAGE.iterdir() if p.is_dir()} | {p.stem for p in PACKAGE.glob("*.py")}
+    defined["run"] |= {p.stem for p in (PACKAGE / "run").glob("*.py")}
+    pattern = re.compile(POINTER.format(mods="|".join(sorted(files, key=len, reverse=True))))
+    stale = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for line, text in _texts(path):
+            for m in pattern.finditer(text):
+                module, name = m.groups()
+                if module in VARIABLES and not name[0].isupper() or name in FILE_SUFFIXES:
+                    continue
+                if name not in defined[module] and name not in keys.get(module, ()):
+                    stale.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {module}.{name}")
+    return stale
+
+
+def test_docstring_pointers_name_what_is_defined_there():
+    assert stale_pointers() == []

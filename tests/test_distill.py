@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from xlearner.config import ModelConfig, SourceConfig, SqueezeConfig
-from xlearner.model import SqueezedModel, XLearnerModel
+from xlearner.squeeze import SqueezedModel
+from xlearner.expand import XLearnerModel
 from xlearner.probe import dataset_labels, open_split
 from xlearner.squeeze import (Distiller, estimate_teacher_norm, feature_loss_cos_smoothl1, kd_loss, pixels,
                               teacher_features)

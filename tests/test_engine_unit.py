@@ -196,8 +196,8 @@ def test_pickled_code_is_refused(tmp_path):
 def test_weight_decay_by_parameter_role_with_cross_stitch(demo_config):
     """Cross-stitch mixing matrices [T, C] are mixing coefficients, not weights: no decay, like every norm
     parameter and every bias; conv and linear weights decay."""
-    from xlearner.model import XLearnerModel
-    from xlearner.reconcile import CrossStitchUnit
+    from xlearner.expand import XLearnerModel
+    from xlearner.model import CrossStitchUnit
 
     demo_config.model.reconcile = "cross_stitch"
     model = XLearnerModel(demo_config.model, demo_config.sources, {s.name: 5 for s in demo_config.sources})
@@ -223,7 +223,7 @@ def test_weight_decay_by_parameter_role_with_cross_stitch(demo_config):
 
 
 def test_scalar_reconcile_alpha_gets_no_weight_decay():
-    from xlearner.reconcile import ScalarReconcile
+    from xlearner.model import ScalarReconcile
 
     rl = ScalarReconcile(["a", "b"], {"layer1": 8}, [1])
     opt = engine.build_optimizer(rl, TrainConfig(weight_decay=0.1))

@@ -124,7 +124,7 @@ def test_compile_stages_in_place_keeps_keys_loss_and_grads():
 
     from xlearner.config import ModelConfig, SourceConfig
     from xlearner.backbone import compile_stages
-    from xlearner.model import XLearnerModel
+    from xlearner.expand import XLearnerModel
 
     src = [SourceConfig(name="a", task="cls", image_size=64, batch_size=2)]
 

@@ -12,9 +12,11 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from xlearner.backbone import Backbone, build_backbone
 from xlearner.config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig
 from xlearner.heads import DetHead, SegHead
-from xlearner.model import SqueezedModel, XLearnerModel
-from xlearner.reconcile import RECONCILE, ExpandedNet
-from xlearner.weights import backbone_state_dict, model_from_checkpoint
+from xlearner.squeeze import SqueezedModel
+from xlearner.expand import XLearnerModel
+from xlearner.model import RECONCILE, ExpandedNet
+from xlearner.backbone import backbone_state_dict
+from xlearner.weights import model_from_checkpoint
 
 TASKS = ["cls", "det", "seg"]
 # small detection sizes: the torchvision defaults are meant for 800 px images
@@ -498,7 +500,7 @@ def test_det_boxes_stay_fp32_under_bf16_autocast():
 def test_branch_with_rl_trains_only_what_gets_a_gradient(reconcile):
     """A fine-tuned BranchWithRL (transfer --with-rl, trainable backbone) under DDP needs every trainable parameter
     to get a gradient: the branch and the RLs into it are trainable, everything else is frozen."""
-    from xlearner.reconcile import BranchWithRL
+    from xlearner.model import BranchWithRL
     torch.manual_seed(0)
     net = make_model(reconcile).backbone
     with torch.no_grad():  # non-zero RLs, so that the paths carry gradient

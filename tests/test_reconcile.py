@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xlearner.reconcile import HRNetReconcile, ScalarReconcile
+from xlearner.model import HRNetReconcile, ScalarReconcile
 
 TASKS = ["cls", "det", "seg"]
 CHANNELS = {"layer1": 4, "layer2": 6, "layer3": 8}

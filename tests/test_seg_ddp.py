@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from xlearner.config import ModelConfig, SourceConfig
-from xlearner.model import XLearnerModel
+from xlearner.expand import XLearnerModel
 
 IGNORE = 255
 

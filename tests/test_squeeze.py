@@ -13,7 +13,7 @@ from runner import (assert_same_state, demo_toml, model_state, run, run_and_sign
 from xlearner import data, expand, squeeze
 from xlearner.run.checkpoint import CheckpointError
 from xlearner.configfile import load_config
-from xlearner.model import SqueezedModel
+from xlearner.squeeze import SqueezedModel
 
 SMALL = ["expand.steps=3", "squeeze.steps=3", "expand.log_every=1", "squeeze.log_every=1", "expand.workers=0",
          "squeeze.workers=0", "expand.warmup_steps=1", "squeeze.warmup_steps=1",

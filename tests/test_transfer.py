@@ -187,7 +187,7 @@ def test_load_backbone_specs(tmp_path):
 
 def test_load_backbone_from_expand_checkpoint(tmp_path):
     from xlearner.config import ModelConfig
-    from xlearner.model import XLearnerModel
+    from xlearner.expand import XLearnerModel
     cfg = Config(model=ModelConfig(arch="resnet18", tasks=["cls", "seg"]),
                  sources=[SourceConfig(name="c", task="cls"), SourceConfig(name="s", task="seg")])
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_det_seg_heads_use_the_backbones_arch(demo_config, tmp_path):
 def _expand_checkpoint(tmp_path, arch="resnet10", reconcile="hrnet"):
     """A tiny 3-task expanded model saved as an expand run checkpoint; (model, path)."""
     from xlearner.config import ModelConfig
-    from xlearner.model import XLearnerModel
+    from xlearner.expand import XLearnerModel
     cfg = Config(model=ModelConfig(arch=arch, tasks=["cls", "det", "seg"], reconcile=reconcile, fpn_channels=16,
                                    seg_channels=16, box_head_dim=32),
                  sources=[SourceConfig(name="c", task="cls"), SourceConfig(name="d", task="det"),
@@ -356,7 +356,7 @@ def _expand_checkpoint(tmp_path, arch="resnet10", reconcile="hrnet"):
 
 
 def test_with_rl_extractor_equals_branch_alone_at_zero_init_and_differs_after(tmp_path):
-    from xlearner.reconcile import BranchWithRL
+    from xlearner.model import BranchWithRL
     model, path = _expand_checkpoint(tmp_path)
     x = torch.randn(2, 3, 64, 64)
     for task in ("cls", "det", "seg"):
@@ -418,7 +418,7 @@ def test_resnet10_exports_into_torchvisions_resnet_class(tmp_path):
     """model.arch = "resnet10" is torchvision's own ResNet(BasicBlock, [1, 1, 1, 1]): its export loads there."""
     from torchvision.models.resnet import BasicBlock, ResNet
     from xlearner.backbone import build_backbone
-    from xlearner.weights import backbone_state_dict
+    from xlearner.backbone import backbone_state_dict
     torch.manual_seed(0)
     backbone = build_backbone("resnet10")
     sd = backbone_state_dict(backbone)

@@ -2,13 +2,15 @@
 
 Everything in X-Learner is built from this one module. The expanded model
 (model.ExpandedNet) runs T of them, one branch per task, linked by the
-reconciliation layers (reconcile.py); the squeezed student (squeeze.SqueezedModel)
+reconciliation layers (model.py); the squeezed student (squeeze.SqueezedModel)
 is one of them; transfer.py loads any backbone into one. Because the
 submodules keep torchvision's names, weights move in and out as plain
 torchvision-format state_dicts (docs/DESIGN.md §5): `load_torchvision_state_dict`
 loads one (strict except fc.*), `build_backbone` builds random, from a file or
 from a torchvision weights name, `freeze_bn` swaps in FrozenBatchNorm2d, and
 `compile_stages` compiles the stages of every ResNet trunk (`model.compile`).
+Also here: the images' statistics and `to_input` (uint8 loader images -> what a backbone sees, on the
+device), `channels_last`, parameter counts for the reports, and `backbone_state_dict`, the export.
 """
 from __future__ import annotations
 
@@ -189,3 +191,54 @@ def compile_stages(model: nn.Module, **options) -> int:
             getattr(trunk, f"layer{l}").compile(**options)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * 4 * len(trunks))
     return 4 * len(trunks)
+
+
+# ----------------------------------------------------------------------------
+# memory format, reports, export
+
+def channels_last(x, on: bool):
+    """A module or an image batch in channels-last memory format when `on` (model.channels_last), else as is."""
+    if not on:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.to(memory_format=torch.channels_last)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def format_count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def n_params(module: nn.Module) -> str:
+    """A module's parameter count as the build reports print it: 11.18M, 23.4k."""
+    return format_count(count_params(module))
+
+
+def backbone_state_dict(model: nn.Module, branch: str | None = None) -> dict[str, torch.Tensor]:
+    """A plain torchvision-format state_dict (no fc.*) of a model's backbone.
+
+    SqueezedModel: the student. XLearnerModel: branch `branch` (default: the
+    first task), or the shared backbone. A Backbone is exported as is.
+    FrozenBatchNorm2d has no num_batches_tracked; we add it (0) so the keys are
+    exactly those of torchvision.models.<arch>() minus fc.weight and fc.bias."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "exported_backbone"):  # heads.MultiSourceModel: XLearnerModel, SqueezedModel
+        backbone = model.exported_backbone(branch)
+    elif isinstance(model, Backbone):
+        backbone = model
+    else:
+        raise TypeError(f"backbone_state_dict: expected XLearnerModel, SqueezedModel or Backbone, "
+                        f"got {type(model).__name__}")
+    sd = backbone.state_dict()
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.detach().cpu().clone()
+        if k.endswith(".running_var"):
+            nbt = k[: -len("running_var")] + "num_batches_tracked"
+            if nbt not in sd:
+                out[nbt] = torch.tensor(0, dtype=torch.long)
+    return out

@@ -225,7 +225,7 @@ def export(checkpoint, out, branch):
     """Write a torchvision-format backbone state_dict (loads into torchvision.models.<arch>(), fc.* missing)."""
     from .run.checkpoint import CheckpointError, load_checkpoint, save_atomic
     from .weights import backbone_state_dict, model_from_checkpoint
-    try:  # not a run checkpoint, or no such branch: model.py says which, as a ValueError
+    try:  # not a run checkpoint, or no such branch: the model says which, as a ValueError
         state = backbone_state_dict(model_from_checkpoint(load_checkpoint(checkpoint)), branch)
     except ValueError as e:
         raise CheckpointError(f"{checkpoint}: {e}") from None

@@ -218,12 +218,13 @@ STUDENT_HEADS = ("copy", "frozen", "fresh")
 PROTOCOLS = ("linear", "finetune")
 ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
                    "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
-                   "sq_all_copy", "sq_all_lr1", "teacher_prev", "xlearner_prev",
+                   "sq_all_copy", "sq_all_lr1",
                    # the second grid (tools/ablate.py's GRID2): teachers gt_<branches>_<squeeze steps>, squeezes
                    # gx_<branches>_<student init>_<squeeze steps>
                    *(f"gt_{b}_{n}" for b in ("ind", "sh") for n in (240, 120, 360)),
                    *(f"gx_{b}_{st}_{n}" for b, st in (("ind", "cls"), ("sh", "cls"), ("sh", "mean"))
-                     for n in (240, 120, 360)))
+                     for n in (240, 120, 360)),
+                   "teacher_prev", "xlearner_prev")
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "ade20k": ("seg",),
                 "cityscapes": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
@@ -360,7 +361,7 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
         _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
     # student_init = "mean" is checked against the teacher's own model config when the squeeze starts
-    # (model.init_student_backbone): the teacher checkpoint, not this file, says where its branches started
+    # (squeeze.init_student_backbone): the teacher checkpoint, not this file, says where its branches started
     _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
     _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
     _one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)

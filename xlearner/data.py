@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .run import dist, preempt
+from .run import preempt
 from .config import DataConfig, SourceConfig
 from .formats.files import BadSample, DataError
 from .formats import make_reader

@@ -66,7 +66,7 @@ def no_weight_decay(module: nn.Module, name: str) -> bool:
     """Whether `module`'s own parameter `name` is exempt from weight decay: by what it is, not its shape.
 
     Every norm parameter, every bias, and what a module lists in `no_weight_decay`
-    (the RL's mixing coefficients, reconcile.py: the cross-stitch matrix is 2-D,
+    (the RL's mixing coefficients, model.py: the cross-stitch matrix is 2-D,
     yet decaying it pulls the identity coefficient towards 0)."""
     return isinstance(module, NORM_TYPES) or name == "bias" or name in getattr(module, "no_weight_decay", ())
 
@@ -236,51 +236,77 @@ class _State:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    train_model: nn.Module | None = None  # DDP(model), or model in a single process
     step: int = 0             # optimiser steps done
     eval_pending: bool = False  # the checkpoint was written before (or during) this step's evaluation
     stop: preempt.GracefulStop | None = None
     bar: object = None
     window: _Window = field(default_factory=_Window)
-    checked_grads: bool = False
 
 
 def train(run: Run) -> nn.Module:
-    """Train `run.model` for `run.tc.steps` optimiser steps, resuming from `run.tc.out` if it holds a checkpoint."""
+    """Train `run.model` for `run.tc.steps` optimiser steps, resuming from `run.tc.out` if it holds a checkpoint.
+
+    The loop, top to bottom: a batch of every source per micro-step (`grad_accum` of them; DDP all-reduces on the
+    last), L = model.total_loss, backward; clip, optimise, schedule; then log, evaluate and checkpoint when their
+    step comes. A stop signal ends the run after a step, on every rank at once, with a checkpoint (`_stop_run`)."""
     tc = run.tc
-    s = _setup(run)
-    resumed = _resume(s)
+    s = _setup(run)           # the output folder, the model on its device, optimiser, schedule, scaler
+    resumed = _resume(s)      # weights, optimiser, schedule, loader position and every RNG, if a checkpoint exists
     if not resumed:
         seed_everything(tc.seed + dist.get_rank())
-    s.train_model = wrap_ddp(s.model, run.device)
+    model = s.model
+    train_model = wrap_ddp(model, run.device)
     if not resumed:
         _log_start(s)
     s.stop = preempt.GracefulStop(run.stage, last_ckpt=s.step if resumed else None)
-    s.model.train()
+    model.train()
     s.bar = dist.progress(total=tc.steps, initial=s.step, desc=run.stage, dynamic_ncols=True)
     s.window = _Window()  # img/s and data-wait are timed from here: the loop, not the setup
+    checked_grads = False
     with s.stop:
-        if s.eval_pending and (signalled := _evaluate(s)):
-            _stop_run(s, signalled, eval_pending=True)
+        if s.eval_pending:  # the run stopped before (or during) this step's evaluation: do it first
+            _evaluate_or_stop(s, pending=True)
         while s.step < tc.steps:
             t_step = time.perf_counter()
-            _train_step(s)
-            _log_window(s)
+            micro_losses = []
+            for micro in range(tc.grad_accum):
+                t_wait = time.perf_counter()
+                batch = move_to(next(run.loader), run.device)
+                s.window.wait += time.perf_counter() - t_wait
+                # Only the last micro-step all-reduces gradients; the others accumulate locally.
+                last = micro == tc.grad_accum - 1
+                with contextlib.nullcontext() if train_model is model or last else train_model.no_sync():
+                    with autocast(run.device, tc.amp):
+                        losses = train_model(batch)
+                        total = model.total_loss(losses) / tc.grad_accum
+                    s.scaler.scale(total).backward()
+                names, vector = _loss_vector(losses)  # stays on the device until the loop logs (_drain_window)
+                micro_losses.append(vector)
+            if not checked_grads:  # DDP without find_unused_parameters: every trainable parameter needs a grad
+                _check_all_grads(model)
+                checked_grads = True
+            if tc.clip_grad > 0:
+                s.scaler.unscale_(s.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            s.step += 1
+            s.window.pending.append((s.step, names, micro_losses))
+            _log_window(s)  # every log_every steps: losses averaged over ranks, one line, log.jsonl
             s.stop.step_took(time.perf_counter() - t_step)
-            # Agree across ranks on a signal, so that every rank stops after the same step.
-            signalled = preempt.agree_on_stop()
             eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps
-            if not signalled and eval_step:
-                signalled = _evaluate(s)
-            if signalled:  # checkpointed with eval_pending: a resumed run evaluates this step first
+            if signalled := s.stop.should_stop():  # collective: every rank stops after the same step
                 _stop_run(s, signalled, eval_pending=eval_step)
+            if eval_step:
+                _evaluate_or_stop(s, pending=True)
             if _every(s.step, tc.ckpt_every) or s.step == tc.steps:
                 _save(s)
-        if signalled := _evaluate(s):  # (a resumed run has step >= 1: every run evaluates its last step)
-            _stop_run(s, signalled, eval_pending=False)  # the final checkpoint exists; a re-run evaluates
+        _evaluate_or_stop(s, pending=False)  # every run evaluates its last step (the final checkpoint exists)
     s.bar.close()
     _log_event(s.out, {"event": "end", "step": s.step})
-    return s.model
+    return model
 
 
 def _setup(run: Run) -> _State:
@@ -336,38 +362,6 @@ def _log_start(s: _State) -> None:
                        "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
 
-def _train_step(s: _State) -> None:
-    """One optimiser step over `grad_accum` micro-batches; its losses, averaged over them, join the window unsynced."""
-    run, tc = s.run, s.run.tc
-    names, micro_losses = (), []
-    for micro in range(tc.grad_accum):
-        t_wait = time.perf_counter()
-        batch = move_to(next(run.loader), run.device)
-        s.window.wait += time.perf_counter() - t_wait
-        # Only the last micro-step all-reduces gradients; the others accumulate locally.
-        last = micro == tc.grad_accum - 1
-        sync = contextlib.nullcontext() if s.train_model is s.model or last else s.train_model.no_sync()
-        with sync:
-            with autocast(run.device, tc.amp):
-                losses = s.train_model(batch)
-                total = s.model.total_loss(losses) / tc.grad_accum
-            s.scaler.scale(total).backward()
-        names, vector = _loss_vector(losses)
-        micro_losses.append(vector)
-    if not s.checked_grads:
-        _check_all_grads(s.model)
-        s.checked_grads = True
-    if tc.clip_grad > 0:
-        s.scaler.unscale_(s.optimizer)
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.clip_grad)
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    s.step += 1
-    s.window.pending.append((s.step, names, micro_losses))
-
-
 def _log_window(s: _State) -> None:
     """Count the step in the window; every `log_every` steps (and at the last) average it over ranks and log it."""
     run, tc, w = s.run, s.run.tc, s.window
@@ -412,7 +406,7 @@ def _evaluate(s: _State) -> int:
     if run.evaluate is None:
         return 0
     _drain_window(s)
-    if s.train_model is not s.model:  # DDP syncs BN running stats at the start of a forward: after the
+    if dist.get_world_size() > 1:  # DDP syncs BN running stats at the start of a forward: after the
         for b in s.model.buffers():   # last step each rank still has its own, so evaluate rank 0's (the
             dist.broadcast_tensor(b)          # checkpointed) ones
     dist.log(f"[{run.stage}] step {step}: evaluating")
@@ -423,7 +417,7 @@ def _evaluate(s: _State) -> int:
     finally:
         s.model.train()
         set_rng_state(rng)
-    signalled = preempt.agree_on_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
+    signalled = s.stop.should_stop()  # a stopped rank's evaluation is partial: discard it on all ranks
     if signalled:
         return signalled
     dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
@@ -433,6 +427,13 @@ def _evaluate(s: _State) -> int:
     if dist.is_main_process():
         (s.out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
     return 0
+
+
+def _evaluate_or_stop(s: _State, pending: bool) -> None:
+    """Evaluate; if a stop signal cut the evaluation short, checkpoint and exit (`pending`: the checkpoint says the
+    evaluation is still to do, and the resumed run does it first)."""
+    if signalled := _evaluate(s):
+        _stop_run(s, signalled, eval_pending=pending)
 
 
 def _stop_run(s: _State, signum: int, eval_pending: bool) -> None:

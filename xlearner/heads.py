@@ -9,7 +9,7 @@ predictor, a 1x1 classifier) that maps the neck's output to that source's
 classes.
 
 Every head has the same three-call interface, used by XLearnerModel
-(model.py) and SqueezedModel (squeeze.py):
+(expand.py) and SqueezedModel (squeeze.py):
 
     images, ctx = head.prepare(batch, source)   # what the backbone sees (B,3,H,W, float) + what the head needs
     loss, outputs = head.loss(feats, ctx, source)   # feats = backbone stage dict; outputs: cls logits else None
@@ -23,6 +23,7 @@ its post-processed detections are exactly torchvision's (a test checks this).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .run import dist
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, to_input
-from .config import ModelConfig, SourceConfig
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, channels_last, count_params, format_count, n_params, to_input
+from .config import ModelConfig, SourceConfig, check_tasks_have_sources
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -308,3 +309,82 @@ class SegHead(Head):
 
 
 HEADS = {"cls": ClsHead, "det": DetHead, "seg": SegHead}
+
+
+# ----------------------------------------------------------------------------
+# a backbone and the task heads: one model, a loss per source
+
+class SourceOutput(NamedTuple):
+    """One source batch through a model: what the squeeze distiller needs besides the loss."""
+    loss: torch.Tensor                 # unweighted task loss
+    outputs: Optional[torch.Tensor]    # cls logits, else None
+    feats: dict                        # backbone features (stage -> Tensor)
+    images: torch.Tensor               # the tensor the backbone saw (det: resized, normalised, padded)
+    ctx: dict                          # what the head's prepare() passed on (labels, targets, sizes)
+
+
+class MultiSourceModel(nn.Module):
+    """What XLearnerModel and SqueezedModel share: heads per task, the per-source loss loop, predict."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 channels: dict[str, int]):
+        super().__init__()
+        self.mcfg = mcfg
+        self.source_list = list(sources)
+        self.sources = {s.name: s for s in sources}
+        missing = [s.name for s in sources if s.name not in num_classes]
+        if missing:
+            raise ValueError(f"num_classes: no class count for sources {missing}")
+        self.num_classes = {s.name: int(num_classes[s.name]) for s in sources}
+        self.tasks = list(mcfg.tasks)
+        check_tasks_have_sources(mcfg, sources)
+        self.heads = nn.ModuleDict({
+            t: HEADS[t](mcfg, [s for s in sources if s.task == t], self.num_classes, channels) for t in self.tasks})
+
+    def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def exported_backbone(self, branch: str | None) -> Backbone:
+        """The Backbone that backbone.backbone_state_dict exports (`branch`: which one, where there is a choice)."""
+        raise NotImplementedError
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last(x, self.mcfg.channels_last)
+
+    def forward_source(self, batch: dict, source: str) -> SourceOutput:
+        task = self.sources[source].task
+        head = self.heads[task]
+        images, ctx = head.prepare(batch, source)
+        images = self._images(images)
+        feats = self.features(images, task)
+        loss, outputs = head.loss(feats, ctx, source)
+        return SourceOutput(loss, outputs, feats, images, ctx)
+
+    def forward(self, batch_by_source: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """Unweighted loss per source. Call once per step with a batch of every source (one DDP forward)."""
+        unknown = sorted(set(batch_by_source) - set(self.sources))
+        if unknown:
+            raise KeyError(f"batches for unknown sources {unknown}; sources are {sorted(self.sources)}")
+        return {name: self.forward_source(batch, name).loss for name, batch in batch_by_source.items()}
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L = sum_s w_s * L_s."""
+        if not losses:
+            raise ValueError("total_loss: no losses")
+        return sum(self.sources[s].weight * loss for s, loss in losses.items())
+
+    @torch.no_grad()
+    def predict(self, images, source: str):
+        """Inference on `images` as a batch holds them (Tensor for cls/seg, list of [0,1] images for det)."""
+        task = self.sources[source].task
+        head = self.heads[task]
+        x, ctx = head.prepare({"images": images}, source)
+        return head.predict(self.features(self._images(x), task), ctx, source)
+
+    def _head_report(self) -> list[str]:
+        lines = []
+        for t, head in self.heads.items():
+            preds = ", ".join(f"{s} {n_params(p)}" for s, p in head.predictors.items())
+            lines.append(f"  head {t}: neck {format_count(count_params(head) - count_params(head.predictors))}; "
+                         f"predictors: {preds}")
+        return lines

@@ -1,330 +1,359 @@
-"""The two models of the method: the expanded model (stage 1) and the squeezed student (stage 2).
+"""The expanded backbone: T task branches run stage by stage, linked by reconciliation layers (RL).
 
-X-Learner (docs/DESIGN.md §1) trains in two stages. `XLearnerModel` is the
-first's: the expanded backbone (reconcile.ExpandedNet: one torchvision ResNet
-branch per task, linked by reconciliation layers) with one head per task
-(heads.py), one predictor per source. With `model.shared_backbone` it is one
-plain Backbone for every task instead (MSMT, hard sharing, the baseline).
+This is the heart of X-Learner's expansion stage (docs/DESIGN.md §1). There is
+one backbone branch per task (cls, det, seg), all the same torchvision ResNet
+(backbone.py), run stage by stage in lockstep by `ExpandedNet`. After each
+stage l in `model.reconcile_stages`, the RL adds to branch t what the other
+branches computed at the same or an earlier stage:
 
-`SqueezedModel` is the second's: ONE plain Backbone of the branches' arch, the
-adapters and standardisations the distillation reads it through, and the task
-heads; squeeze.py trains it against the frozen expanded model.
+    x_t^l <- x_t^l + sum_{u != t} sum_{k <= l} R_{u,k->t,l}( sg(x_u^k) )
 
-`MultiSourceModel` is what both share: heads per task, the per-source loss loop,
-predict. weights.py exports either's backbone as a plain torchvision state_dict
-(docs/DESIGN.md §5) and rebuilds either from a run checkpoint.
+which is `Reconcile.forward` of each variant, one expression.
+
+Zero init: the last BN of every path R starts at gamma = beta = 0 (and the
+scalar / cross-stitch variants start at alpha = 0 / identity), so at
+initialisation the expanded model is exactly T independent single-task
+backbones; training decides how much each task borrows from the others.
+
+Stop-gradient: sg (`model.reconcile_detach`) means a branch's weights are moved
+only by its own task's losses, limiting task interference, while the RL still
+enriches that branch's representation.
+
+Variants (`model.reconcile`, the RECONCILE registry):
+    hrnet         every k <= l of every other branch, resampled by an HRNet
+                  fuse path (`hrnet_path`); `reconcile_width` < 1 is the cheap
+                  form (`narrow_path` + one shared widening per target)
+    scalar        same-stage only, alpha * conv1x1, alpha init 0
+    cross_stitch  Misra et al. 2016: channel-wise mix of the same-stage
+                  features, init identity
+    none          independent backbones (the ablation baseline)
+
+`BranchWithRL` is one branch with its RL inputs, the network a branch trained
+as (transfer.py's `--with-rl`); expand.XLearnerModel puts task heads on top.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple, Optional
+import contextlib
 
 import torch
 import torch.nn as nn
 
-from .backbone import BACKBONES, Backbone, build_backbone, load_torchvision_state_dict, read_state_dict
-from .config import (ConfigError, ModelConfig, SourceConfig, SqueezeConfig, branches_share_start,
-                     check_tasks_have_sources)
-from .heads import HEADS
-from .reconcile import ExpandedNet
+from .backbone import backbone_from_state_dict, read_state_dict
 
-# ----------------------------------------------------------------------------
-# the models
+# Every variant is a module with `.stages` (the stages it acts on) and `.into`
+# (a ModuleDict: target task -> the modules that feed that task), called as
+#     rl(t, l, x) -> the new x_t^l
+# where x[u][k] = x_u^k, the stage-k output of branch u before its own stage-k RL,
+# for every branch u and every k <= l. The variant applies sg itself.
 
-class SourceOutput(NamedTuple):
-    """One source batch through a model: what the squeeze distiller needs besides the loss."""
-    loss: torch.Tensor                 # unweighted task loss
-    outputs: Optional[torch.Tensor]    # cls logits, else None
-    feats: dict                        # backbone features (stage -> Tensor)
-    images: torch.Tensor               # the tensor the backbone saw (det: resized, normalised, padded)
-    ctx: dict                          # what the head's prepare() passed on (labels, targets, sizes)
+def _zero_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    # gamma = beta = 0: the path outputs exactly 0 at init, so the expanded model
+    # starts as T independent backbones (each its own single-task expert)
+    nn.init.zeros_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
 
 
-def channels_last(x, on: bool):
-    """A module or an image batch in channels-last memory format when `on` (model.channels_last), else as is."""
-    if not on:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.to(memory_format=torch.channels_last)
+def hrnet_path(c_in: int, c_out: int, k: int, l: int) -> nn.Sequential:
+    """R_{k->l}, k <= l, as HRNet's fuse layer: same stage 1x1+BN; an earlier stage a 3x3 stride-2 chain.
+
+    (HRNet also fuses lower-resolution inputs, k > l, by upsampling; the
+    expanded backbone only looks back, so there is no such path here.)"""
+    if k == l:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+    layers = []
+    for i in range(l - k):  # each 3x3 stride-2 conv halves the resolution; ReLU between, not after the last
+        last = i == l - k - 1
+        layers += [nn.Conv2d(c_in, c_out if last else c_in, 3, stride=2, padding=1, bias=False),
+                   _zero_bn(nn.BatchNorm2d(c_out)) if last else nn.BatchNorm2d(c_in)]
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def narrow_path(c_in: int, m: int, k: int, l: int) -> nn.Sequential:
+    """The narrow form of R_{k->l} up to its last layer: branch u's stage k to m channels at stage l's resolution.
+
+    A same-stage input: 1x1 conv + BN. A higher-resolution input: the 3x3
+    stride-2 chain, straight from c_in to m channels, so no conv runs at the
+    input's resolution. The last 1x1 m -> C_out + zero-init BN is shared by
+    all the paths into one target (`HRNetReconcile`)."""
+    if k == l:
+        return nn.Sequential(nn.Conv2d(c_in, m, 1, bias=False), nn.BatchNorm2d(m))
+    layers, c = [], c_in
+    for _ in range(l - k):  # each 3x3 stride-2 conv halves the resolution
+        layers += [nn.Conv2d(c, m, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
+        c = m
+    return nn.Sequential(*layers)
 
 
-def _fmt(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+class Reconcile(nn.Module):
+    """Base class: no stages, nothing added (this is also the `none` variant)."""
 
-
-def n_params(module: nn.Module) -> str:
-    """A module's parameter count as the build reports print it: 11.18M, 23.4k."""
-    return _fmt(_count(module))
-
-
-class MultiSourceModel(nn.Module):
-    """What XLearnerModel and SqueezedModel share: heads per task, the per-source loss loop, predict."""
-
-    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
-                 channels: dict[str, int]):
+    def __init__(self, tasks: list[str], channels: dict[str, int], stages, width: float = 1.0, detach: bool = True):
         super().__init__()
-        self.mcfg = mcfg
-        self.source_list = list(sources)
-        self.sources = {s.name: s for s in sources}
-        missing = [s.name for s in sources if s.name not in num_classes]
-        if missing:
-            raise ValueError(f"num_classes: no class count for sources {missing}")
-        self.num_classes = {s.name: int(num_classes[s.name]) for s in sources}
-        self.tasks = list(mcfg.tasks)
-        check_tasks_have_sources(mcfg, sources)
-        self.heads = nn.ModuleDict({
-            t: HEADS[t](mcfg, [s for s in sources if s.task == t], self.num_classes, channels) for t in self.tasks})
+        self.tasks, self.detach = list(tasks), detach
+        self.stages = tuple(sorted(set(stages))) if len(tasks) > 1 else ()  # one task: nothing to reconcile
+        self.into = nn.ModuleDict({t: nn.ModuleDict() for t in tasks})
 
-    def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def sg(self, x: torch.Tensor) -> torch.Tensor:
+        """stopgrad; detach off is the ablation where every task's loss moves every branch."""
+        return x.detach() if self.detach else x
 
-    def exported_backbone(self, branch: str | None) -> Backbone:
-        """The Backbone that weights.backbone_state_dict exports (`branch`: which one, where there is a choice)."""
-        raise NotImplementedError
+    def others(self, t: str) -> list[str]:
+        return [u for u in self.tasks if u != t]
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last(x, self.mcfg.channels_last)
-
-    def forward_source(self, batch: dict, source: str) -> SourceOutput:
-        task = self.sources[source].task
-        head = self.heads[task]
-        images, ctx = head.prepare(batch, source)
-        images = self._images(images)
-        feats = self.features(images, task)
-        loss, outputs = head.loss(feats, ctx, source)
-        return SourceOutput(loss, outputs, feats, images, ctx)
-
-    def forward(self, batch_by_source: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """Unweighted loss per source. Call once per step with a batch of every source (one DDP forward)."""
-        unknown = sorted(set(batch_by_source) - set(self.sources))
-        if unknown:
-            raise KeyError(f"batches for unknown sources {unknown}; sources are {sorted(self.sources)}")
-        return {name: self.forward_source(batch, name).loss for name, batch in batch_by_source.items()}
-
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L = sum_s w_s * L_s."""
-        if not losses:
-            raise ValueError("total_loss: no losses")
-        return sum(self.sources[s].weight * loss for s, loss in losses.items())
-
-    @torch.no_grad()
-    def predict(self, images, source: str):
-        """Inference on `images` as a batch holds them (Tensor for cls/seg, list of [0,1] images for det)."""
-        task = self.sources[source].task
-        head = self.heads[task]
-        x, ctx = head.prepare({"images": images}, source)
-        return head.predict(self.features(self._images(x), task), ctx, source)
-
-    def _head_report(self) -> list[str]:
-        lines = []
-        for t, head in self.heads.items():
-            preds = ", ".join(f"{s} {n_params(p)}" for s, p in head.predictors.items())
-            lines.append(f"  head {t}: neck {_fmt(_count(head) - _count(head.predictors))}; predictors: {preds}")
-        return lines
+    def forward(self, t: str, l: int, x: dict) -> torch.Tensor:
+        return x[t][l]
 
 
-class XLearnerModel(MultiSourceModel):
-    """The expansion-stage model: an ExpandedNet (or one shared Backbone: MSMT, hard sharing) + task heads."""
+class NoReconcile(Reconcile):
+    """`none`: independent task-specific backbones (the ablation baseline)."""
 
-    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int]):
-        if mcfg.shared_backbone:
-            backbone = build_backbone(mcfg.arch, mcfg.pretrained, mcfg.frozen_bn)
-        else:
-            backbone = ExpandedNet(mcfg.arch, mcfg.tasks, mcfg.reconcile, mcfg.reconcile_stages,
-                                   mcfg.reconcile_detach, mcfg.pretrained, mcfg.frozen_bn, mcfg.reconcile_width,
-                                   mcfg.other_branches_bn, mcfg.branch_init)
-        super().__init__(mcfg, sources, num_classes, backbone.channels)
-        self.backbone = backbone
-        channels_last(self, mcfg.channels_last)
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, (), detach=detach)
 
-    def features(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-        if self.mcfg.shared_backbone:
-            return self.backbone(x)
-        return self.backbone(x, task)
 
-    def exported_backbone(self, branch: str | None) -> Backbone:
-        """Branch `branch` (default: the first task), or the shared backbone (any task's name, or none)."""
-        if self.mcfg.shared_backbone:
-            if branch and branch not in self.tasks:
-                raise ValueError(f"branch {branch!r}: tasks are {self.tasks}")
-            return self.backbone
-        branches = self.backbone.branches
-        branch = branch or self.tasks[0]
-        if branch not in branches:
-            raise ValueError(f"branch {branch!r}: the expanded model's branches are {list(branches)}")
-        return branches[branch]
+class HRNetReconcile(Reconcile):
+    """`hrnet`: every earlier-or-same stage of every other branch, resampled to stage l and summed.
 
-    def report(self) -> str:
-        """Build-time report: parameters per branch / RL / head, and expanded-over-single MACs."""
-        m = self.mcfg
-        if m.shared_backbone:
-            lines = [f"XLearnerModel: one shared {m.arch} for tasks {self.tasks} (hard sharing)",
-                     f"  backbone: {n_params(self.backbone)} params"]
-        else:
-            net = self.backbone
-            lines = [f"XLearnerModel: {m.arch} x {len(self.tasks)} branches {self.tasks}, reconcile={m.reconcile} "
-                     f"at layers {list(net.reconcile.stages)}, detach={m.reconcile_detach}"]
-            for t in self.tasks:
-                rl = "; ".join(f"{k} {n_params(v)}" for k, v in net.reconcile.into[t].items()) or "none"
-                lines.append(f"  branch {t}: {n_params(net.branches[t])} params; RL into {t}: {rl}")
-        lines += self._head_report()
-        lines.append(f"  total: {n_params(self)} params")
-        lines.append(self._mac_report())
-        return "\n".join(lines)
+    width = 1 (HRNet's fuse layer): each path R_{u,k->t,l} is its own module
+    ending in a zero-init BN, and the outputs are summed. width < 1 (the cheap
+    form, `model.reconcile_width`): each path runs at m = width * C_l channels,
+    the narrow outputs are summed, and one 1x1 m -> C_l + zero-init BN per
+    target stage (`widen`) brings the sum to branch t's width. On resnet50
+    (cls + seg, 224 px) width 1/16 cuts the RL forward from 6.8 to 0.7 GMACs
+    (tests/test_model.py); docs/RESULTS.md, "The demo, benches and the first GPU check", has the step times.
+    """
 
-    def _mac_report(self) -> str:
-        """MACs of features(x, task) over one plain backbone, per source at its image_size.
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
+        self.narrow = width < 1.0
+        path = narrow_path if self.narrow else hrnet_path
+        for t in tasks:
+            for l in self.stages:
+                c_out = channels[f"layer{l}"]
+                m = max(8, int(round(c_out * width))) if self.narrow else c_out  # each path's output width
+                paths = {f"{u}_layer{k}": path(channels[f"layer{k}"], m, k, l)
+                         for u in tasks if u != t for k in range(1, l + 1)}
+                # narrow: one widening conv + BN on the sum, not one per path (half the full-resolution work)
+                paths["widen"] = (nn.Sequential(nn.Conv2d(m, c_out, 1, bias=False), _zero_bn(nn.BatchNorm2d(c_out)))
+                                  if self.narrow else nn.Identity())
+                self.into[t][f"layer{l}"] = nn.ModuleDict(paths)
 
-        Counted by FlopCounterMode on copies built on the meta device: shapes only, no compute."""
-        from torch.utils.flop_counter import FlopCounterMode
+    def forward(self, t, l, x):
+        R = self.into[t][f"layer{l}"]
+        return x[t][l] + R["widen"](sum(R[f"{u}_layer{k}"](self.sg(x[u][k])) for u in self.others(t) for k in range(1, l + 1)))
 
-        m = self.mcfg
-        with torch.device("meta"):
-            single = Backbone(BACKBONES[m.arch](weights=None), m.arch).eval()
-            expanded = single if m.shared_backbone else ExpandedNet(
-                m.arch, m.tasks, m.reconcile, m.reconcile_stages, m.reconcile_detach, width=m.reconcile_width).eval()
 
-        def flops(task, size):
-            x = torch.empty(1, 3, size, size, device="meta")
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                single(x) if task is None or m.shared_backbone else expanded(x, task)
-            rl = sum(counter.get_flop_counts().get("ExpandedNet.reconcile", {}).values())
-            return counter.get_total_flops(), rl
+class ScalarPath(nn.Module):
+    """alpha * conv1x1(x), alpha a learnable scalar that starts at 0 (zero output at init)."""
 
-        parts, num, den, rl_num = [], 0.0, 0.0, 0.0
-        for s in self.source_list:  # det: a square image at the short side, an approximation of the real shape
-            f1, _ = flops(None, s.image_size)
-            fe, rl = flops(s.task, s.image_size)
-            parts.append(f"{s.name}@{s.image_size}px {fe / f1:.2f}x")
-            num, den, rl_num = num + s.batch_size * fe, den + s.batch_size * f1, rl_num + s.batch_size * rl
-        return (f"  backbone forward MACs, expanded / single backbone: {num / den:.2f}x per step, of which the RLs "
-                f"{rl_num / den:.2f}x (batch-weighted; {', '.join(parts)})")
+    no_weight_decay = ("alpha",)  # a mixing coefficient, not a weight: engine.build_optimizer skips it
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.alpha * self.conv(x)
+
+
+class ScalarReconcile(Reconcile):
+    """`scalar`: same-stage features only, each through a 1x1 conv times a scalar (init 0)."""
+
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
+        for t in tasks:
+            for l in self.stages:
+                self.into[t][f"layer{l}"] = nn.ModuleDict(
+                    {u: ScalarPath(channels[f"layer{l}"]) for u in tasks if u != t})
+
+    def forward(self, t, l, x):
+        R = self.into[t][f"layer{l}"]
+        return x[t][l] + sum(R[u](self.sg(x[u][l])) for u in self.others(t))
+
+
+class CrossStitchUnit(nn.Module):
+    """Channel-wise linear mix of the T same-stage features into branch `target`.
+
+    weight[i, c] is the coefficient of task i's channel c; it starts as the
+    identity (own row 1, others 0), so at init the branch sees only itself.
+    Needs equal channels across branches, which holds: they share the arch."""
+
+    # Mixing coefficients get no weight decay (engine.build_optimizer): decay would pull the
+    # identity coefficient towards 0, i.e. pull each branch away from its own features.
+    no_weight_decay = ("weight",)
+
+    def __init__(self, tasks: list[str], target: str, c: int):
+        super().__init__()
+        self.tasks = list(tasks)
+        weight = torch.zeros(len(tasks), c)
+        weight[self.tasks.index(target)] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, xs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weight[i].view(1, -1, 1, 1) * xs[u] for i, u in enumerate(self.tasks))
+
+
+class CrossStitchReconcile(Reconcile):
+    """`cross_stitch` (Misra et al. 2016): x_t^l <- sum_u a_{t,u} * x_u^l, channel-wise, init identity."""
+
+    def __init__(self, tasks, channels, stages, width=1.0, detach=True):
+        super().__init__(tasks, channels, stages, detach=detach)
+        for t in tasks:
+            for l in self.stages:
+                self.into[t][f"layer{l}"] = CrossStitchUnit(tasks, t, channels[f"layer{l}"])
+
+    def forward(self, t, l, x):
+        return self.into[t][f"layer{l}"]({u: x[u][l] if u == t else self.sg(x[u][l]) for u in self.tasks})
+
+
+RECONCILE = {"hrnet": HRNetReconcile, "scalar": ScalarReconcile,
+             "cross_stitch": CrossStitchReconcile, "none": NoReconcile}
 
 
 # ----------------------------------------------------------------------------
-# the squeeze stage's student (squeeze.py trains it)
+# the expanded backbone
 
-class Standardize(nn.Module):
-    """N_{b,l}: per-channel (x - mean) / std of one teacher feature map; identity until `set` is called."""
+class ExpandedNet(nn.Module):
+    """T task branches of one ResNet arch, run stage by stage, linked by reconciliation layers.
 
-    def __init__(self, channels: int):
+    `forward(x, task)` returns branch `task`'s features. With `detach` on, the
+    other branches run under torch.no_grad(): only branch `task` and the RLs
+    feeding it build a graph (the others' activations are not kept, and there is
+    no backward through them), and the other branches stop after the last
+    reconciled stage since nothing downstream reads them.
+
+    BN statistics are per task: a task-t batch leaves the running statistics of
+    the other branches (and of the RLs feeding them) as they were, so branch u's
+    statistics describe task u's images only, which is what it normalises when
+    it is evaluated, exported, or seeds the squeeze student. How those branches
+    normalise task t's images in training is `other_bn`: "batch" (default) with
+    the batch's statistics, as a train-mode branch would, or "running" with
+    their own running statistics (eval mode), which is what an RL reads at test
+    time. The demo measured both (docs/RESULTS.md, "Per-task BN statistics"):
+    "running" gave the better teacher, "batch" the better squeezed student."""
+
+    def __init__(self, arch: str, tasks: list[str], reconcile: str = "hrnet", stages=(1, 2, 3),
+                 detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
+                 other_bn: str = "batch", branch_init: str = "independent"):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("std", torch.ones(channels))
-
-    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.view(1, -1, 1, 1).to(x.dtype)) / self.std.view(1, -1, 1, 1).to(x.dtype)
-
-
-class SqueezedModel(MultiSourceModel):
-    """The squeeze-stage student: one Backbone, adapters A and standardisations N per (branch, stage), task heads.
-
-    adapters[b][f"layer{l}"] maps the student's stage-l feature into teacher
-    branch b's (standardised) space. It starts as N_{b,l} itself (the identity
-    when nothing is standardised; `bias` only then), so a student equal to branch
-    b starts at zero distillation loss for b, instead of first having to undo a
-    random projection. Neither A nor N is exported (weights.backbone_state_dict)."""
-
-    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
-                 distill_stages=(2, 3, 4), adapter_bias: bool = False):
-        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
-        super().__init__(mcfg, sources, num_classes, backbone.channels)
-        self.backbone = backbone
-        self.distill_stages = [int(l) for l in distill_stages]
-        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
+        if reconcile not in RECONCILE:
+            raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
+        if other_bn not in ("batch", "running"):
+            raise ValueError(f"model.other_branches_bn: expected 'batch' or 'running', got {other_bn!r}")
+        bad = [l for l in stages if l not in (1, 2, 3, 4)]
         if bad:
-            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
-        layers = {f"layer{l}": backbone.channels[f"layer{l}"] for l in self.distill_stages}
-        self.adapters = nn.ModuleDict({t: nn.ModuleDict({k: nn.Conv2d(c, c, 1, bias=adapter_bias)
-                                                         for k, c in layers.items()}) for t in self.tasks})
-        self.norms = nn.ModuleDict({t: nn.ModuleDict({k: Standardize(c) for k, c in layers.items()})
-                                    for t in self.tasks})
-        self.reset_adapters()
-        channels_last(self, mcfg.channels_last)
+            raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        self.tasks, self.detach, self.other_bn = list(tasks), detach, other_bn
+        sd = read_state_dict(pretrained)  # read (or download) once for all branches
+        self.branches = nn.ModuleDict({t: backbone_from_state_dict(arch, sd, frozen_bn, pretrained) for t in tasks})
+        if branch_init == "shared":  # one starting point for every branch (model soups: only then is a mean meaningful);
+            # every branch is still drawn above, so the RLs and heads draw the same numbers as with "independent"
+            for t in self.tasks[1:]:
+                self.branches[t].load_state_dict(self.branches[self.tasks[0]].state_dict())
+        elif branch_init != "independent":
+            raise ValueError(f"model.branch_init: expected 'independent' or 'shared', got {branch_init!r}")
+        self.channels = self.branches[self.tasks[0]].channels
+        self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width, detach)
 
-    @torch.no_grad()
-    def reset_adapters(self) -> None:
-        """A_{b,l} := N_{b,l} (weight diag(1/std), bias -mean/std; the identity for N = identity)."""
-        for t, convs in self.adapters.items():
-            for k, conv in convs.items():
-                norm = self.norms[t][k]
-                conv.weight.copy_(torch.diag(1 / norm.std).view(*conv.weight.shape))
-                if conv.bias is not None:
-                    conv.bias.copy_(-norm.mean / norm.std)
+    def _run(self, x: torch.Tensor, want: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The features of the branches in `want`; the other branches run only as far as an RL reads them."""
+        plan = _Plan(self, want)
+        feats = {u: {} for u in self.tasks}  # feats[u][l] = x_u^l, branch u's stage-l output
+        h = {}  # each running branch's input to its next stage
+        for u in plan.running(1):
+            with plan.grad(u):
+                h[u] = self.branches[u].stem(x)
+        for l in range(1, 5):
+            for u in plan.running(l):
+                with plan.grad(u):
+                    feats[u][l] = self.branches[u].stage(l, h[u])
+            new = {}  # every target's RL reads the others' stage-l outputs from before their own RL
+            for t in plan.running(l):
+                if plan.reconciles(t, l):
+                    with plan.grad(t):
+                        new[t] = self.reconcile(t, l, feats)  # x_t^l + sum_{u != t, k <= l} R(sg(x_u^k))
+            for u in plan.running(l):
+                feats[u][l] = h[u] = new.get(u, feats[u][l])
+        return {u: {f"layer{l}": feats[u][l] for l in range(1, 5)} for u in want}
 
-    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
-        return self.backbone(x)  # one backbone for every task
+    @contextlib.contextmanager
+    def _others_keep_stats(self, task: str):
+        """For one train-mode forward: the BNs of the branches other than `task` (and of the RLs feeding them)
+        use batch statistics without tracking them ("batch"), or run in eval mode ("running")."""
+        others = [m for u in self.tasks if u != task for m in (self.branches[u], self.reconcile.into[u])]
+        bns = [m for other in others for m in other.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        for m in bns:  # in train mode, track_running_stats=False is torch's "batch statistics, buffers untouched"
+            m.track_running_stats, m.training = self.other_bn == "running", self.other_bn == "batch"
+        try:
+            yield
+        finally:
+            for m in bns:
+                m.track_running_stats, m.training = True, True
 
-    def exported_backbone(self, branch: str | None) -> nn.Module:
-        if branch:
-            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
-        return self.backbone
+    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        if task not in self.branches:
+            raise KeyError(f"no branch {task!r}; branches are {self.tasks}")
+        with self._others_keep_stats(task):  # their BN statistics stay their own task's (class doc)
+            return self._run(x, {task})[task]
 
-    def report(self, init: str = "", heads: str = "copy") -> str:
-        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
-        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else "") + f", heads {heads}",
-                 f"  backbone: {n_params(self.backbone)} params",
-                 f"  adapters: {n_params(self.adapters)} params (distillation only, not exported)"]
-        lines += self._head_report()
-        lines.append(f"  total: {n_params(self)} params")
-        return "\n".join(lines)
-
-    @classmethod
-    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
-                      sq: SqueezeConfig | None = None) -> "SqueezedModel":
-        """A student for `teacher`: heads per `sq.heads`, backbone per `student_init` (`init_student_backbone`)."""
-        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
-        sq = sq or SqueezeConfig()
-        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, sq.distill_stages,
-                    adapter_bias=sq.teacher_norm == "standardize")
-        if sq.heads != "fresh":
-            model.heads.load_state_dict(teacher.heads.state_dict())
-        model.heads.requires_grad_(sq.heads != "frozen")
-        init_student_backbone(model.backbone, teacher, student_init or resolve_student_init("", teacher))
-        device = next(teacher.parameters()).device
-        return model.to(device)
+    def forward_all(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Every branch's features (the squeeze teacher; usually called under no_grad)."""
+        out = self._run(x, set(self.tasks))
+        return {t: out[t] for t in self.tasks}
 
 
-def resolve_student_init(student_init: str, teacher: XLearnerModel) -> str:
-    """`squeeze.student_init` with its default: "" is `task:<first task>`, a copy of the first branch."""
-    return student_init or f"task:{teacher.tasks[0]}"
+class BranchWithRL(nn.Module):
+    """Branch `task` of an ExpandedNet *with* its RL inputs: the network the expanded model trained as.
+
+    Transferring an expanded model's branch alone drops what its RLs add from the
+    other branches, so it measures a network that never existed in training.
+    This wraps the whole ExpandedNet and returns branch `task`'s features as
+    `ExpandedNet.forward` computes them (every other branch runs as far as an RL
+    reads it). It looks like a Backbone to transfer.py (`arch`, `channels`, a
+    dict of stage features); at zero-initialised RLs it equals the branch alone."""
+
+    def __init__(self, net: ExpandedNet, task: str, arch: str):
+        super().__init__()
+        if task not in net.branches:
+            raise ValueError(f"branch {task!r}: the expanded model's branches are {net.tasks}")
+        self.net, self.task, self.arch, self.channels = net, task, arch, net.channels
+        if net.detach:  # what receives no gradient trains nothing: frozen, so that a fine-tuned BranchWithRL
+            # under DDP (find_unused_parameters=False) has no parameter that waits for a gradient
+            own = {id(p) for m in (net.branches[task], net.reconcile.into[task]) for p in m.parameters()}
+            for p in net.parameters():
+                if id(p) not in own:
+                    p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x, self.task)
 
 
-def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str) -> None:
-    """Load the student's starting weights: task:<name> (that branch), mean (of the branches), scratch, or a file."""
-    if teacher.mcfg.shared_backbone:
-        branches = {t: teacher.backbone for t in teacher.tasks}
-    else:
-        branches = dict(teacher.backbone.branches.items())
-    if init.startswith("task:"):
-        name = init[len("task:"):]
-        if name not in branches:
-            raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
-        backbone.load_state_dict(branches[name].state_dict())
-    elif init == "mean":
-        if not branches_share_start(teacher.mcfg):  # unrelated networks: no common starting point to average around
-            raise ConfigError("squeeze.student_init = 'mean': the teacher's branches started from independent random "
-                              "weights (its model.branch_init is 'independent' and model.pretrained is empty), so "
-                              "their average is meaningless; use task:<name>")
-        sds = [b.state_dict() for b in branches.values()]
-        # floats (weights, BN statistics): w_1 + mean_b (w_b - w_1), the mean, written so that branches that are
-        # still identical give exactly w_1; the integer BN step counter takes the max
-        backbone.load_state_dict({k: sds[0][k] + torch.stack([sd[k] - sds[0][k] for sd in sds]).mean(0)
-                                  if sds[0][k].is_floating_point() else torch.stack([sd[k] for sd in sds]).max(0).values
-                                  for k in sds[0]})
-    elif init == "scratch":
-        pass
-    elif Path(init).is_file():
-        load_torchvision_state_dict(backbone, read_state_dict(init), init)
-    else:
-        raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
-                         f"or the path of a torchvision-format state_dict")
+class _Plan:
+    """Which branch runs which stage of one ExpandedNet forward, and with or without a graph.
+
+    Pruning only, no arithmetic: the outputs are those of running every branch
+    through every stage with a graph. Branches in `want` run every stage; the
+    others run only up to the last reconciled stage (nothing reads them after
+    it), and are reconciled only where a later stage reads them. With `detach`
+    on, only the wanted branches build a graph: the others' activations are not
+    kept and nothing backpropagates into them."""
+
+    def __init__(self, net: ExpandedNet, want: set[str]):
+        self.tasks, self.want, self.stages, self.detach = net.tasks, want, net.reconcile.stages, net.detach
+        self.last = max(self.stages, default=0)
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def running(self, l: int) -> list[str]:
+        """The branches that compute stage l (and, for l = 1, the stem before it), in task order."""
+        return [u for u in self.tasks if u in self.want or l <= self.last]
+
+    def reconciles(self, t: str, l: int) -> bool:
+        return l in self.stages and (t in self.want or l < self.last)
+
+    def grad(self, u: str):
+        return torch.set_grad_enabled(self.grad_enabled and (u in self.want or not self.detach))

@@ -17,7 +17,6 @@ dataset label reader, which the trained protocols of transfer.py share.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ from . import data
 
 from .run import dist
 from .backbone import to_input
-from .run.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .run.checkpoint import CheckpointError, load_checkpoint, save_atomic, sha256_text
 from .config import TransferDatasetConfig
 from .evaluate import mean_per_class_accuracy
 
@@ -43,18 +42,6 @@ SUBSET_SEED = 0                    # train_subset / val_subset: one fixed subset
 
 # ----------------------------------------------------------------------------
 # hashing (the feature cache's keys) and the feature size
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
 
 def feature_dim(backbone: nn.Module) -> int:
     return backbone.channels["layer4"]

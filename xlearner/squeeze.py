@@ -20,9 +20,9 @@ For each source s, on its batch x_s, the student pays three losses:
 targets. Detection is distilled through features only: its outputs are
 proposals and boxes, not a distribution per image that KD can match.
 
-The student (model.SqueezedModel) is one plain backbone, the adapters and the
+The student (SqueezedModel, below) is one plain backbone, the adapters and the
 standardisation (distillation only) and task heads (`heads`: copies of the
-teacher's, the teacher's frozen, or fresh); weights.backbone_state_dict exports its
+teacher's, the teacher's frozen, or fresh); backbone.backbone_state_dict exports its
 backbone as a plain torchvision state_dict (docs/DESIGN.md §5). The teacher is
 frozen (eval mode, no grad). It is deliberately NOT a submodule of the
 `Distiller`: DDP then neither broadcasts its buffers nor looks for its
@@ -32,6 +32,7 @@ never replays the teacher's batches. The loop is the expansion engine's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,17 +43,17 @@ import torch.nn.functional as F
 from . import data, engine
 
 from .run import dist
-from .backbone import compile_stages
-from .run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic
-from .config import Config, SourceConfig, SqueezeConfig
+from .backbone import (backbone_state_dict, build_backbone, channels_last, compile_stages, load_torchvision_state_dict,
+                       n_params, read_state_dict)
+from .run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic, sha256_file, strip_prefixes
+from .config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig, branches_share_start
 from .configfile import config_from_dict
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
-from .model import SqueezedModel, XLearnerModel, resolve_student_init
-from .probe import sha256_file
+from .expand import XLearnerModel, load_model
+from .heads import MultiSourceModel
 from .run.rng import seed_everything
 from .run.rundir import locked
-from .weights import backbone_state_dict, model_from_checkpoint
 
 
 def feature_loss_l2(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,143 @@ def teacher_features(teacher: XLearnerModel, images: torch.Tensor, branches: lis
     if len(branches) == 1:
         return {branches[0]: teacher.backbone(images, branches[0])}
     return teacher.backbone.forward_all(images)
+
+
+# ----------------------------------------------------------------------------
+# the student
+
+class Standardize(nn.Module):
+    """N_{b,l}: per-channel (x - mean) / std of one teacher feature map; identity until `set` is called."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.view(1, -1, 1, 1).to(x.dtype)) / self.std.view(1, -1, 1, 1).to(x.dtype)
+
+
+class SqueezedModel(MultiSourceModel):
+    """The squeeze-stage student: one Backbone, adapters A and standardisations N per (branch, stage), task heads.
+
+    adapters[b][f"layer{l}"] maps the student's stage-l feature into teacher
+    branch b's (standardised) space. It starts as N_{b,l} itself (the identity
+    when nothing is standardised; `bias` only then), so a student equal to branch
+    b starts at zero distillation loss for b, instead of first having to undo a
+    random projection. Neither A nor N is exported (backbone.backbone_state_dict)."""
+
+    def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
+                 distill_stages=(2, 3, 4), adapter_bias: bool = False):
+        backbone = build_backbone(mcfg.arch, "", mcfg.frozen_bn)  # weights come from the teacher or a checkpoint
+        super().__init__(mcfg, sources, num_classes, backbone.channels)
+        self.backbone = backbone
+        self.distill_stages = [int(l) for l in distill_stages]
+        bad = [l for l in self.distill_stages if l not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"squeeze.distill_stages: stages are 1..4 (layer1..layer4), got {bad}")
+        layers = {f"layer{l}": backbone.channels[f"layer{l}"] for l in self.distill_stages}
+        self.adapters = nn.ModuleDict({t: nn.ModuleDict({k: nn.Conv2d(c, c, 1, bias=adapter_bias)
+                                                         for k, c in layers.items()}) for t in self.tasks})
+        self.norms = nn.ModuleDict({t: nn.ModuleDict({k: Standardize(c) for k, c in layers.items()})
+                                    for t in self.tasks})
+        self.reset_adapters()
+        channels_last(self, mcfg.channels_last)
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """A_{b,l} := N_{b,l} (weight diag(1/std), bias -mean/std; the identity for N = identity)."""
+        for t, convs in self.adapters.items():
+            for k, conv in convs.items():
+                norm = self.norms[t][k]
+                conv.weight.copy_(torch.diag(1 / norm.std).view(*conv.weight.shape))
+                if conv.bias is not None:
+                    conv.bias.copy_(-norm.mean / norm.std)
+
+    def features(self, x: torch.Tensor, task: str | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone(x)  # one backbone for every task
+
+    def exported_backbone(self, branch: str | None) -> nn.Module:
+        if branch:
+            raise ValueError("a squeezed model has a single backbone; branch applies to expanded checkpoints only")
+        return self.backbone
+
+    def report(self, init: str = "", heads: str = "copy") -> str:
+        """Build-time report: the one backbone, the adapters (discarded after squeeze), the heads."""
+        lines = [f"SqueezedModel: one {self.mcfg.arch}" + (f", init {init}" if init else "") + f", heads {heads}",
+                 f"  backbone: {n_params(self.backbone)} params",
+                 f"  adapters: {n_params(self.adapters)} params (distillation only, not exported)"]
+        lines += self._head_report()
+        lines.append(f"  total: {n_params(self)} params")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_expanded(cls, teacher: XLearnerModel, student_init: str = "",
+                      sq: SqueezeConfig | None = None) -> "SqueezedModel":
+        """A student for `teacher`: heads per `sq.heads`, backbone per `student_init` (`init_student_backbone`)."""
+        teacher = getattr(teacher, "module", teacher)  # accept a DDP-wrapped teacher
+        sq = sq or SqueezeConfig()
+        model = cls(teacher.mcfg, teacher.source_list, teacher.num_classes, sq.distill_stages,
+                    adapter_bias=sq.teacher_norm == "standardize")
+        if sq.heads != "fresh":
+            model.heads.load_state_dict(teacher.heads.state_dict())
+        model.heads.requires_grad_(sq.heads != "frozen")
+        init_student_backbone(model.backbone, teacher, student_init or resolve_student_init("", teacher))
+        device = next(teacher.parameters()).device
+        return model.to(device)
+
+
+def load_student(ckpt: dict) -> SqueezedModel:
+    """The SqueezedModel of a squeeze run checkpoint, its weights loaded, in eval mode (weights.model_from_checkpoint
+    checks the checkpoint's keys and kind)."""
+    cfg = config_from_dict(ckpt["config"])
+    stages = ckpt["meta"].get("distill_stages", cfg.squeeze.distill_stages)
+    state = strip_prefixes(ckpt["model"])  # adapters carry a bias when the teacher's features were standardised
+    bias = any(k.startswith("adapters.") and k.endswith(".bias") for k in state)
+    model = SqueezedModel(dataclasses.replace(cfg.model, pretrained=""), cfg.sources, ckpt["meta"]["num_classes"],
+                          stages, bias)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def resolve_student_init(student_init: str, teacher: XLearnerModel) -> str:
+    """`squeeze.student_init` with its default: "" is `task:<first task>`, a copy of the first branch."""
+    return student_init or f"task:{teacher.tasks[0]}"
+
+
+def init_student_backbone(backbone: nn.Module, teacher: XLearnerModel, init: str) -> None:
+    """Load the student's starting weights: task:<name> (that branch), mean (of the branches), scratch, or a file."""
+    if teacher.mcfg.shared_backbone:
+        branches = {t: teacher.backbone for t in teacher.tasks}
+    else:
+        branches = dict(teacher.backbone.branches.items())
+    if init.startswith("task:"):
+        name = init[len("task:"):]
+        if name not in branches:
+            raise ValueError(f"squeeze.student_init={init!r}: no branch {name!r}; branches are {list(branches)}")
+        backbone.load_state_dict(branches[name].state_dict())
+    elif init == "mean":
+        if not branches_share_start(teacher.mcfg):  # unrelated networks: no common starting point to average around
+            raise ConfigError("squeeze.student_init = 'mean': the teacher's branches started from independent random "
+                              "weights (its model.branch_init is 'independent' and model.pretrained is empty), so "
+                              "their average is meaningless; use task:<name>")
+        sds = [b.state_dict() for b in branches.values()]
+        # floats (weights, BN statistics): w_1 + mean_b (w_b - w_1), the mean, written so that branches that are
+        # still identical give exactly w_1; the integer BN step counter takes the max
+        backbone.load_state_dict({k: sds[0][k] + torch.stack([sd[k] - sds[0][k] for sd in sds]).mean(0)
+                                  if sds[0][k].is_floating_point() else torch.stack([sd[k] for sd in sds]).max(0).values
+                                  for k in sds[0]})
+    elif init == "scratch":
+        pass
+    elif Path(init).is_file():
+        load_torchvision_state_dict(backbone, read_state_dict(init), init)
+    else:
+        raise ValueError(f"squeeze.student_init={init!r}: expected task:<name>, mean, scratch, "
+                         f"or the path of a torchvision-format state_dict")
 
 
 class Distiller(nn.Module):
@@ -219,7 +357,7 @@ def load_teacher(path: str | Path, cfg: Config) -> tuple[XLearnerModel, dict]:
     if extra:  # the student copies every teacher head; each needs its source's batches (DDP, no unused params)
         raise CheckpointError(f"{path}: the teacher has sources {extra} that the squeeze config lacks; "
                               "squeeze uses the same [[sources]] as the expand run")
-    return model_from_checkpoint(ckpt), ckpt
+    return load_model(ckpt), ckpt
 
 
 def build(cfg: Config, teacher_path: str | Path, device: torch.device):

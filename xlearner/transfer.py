@@ -64,11 +64,12 @@ from .backbone import freeze_bn, load_torchvision_state_dict, to_input
 from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
 from .engine import wrap_ddp
 from .evaluate import evaluate
-from .model import XLearnerModel
+from .expand import XLearnerModel
+from .model import BranchWithRL
 from .probe import (cached_features, dataset_hash, dataset_labels, feature_dim, linear_probe, open_split,
-                    random_subset, sha256_text, stratified_subset)
-from .reconcile import BranchWithRL
+                    random_subset, stratified_subset)
 from .results import mean_std, read_record, record_path, results_markdown, write_record, write_results
+from .run.checkpoint import sha256_text
 from .run.rundir import locked
 from .weights import load_backbone
 

@@ -15,21 +15,19 @@ backbone.py reads a state_dict file and loads one into a Backbone.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
-import torch.nn as nn
 import torchvision
 
 from .run import dist
-from .backbone import Backbone, backbone_from_state_dict, build_backbone, load_torchvision_state_dict, read_state_dict
-from .run.checkpoint import load_checkpoint
+from .backbone import backbone_from_state_dict, backbone_state_dict, build_backbone, load_torchvision_state_dict, read_state_dict
+from .run.checkpoint import load_checkpoint, sha256_file, sha256_text
 from .config import ConfigError
-from .configfile import config_from_dict
-from .model import MultiSourceModel, SqueezedModel, XLearnerModel
-from .probe import sha256_file, sha256_text
-from .reconcile import BranchWithRL
+from .expand import load_model
+from .heads import MultiSourceModel
+from .model import BranchWithRL
+from .squeeze import load_student
 
 RANDOM_SEED = 0                    # "random" = "random:0"
 
@@ -46,7 +44,7 @@ def infer_arch(state: dict) -> str | None:
 
 
 def load_backbone(spec: str, arch: str, branch: str | None = None, with_rl: bool = False):
-    """Build a model.Backbone from `spec`; returns (backbone, info).
+    """Build a backbone.Backbone from `spec`; returns (backbone, info).
 
     spec: a torchvision-format state_dict (.pth), a run checkpoint (expand or
     squeeze, recognised by its "model" and "meta" keys; `branch` picks an
@@ -143,63 +141,16 @@ def check_weights(spec: str, arch: str, key: str) -> None:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def backbone_state_dict(model: nn.Module, branch: str | None = None) -> dict[str, torch.Tensor]:
-    """A plain torchvision-format state_dict (no fc.*) of a model's backbone.
-
-    SqueezedModel: the student. XLearnerModel: branch `branch` (default: the
-    first task), or the shared backbone. A Backbone is exported as is.
-    FrozenBatchNorm2d has no num_batches_tracked; we add it (0) so the keys are
-    exactly those of torchvision.models.<arch>() minus fc.weight and fc.bias."""
-    model = getattr(model, "module", model)  # DDP
-    if isinstance(model, MultiSourceModel):
-        backbone = model.exported_backbone(branch)
-    elif isinstance(model, Backbone):
-        backbone = model
-    else:
-        raise TypeError(f"backbone_state_dict: expected XLearnerModel, SqueezedModel or Backbone, "
-                        f"got {type(model).__name__}")
-    sd = backbone.state_dict()
-    out = {}
-    for k, v in sd.items():
-        out[k] = v.detach().cpu().clone()
-        if k.endswith(".running_var"):
-            nbt = k[: -len("running_var")] + "num_batches_tracked"
-            if nbt not in sd:
-                out[nbt] = torch.tensor(0, dtype=torch.long)
-    return out
-
-
-def strip_prefixes(sd: dict) -> dict:
-    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
-    out = {}
-    for k, v in sd.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
 def model_from_checkpoint(ckpt: dict) -> MultiSourceModel:
     """Rebuild the model of a run checkpoint {"model", "config", "meta"} and load its weights (eval mode).
 
-    An expand checkpoint gives an XLearnerModel, a squeeze one a SqueezedModel."""
+    An expand checkpoint gives an XLearnerModel (expand.load_model), a squeeze one a SqueezedModel
+    (squeeze.load_student)."""
     for key in ("model", "config", "meta"):
         if key not in ckpt:
             raise ValueError(f"not a run checkpoint: no {key!r} entry (keys: {sorted(ckpt)})")
-    cfg = config_from_dict(ckpt["config"])
-    meta = ckpt["meta"]
-    # the weights come from the checkpoint: do not read (or download) `pretrained` again
-    mcfg = dataclasses.replace(cfg.model, pretrained="")
-    kind = meta.get("kind")
-    if kind == "expanded":
-        model = XLearnerModel(mcfg, cfg.sources, meta["num_classes"])
-    elif kind == "squeezed":
-        stages = meta.get("distill_stages", cfg.squeeze.distill_stages)
-        state = strip_prefixes(ckpt["model"])  # adapters carry a bias when the teacher's features were standardised
-        bias = any(k.startswith("adapters.") and k.endswith(".bias") for k in state)
-        model = SqueezedModel(mcfg, cfg.sources, meta["num_classes"], stages, bias)
-    else:
+    loaders = {"expanded": load_model, "squeezed": load_student}
+    kind = ckpt["meta"].get("kind")
+    if kind not in loaders:
         raise ValueError(f"checkpoint meta.kind: expected 'expanded' or 'squeezed', got {kind!r}")
-    model.load_state_dict(strip_prefixes(ckpt["model"]))
-    return model.eval()
+    return loaders[kind](ckpt)

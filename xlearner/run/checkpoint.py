@@ -16,6 +16,7 @@ Temp files of a writer that was killed are removed when the next run starts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -160,3 +161,29 @@ def latest_checkpoint(out: str | Path) -> Path | None:
         if (out / name).is_file():
             return out / name
     return None
+
+
+# ----------------------------------------------------------------------------
+# identities and names of saved weights
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def strip_prefixes(sd: dict) -> dict:
+    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    out = {}
+    for k, v in sd.items():
+        for p in ("module.", "_orig_mod."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out

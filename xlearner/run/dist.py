@@ -17,15 +17,11 @@ Stopping on a signal is preempt.py; `python -m xlearner.run.torchrun` is torchru
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import itertools
 import os
 import pickle
-import signal
 import sys
-import threading
-import time
 from typing import Callable
 
 import torch

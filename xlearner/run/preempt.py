@@ -96,6 +96,10 @@ class GracefulStop:
         self._timer: threading.Timer | None = None
         self._old = {}
 
+    def should_stop(self) -> int:
+        """Collective, asked by the loop at the end of every step: the signal any rank got, or 0 (agree_on_stop)."""
+        return agree_on_stop()
+
     def step_took(self, seconds: float) -> None:
         """A step of the run took `seconds` (data wait included)."""
         self.slowest_step_s = max(self.slowest_step_s, seconds)

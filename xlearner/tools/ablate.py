@@ -37,7 +37,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator

@@ -44,10 +44,10 @@ from ..run import dist
 from ..backbone import BACKBONES, compile_stages
 from ..config import Config, ConfigError
 from ..data import build_train_datasets, images_per_step
-from ..model import SqueezedModel, XLearnerModel
+from ..expand import XLearnerModel
 from ..probe import extract_features
 from ..run.rng import seed_everything
-from ..squeeze import Distiller, kd_loss, load_teacher, pixels
+from ..squeeze import Distiller, SqueezedModel, kd_loss, load_teacher, pixels
 from ..weights import load_backbone
 
 STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
