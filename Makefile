@@ -5,8 +5,10 @@ VENV_STAMP := .venv/.installed
 LAUNCH ?= $(PY)
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs/demo
+# the README's demo table was printed at this many threads; the digits depend on it
+DEMO_THREADS ?= 2
 
-.PHONY: demo test test-fast paper-table squeeze-grid init-grid clean-demo
+.PHONY: demo demo-check test test-fast paper-table squeeze-grid init-grid clean-demo
 
 $(VENV_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +33,7 @@ test-fast: $(VENV_STAMP) $(PLOTS_STAMP)
 $(DEMO_DATA)/.complete: $(VENV_STAMP)
 	$(PY) cli.py demo-data --out $(DEMO_DATA)
 
+demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	$(LAUNCH) cli.py expand --config configs/demo.toml --out $(DEMO_RUNS)/expand
 	$(LAUNCH) cli.py squeeze --config configs/demo.toml --teacher $(DEMO_RUNS)/expand/checkpoint.pt --out $(DEMO_RUNS)/squeeze
@@ -42,6 +45,11 @@ demo: $(VENV_STAMP) $(DEMO_DATA)/.complete
 	@echo "metrics:        $(DEMO_RUNS)/expand/metrics.json, $(DEMO_RUNS)/squeeze/metrics.json (student vs teacher)"
 	@echo "backbone:       $(DEMO_RUNS)/squeeze/backbone.pth (loads into torchvision.models.resnet18(), only fc.* missing)"
 	@if $(PY) -c "import matplotlib" 2>/dev/null; then $(PY) cli.py plot $(DEMO_RUNS)/expand $(DEMO_RUNS)/squeeze | sed 's/^wrote \(.*\)/curves:         \1 (expand and squeeze overlaid)/'; fi
+	@$(PY) scripts/check_demo_table.py README.md $(DEMO_RUNS)/transfer/results.md --warn
+
+# fails when the demo's table is not the README's (run `make demo` first)
+demo-check:
+	$(PY) scripts/check_demo_table.py README.md $(DEMO_RUNS)/transfer/results.md
 
 # the ablation's world: the demo world's upstream bytes, downstream sets 5x larger (a metric read to about a point)
 ABLATE_DATA ?= data/ablate

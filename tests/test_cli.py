@@ -198,3 +198,18 @@ def test_ablate_quick(tiny, tmp_path):
     assert [row.split(" | ")[0] for row in md[3:10 + len(fashion)]] == [
         "| novel-cls", "| count-cls", "| novel-det", "| novel-seg", *[f"| {f}" for f in fashion],
         "| **cls mean**", "| **det mean**", "| **seg mean**"]
+
+
+def test_demo_check_fails_when_the_table_is_not_the_readmes(tmp_path):
+    """`make demo-check` (scripts/check_demo_table.py) compares the README's demo table with what the demo printed."""
+    script = [sys.executable, str(REPO / "scripts" / "check_demo_table.py")]
+    table = (REPO / "README.md").read_text().split("<!-- demo-table -->\n```\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "same.md").write_text(table)
+    (tmp_path / "other.md").write_text(table.replace("| novel-cls | top1 |", "| novel-cls | top1 | 0.01 |", 1))
+    ok = subprocess.run([*script, str(REPO / "README.md"), str(tmp_path / "same.md")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "the same table" in ok.stdout
+    bad = subprocess.run([*script, str(REPO / "README.md"), str(tmp_path / "other.md")], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith(f"Error: {tmp_path / 'other.md'} differs from the demo table")
+    warn = subprocess.run([*script, str(REPO / "README.md"), str(tmp_path / "other.md"), "--warn"],
+                          capture_output=True, text=True)
+    assert warn.returncode == 0 and warn.stderr.startswith("warning:")
