@@ -85,7 +85,7 @@ def _check_single_label(src: TransferDatasetConfig) -> None:
         raise ConfigError(f"transfer.datasets.{src.name}: the linear probe needs single-label classes")
 
 
-def linear_transfer(backbone, info: dict, src: TransferDatasetConfig, tc: TransferConfig, seed: int,
+def linear_transfer(backbone, info: dict, src: TransferDatasetConfig, xfer: TransferConfig, seed: int,
                     device: torch.device, cache_dir: str | Path) -> dict:
     """The `linear` protocol on one cls dataset for one seed (features from the cache when possible)."""
     _check_single_label(src)
@@ -95,12 +95,12 @@ def linear_transfer(backbone, info: dict, src: TransferDatasetConfig, tc: Transf
         ds = open_split(src, split, train=False)  # eval transforms: resize + center crop
         # the batch size does not change the features: take the larger of the two
         splits[split] = cached_features(backbone, info, src, split, ds, cache_dir, device,
-                                        max(src.batch_size, tc.batch_size), tc.workers)
+                                        max(src.batch_size, xfer.batch_size), xfer.workers)
         num_classes = src.num_classes or ds.num_classes
     (xtr, ytr), (xva, yva) = splits["train"], splits["val"]
-    keep = stratified_subset(ytr, _frac(src, tc), seed)
+    keep = stratified_subset(ytr, _frac(src, xfer), seed)
     return linear_probe(xtr[keep].to(device), ytr[keep].to(device), xva.to(device), yva.to(device),
-                        num_classes, tc.l2_grid, seed, primary_metric(src))
+                        num_classes, xfer.l2_grid, seed, primary_metric(src))
 
 
 # ----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def trained_transfer(backbone, cfg: Config, src: TransferDatasetConfig, seed: in
 
     Batch size: the dataset's `batch_size` (per process), for training and evaluation.
     """
-    tc = cfg.transfer
+    xfer = cfg.transfer
     torch.manual_seed(seed)  # head initialisation
     train_ds = open_split(src, "train", train=True)
     val_ds = open_split(src, "val", train=False)
@@ -232,28 +232,28 @@ def trained_transfer(backbone, cfg: Config, src: TransferDatasetConfig, seed: in
         keep = random_subset(len(train_ds), src.train_fraction, seed)
     freeze = bool(src.freeze_backbone) and src.task != "cls"  # finetune trains everything by definition
     train_loop(model, Subset(train_ds, keep) if len(keep) < len(train_ds) else train_ds, src.task,
-               epochs=src.epochs, lr=tc.lr, batch_size=src.batch_size, workers=tc.workers, device=device,
+               epochs=src.epochs, lr=xfer.lr, batch_size=src.batch_size, workers=xfer.workers, device=device,
                seed=seed, freeze_backbone=freeze, desc=f"{src.name} seed {seed}", ignore_index=src.ignore_index,
-               clip_grad=tc.clip_grad)
+               clip_grad=xfer.clip_grad)
     loader = data.build_eval_loader(src, val_ds, rank=dist.get_rank(), world_size=dist.get_world_size(),
-                                    batch_size=src.batch_size, workers=tc.workers)
+                                    batch_size=src.batch_size, workers=xfer.workers)
     return evaluate(model, src, loader, val_ds, device)
 
 
 # ----------------------------------------------------------------------------
 # the driver
 
-def _frac(src: TransferDatasetConfig, tc: TransferConfig) -> float:
-    return src.train_fraction if src.train_fraction is not None else tc.train_fraction
+def _frac(src: TransferDatasetConfig, xfer: TransferConfig) -> float:
+    return src.train_fraction if src.train_fraction is not None else xfer.train_fraction
 
 
-def resolve(src: TransferDatasetConfig, tc: TransferConfig) -> TransferDatasetConfig:
+def resolve(src: TransferDatasetConfig, xfer: TransferConfig) -> TransferDatasetConfig:
     """A copy of a transfer dataset with every "take it from [transfer]" field filled in."""
     return dataclasses.replace(
-        src, protocol=src.protocol or tc.protocol, train_fraction=_frac(src, tc),
-        dev_fraction=tc.dev_fraction if src.dev_fraction is None else src.dev_fraction,
-        freeze_backbone=tc.freeze_backbone if src.freeze_backbone is None else src.freeze_backbone,
-        epochs=tc.epochs if src.epochs is None else src.epochs)
+        src, protocol=src.protocol or xfer.protocol, train_fraction=_frac(src, xfer),
+        dev_fraction=xfer.dev_fraction if src.dev_fraction is None else src.dev_fraction,
+        freeze_backbone=xfer.freeze_backbone if src.freeze_backbone is None else src.freeze_backbone,
+        epochs=xfer.epochs if src.epochs is None else src.epochs)
 
 
 def transfer_one(backbone, info: dict, cfg: Config, src: TransferDatasetConfig, seed: int, device: torch.device,
@@ -292,9 +292,9 @@ def dataset_key(src: TransferDatasetConfig, cfg: Config, splits: dict[str, str])
     """What a result on `src` depends on besides the backbone and the seed: the resolved dataset entry,
     the [transfer] values its protocol reads, the det/seg head sizes, and each split as the feature cache
     keys it (size and classes as read from disk; probe.dataset_hash)."""
-    tc = cfg.transfer
+    xfer = cfg.transfer
     key = {"dataset": dataclasses.asdict(src), "splits": splits, "version": RECORD_VERSION,
-           "transfer": {"lr": tc.lr, "clip_grad": tc.clip_grad, "l2_grid": tc.l2_grid, "batch_size": tc.batch_size},
+           "transfer": {"lr": xfer.lr, "clip_grad": xfer.clip_grad, "l2_grid": xfer.l2_grid, "batch_size": xfer.batch_size},
            "heads": {k: getattr(cfg.model, k) for k in HEAD_KEYS} if src.task != "cls" else {}}
     return sha256_text(json.dumps(key, sort_keys=True))
 

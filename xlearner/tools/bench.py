@@ -361,8 +361,8 @@ def bench_transfer(cfg: Config, backbone: str = "random", rounds: int = 3) -> di
     CPU seconds, is reported too: on a busy machine it is the steadier number.
     """
     device = dist.init_distributed()
-    tc = cfg.transfer
-    cls = [dataclasses.replace(transfer.resolve(d, tc), protocol="linear") for d in tc.datasets if d.task == "cls"]
+    xfer = cfg.transfer
+    cls = [dataclasses.replace(transfer.resolve(d, xfer), protocol="linear") for d in xfer.datasets if d.task == "cls"]
     if not cls:
         raise ConfigError("bench transfer: the config has no cls transfer dataset")
     bb, info = load_backbone(backbone, cfg.model.arch)
@@ -374,13 +374,13 @@ def bench_transfer(cfg: Config, backbone: str = "random", rounds: int = 3) -> di
         with tempfile.TemporaryDirectory() as tmp:  # a cold cache: the transfer extracts too
             start = _clock()
             for d in cls:
-                transfer.linear_transfer(bb, info, d, tc, tc.seeds[0], device, tmp)
+                transfer.linear_transfer(bb, info, d, xfer, xfer.seeds[0], device, tmp)
             transfer_t.append([b - a for a, b in zip(start, _clock())])
         start = _clock()
         for d in cls:
             for split in ("train", "val"):
                 extract_features(bb, data.build_dataset(d, split, train=False), device,
-                                 max(d.batch_size, tc.batch_size), tc.workers)
+                                 max(d.batch_size, xfer.batch_size), xfer.workers)
         extract_t.append([b - a for a, b in zip(start, _clock())])
     (tw, tc_), (ew, ec) = (min(t[0] for t in transfer_t), min(t[1] for t in transfer_t)), \
         (min(t[0] for t in extract_t), min(t[1] for t in extract_t))
