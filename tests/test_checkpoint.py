@@ -11,7 +11,7 @@ from xlearner import engine
 
 from xlearner.run import checkpoint
 from xlearner.run.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
-from test_engine_unit import make_run
+from test_engine import make_run
 
 
 def fill_disk_after(nbytes: int):
