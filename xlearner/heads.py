@@ -19,6 +19,10 @@ The detection head is built from torchvision's Faster R-CNN components only
 (GeneralizedRCNNTransform, FeaturePyramidNetwork, RegionProposalNetwork,
 MultiScaleRoIAlign, TwoMLPHead, FastRCNNPredictor), so its train losses and
 its post-processed detections are exactly torchvision's (a test checks this).
+
+`MultiSourceModel` (at the end) is a backbone and these heads as one model: the per-source loss loop
+`forward(batch_by_source) -> {source: L_s}`, `total_loss` = sum_s w_s L_s, and `predict`; XLearnerModel and
+SqueezedModel are its two backbones.
 """
 from __future__ import annotations
 
