@@ -60,7 +60,10 @@ def main() -> None:
         json_mb = os.path.getsize(ann) / 2**20
         gc.collect()
         sys.path.insert(0, a.repo)
-        from xlearner.formats.files import CocoReader  # noqa: E402
+        try:  # this checkout's layout, or a checkout from before the readers moved to xlearner/formats/
+            from xlearner.formats.files import CocoReader  # noqa: E402
+        except ImportError:
+            from xlearner.datasets import CocoReader  # noqa: E402
         base = rss_mb()
         t0 = time.time()
         reader = CocoReader(f"{root}/images", ann)

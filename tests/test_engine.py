@@ -95,6 +95,15 @@ def test_non_finite_loss_names_source_and_step(tmp_path):
 LOOP_FILES = tuple(os.path.join("xlearner", *p) for p in (("engine.py",), ("run", "dist.py"), ("run", "preempt.py")))
 
 
+def test_a_run_that_never_logs_still_drains_its_losses(tmp_path, monkeypatch):
+    """log_every = ckpt_every = eval_every = 0: the losses wait on the device at most MAX_PENDING steps."""
+    monkeypatch.setattr(engine, "MAX_PENDING", 2)
+    model = ToyModel(nan_at=2)
+    with pytest.raises(engine.NonFiniteLossError, match=r"'a' at step 2"):
+        engine.train(make_run(tmp_path, model=model, steps=8, log_every=0, ckpt_every=0))
+    assert model.calls == 2  # stopped at the second step, not at the end of the run
+
+
 def test_the_loop_reads_back_from_the_device_only_when_it_logs(tmp_path, monkeypatch):
     """No host sync per step: the loop and the process-group code read tensors back (tolist, item, float, bool)
     only at the logging steps (3 and 6 here); the stop flag is agreed on without a device tensor."""

@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 # The statistics every backbone's input is normalised with (ImageNet's, as torchvision's weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_STATS: dict = {}  # device -> (mean, std) as [3, 1, 1] tensors: made once, not copied from the host every step
+_STATS: dict = {}  # (device, dtype) -> (mean, std) as [3, 1, 1] tensors: made once, not copied from the host each step
 
 
 def to_input(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -42,9 +42,11 @@ def to_input(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     x = TF.to_dtype(images, torch.float32, scale=True)
     if not normalize:
         return x
-    if x.device not in _STATS:
-        _STATS[x.device] = tuple(torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    mean, std = _STATS[x.device]
+    key = (x.device, x.dtype)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+                            for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _STATS[key]
     return x.sub_(mean).div_(std)
 
 

@@ -175,8 +175,10 @@ def _collate(task: str, ignore_index: int, samples: list) -> dict:
         return {"images": torch.stack([s[0] for s in kept]), "labels": labels, "skipped": skipped}
     h = max(s[0].shape[-2] for s in kept)
     w = max(s[0].shape[-1] for s in kept)
+    # padding: black uint8 (black after to_input too), and ignore_index in the masks, so it carries no loss; the seg
+    # transforms make every image of a source S x S, so a source's batches need none
     images = torch.zeros(len(kept), 3, h, w, dtype=torch.uint8)
-    masks = torch.full((len(kept), h, w), ignore_index, dtype=torch.long)  # padding carries no loss
+    masks = torch.full((len(kept), h, w), ignore_index, dtype=torch.long)
     for i, (img, mask) in enumerate(kept):
         images[i, :, : img.shape[-2], : img.shape[-1]] = img
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask

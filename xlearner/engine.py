@@ -216,6 +216,9 @@ def _drain_window(s: _State) -> None:
     w.pending.clear()
 
 
+MAX_PENDING = 256  # steps whose losses may wait on the device for the next log, checkpoint or evaluation
+
+
 @dataclass
 class _Window:
     """The steps since the last log line: their summed losses, time, and time spent waiting for data."""
@@ -294,6 +297,8 @@ def train(run: Run) -> nn.Module:
             s.optimizer.zero_grad(set_to_none=True)
             s.step += 1
             s.window.pending.append((s.step, names, micro_losses))
+            if len(s.window.pending) >= MAX_PENDING:  # a run that never logs still checks, and holds no more
+                _drain_window(s)
             _log_window(s)  # every log_every steps: losses averaged over ranks, one line, log.jsonl
             s.stop.step_took(time.perf_counter() - t_step)
             eval_step = _every(s.step, tc.eval_every) and s.step < tc.steps

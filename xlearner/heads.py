@@ -379,7 +379,8 @@ class MultiSourceModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, source: str):
-        """Inference on `images` as a batch holds them (Tensor for cls/seg, list of [0,1] images for det)."""
+        """Inference on `images` as a batch holds them (Tensor for cls/seg, list of images for det; uint8 as the
+        loaders deliver them, or float already converted)."""
         task = self.sources[source].task
         head = self.heads[task]
         x, ctx = head.prepare({"images": images}, source)

@@ -8,7 +8,7 @@ that knows them all, so none of them imports another's module but the base's.
 """
 from __future__ import annotations
 
-from .. import dist
+from ..run import dist
 from ..config import DataConfig
 from .files import CocoReader, CsvReader, DataError, ImageFolderReader, Reader
 from .seglayouts import ADE20KReader, CityscapesReader, MaskReader

@@ -4,7 +4,7 @@ One of the source formats (formats/__init__.py, docs/DESIGN.md §6): with `forma
 "torchvision"`, a source (upstream or a transfer dataset) is read by the
 `torchvision.datasets` class named by its `name` ("FashionMNIST", "CIFAR10",
 "VOCDetection", ...; a suffix after '@' is a tag, and the `year` for VOC).
-`TorchvisionReader` adapts that class to datasets.Reader's contract
+`TorchvisionReader` adapts that class to files.Reader's contract
 (`load(i) -> (PIL RGB image, target)`, problems collected while indexing),
 turning VOC XML into det targets (and COCO ground truth for COCOeval) and
 label images into seg maps. formats.make_reader picks it.
