@@ -89,17 +89,17 @@ def _squeeze_of(teacher: str, label: str, recipe: dict | None = None, squeeze_sh
 # the split of the 480 steps, each X-Learner squeezed with [squeeze] as configured from its own teacher.
 # A name reads g{t|x}_{branch init}[_{student init}]_{squeeze steps of the 480}; "mean" needs branches that share
 # their start. The split is a share of the budget, so that --quick's 8 steps keep it.
-SPLITS = {240: 0.5, 120: 0.25, 360: 0.75}        # squeeze steps of 480: the squeeze's share; the teacher gets the rest
-BRANCH_INITS = {"ind": "independent", "sh": "shared"}
+SQUEEZE_SHARES = {240: 0.5, 120: 0.25, 360: 0.75}        # squeeze steps of 480: the squeeze's share; the teacher gets the rest
+BRANCH_INIT_NAMES = {"ind": "independent", "sh": "shared"}
 STUDENT_INITS = {"cls": "task:cls", "mean": "mean"}
 GRID2_RECIPES = (("ind", "cls"), ("sh", "cls"), ("sh", "mean"))
 GRID2 = {f"gt_{b}_{n}": Variant(model={"branch_init": init}, budget="expand", transfer="branch+rl",
                                 squeeze_share=share, label=f"teacher, {init} branches, {n} squeeze steps")
-         for b, init in BRANCH_INITS.items() for n, share in SPLITS.items()}
-GRID2.update({f"gx_{b}_{st}_{n}": _squeeze_of(f"gt_{b}_{n}", f"X-Learner, {BRANCH_INITS[b]} branches, init "
+         for b, init in BRANCH_INIT_NAMES.items() for n, share in SQUEEZE_SHARES.items()}
+GRID2.update({f"gx_{b}_{st}_{n}": _squeeze_of(f"gt_{b}_{n}", f"X-Learner, {BRANCH_INIT_NAMES[b]} branches, init "
                                               f"{STUDENT_INITS[st]}, {n} squeeze steps",
                                               {"student_init": STUDENT_INITS[st]}, share)
-              for b, st in GRID2_RECIPES for n, share in SPLITS.items()})
+              for b, st in GRID2_RECIPES for n, share in SQUEEZE_SHARES.items()})
 
 
 VARIANTS = {
@@ -128,7 +128,7 @@ CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alon
           ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",),
           ("teacher_prev", "xlearner_prev"),
           *((f"gt_{b}_{n}", *(f"gx_{b}_{st}_{n}" for bb, st in GRID2_RECIPES if bb == b))
-            for n in (120, 360, 240) for b in BRANCH_INITS))  # the longest squeezes not last: the jobs end together
+            for n in (120, 360, 240) for b in BRANCH_INIT_NAMES))  # the longest squeezes not last: the jobs end together
 
 
 def quick(cfg: Config) -> Config:

@@ -50,12 +50,12 @@ from ..run.rng import seed_everything
 from ..squeeze import Distiller, SqueezedModel, kd_loss, load_teacher, pixels
 from ..weights import load_backbone
 
-STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+RETURN_LAYERS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
 
 
 def plain_backbone(arch: str) -> nn.Module:
     """A bare torchvision ResNet returning its stage features (IntermediateLayerGetter drops avgpool/fc)."""
-    return tv_utils.IntermediateLayerGetter(BACKBONES[arch](), return_layers=STAGES)
+    return tv_utils.IntermediateLayerGetter(BACKBONES[arch](), return_layers=RETURN_LAYERS)
 
 
 def _batches(cfg: Config, tc, n: int, device) -> list:
