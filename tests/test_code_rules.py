@@ -199,3 +199,20 @@ def stale_pointers() -> list[str]:
 
 def test_docstring_pointers_name_what_is_defined_there():
     assert stale_pointers() == []
+
+
+ENTRY_POINTS = {"run", "main"}  # every stage has its run(cfg), every program its main: one name, one role
+
+
+def names_defined_twice() -> dict[str, list[str]]:
+    """Public top-level names defined in more than one module (a stage's `run` and a program's `main` aside)."""
+    homes: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for name in _defined(path):
+            if not name.startswith("_") and name not in ENTRY_POINTS:
+                homes.setdefault(name, []).append(str(path.relative_to(PACKAGE.parent)))
+    return {n: paths for n, paths in homes.items() if len(paths) > 1}
+
+
+def test_no_public_name_is_defined_twice():
+    assert names_defined_twice() == {}

@@ -161,7 +161,7 @@ def verdict_table(summary: dict, per_dataset: bool = False) -> str:
                                f"lies within ±{TIE_POINTS:g} points; undecided: neither."])
 
 
-def plot(summary: dict, labels: dict[str, str], path: Path) -> bool:
+def plot_chart(summary: dict, labels: dict[str, str], path: Path) -> bool:
     """A bar chart of every row, error bars the 95% t-interval; False when matplotlib is missing."""
     try:
         import matplotlib
@@ -191,7 +191,7 @@ def write(summary: dict, report_dir: Path, labels: dict[str, str]) -> str:
     (report_dir / "ablation.json").write_text(json.dumps({**summary, "labels": labels}, indent=2))
     md = to_markdown(summary, labels)
     (report_dir / "ablation.md").write_text(md)
-    plot(summary, labels, report_dir / "ablation.png")
+    plot_chart(summary, labels, report_dir / "ablation.png")
     dist.log("\n" + md)
     return md
 
