@@ -6,7 +6,7 @@
 # and packs what finished (every run's metrics.json, every transfer's scores.json, the report) into
 # $OUT/ablate_gpu.tgz, a few hundred kB. ablate resumes from those files: unpack into runs/ablate_gpu and
 # run the same command again to continue, or to rebuild the report.
-# GPU_CHECK_TINY=1: the same plumbing on a CPU with --quick (toy sizes), as tests/test_gpu_check.py runs it.
+# GPU_CHECK_TINY=1: the same plumbing on a CPU with --quick (toy sizes), as tests/test_gpucheck.py runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=${1:-300}

@@ -23,7 +23,7 @@
 #                shapes, checkpoint write time
 # About 4 minutes on one H200 (the limits add up to 415 s). GPU_CHECK_CASES="env profile" runs only those.
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh   (CPU, toy sizes, time limits x 10: proves the plumbing,
-#                                                 measures nothing; tests/test_gpu_check.py runs it)
+#                                                 measures nothing; tests/test_gpucheck.py runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=${GPU_CHECK_TINY:-0}

@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes,
-                    train_steps)
 from xlearner import expand
+from xlearner.backbone import backbone_state_dict
 from xlearner.configfile import load_config
+
+from runner import (CLS_SOURCES, as_sets, assert_same_state, demo_toml, model_state, run, run_and_signal, tiny_sizes, train_steps)
+from test_model import make_model
+
 
 CLS_ONLY = """
 [model]
@@ -151,3 +155,20 @@ def test_compile_stages_in_place_keeps_keys_loss_and_grads():
     plain, model = build(("cls", "det", "seg"), three), build(("cls", "det", "seg"), three)
     assert compile_stages(model) == 12
     assert list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_report_mentions_branches_rls_heads_and_macs():
+    text = make_model("hrnet").report()
+    for word in ("branch cls", "RL into det", "head seg", "MACs"):
+        assert word in text, word
+
+
+def test_export_branches_of_expanded_model():
+    model = make_model()
+    with pytest.raises(ValueError, match="branch"):
+        backbone_state_dict(model, "nope")
+    sd = backbone_state_dict(model, "det")
+    for k, v in model.backbone.branches["det"].state_dict().items():
+        assert torch.equal(sd[k], v)
+    first = backbone_state_dict(model)
+    assert torch.equal(first["conv1.weight"], model.backbone.branches["cls"].conv1.weight)

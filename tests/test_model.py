@@ -1,22 +1,17 @@
-"""Tests for xlearner/model.py and xlearner/heads.py. CPU only, small inputs, no downloads."""
+"""Tests for xlearner/model.py: the branches, the RL variants, ExpandedNet and BranchWithRL (the RL sum, zero init,
+stop-gradient, the other branches' BN statistics). CPU only, small inputs, no downloads."""
 from __future__ import annotations
-
-import copy
-import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
-from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-from xlearner.backbone import Backbone, build_backbone
-from xlearner.config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig
-from xlearner.heads import DetHead, SegHead
-from xlearner.squeeze import SqueezedModel
+from xlearner.config import ModelConfig, SourceConfig, SqueezeConfig
 from xlearner.expand import XLearnerModel
-from xlearner.model import RECONCILE, ExpandedNet
-from xlearner.backbone import backbone_state_dict
-from xlearner.weights import model_from_checkpoint
+from xlearner.model import ExpandedNet, HRNetReconcile, RECONCILE, ScalarReconcile
+from xlearner.squeeze import SqueezedModel
+
 
 TASKS = ["cls", "det", "seg"]
 # small detection sizes: the torchvision defaults are meant for 800 px images
@@ -173,259 +168,12 @@ def test_every_trainable_parameter_gets_a_gradient():
     assert not missing, missing
 
 
-def test_shared_backbone_and_predict_shapes():
-    torch.manual_seed(0)
-    model = make_model(shared_backbone=True, channels_last=True)
-    assert isinstance(model.backbone, Backbone)
-    model.total_loss(model(make_batches())).backward()
-    assert all(p.grad is not None for p in model.parameters())
-    model.eval()
-    b = make_batches()
-    assert model.predict(b["cls_a"]["images"], "cls_a").shape == (2, 5)
-    assert model.predict(b["seg_a"]["images"], "seg_a").shape == (2, 6, 64, 64)
-    dets = model.predict(b["det_a"]["images"], "det_a")
-    assert len(dets) == 2 and set(dets[0]) == {"boxes", "scores", "labels"}
-    report = model.report().splitlines()
-    assert report[0] == "XLearnerModel: one shared resnet18 for tasks ['cls', 'det', 'seg'] (hard sharing)"
-    assert report[1] == f"  backbone: {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M params"
-
-
-def test_report_mentions_branches_rls_heads_and_macs():
-    text = make_model("hrnet").report()
-    for word in ("branch cls", "RL into det", "head seg", "MACs"):
-        assert word in text, word
-
-
-def test_seg_logits_at_input_size_and_ignore_index():
-    torch.manual_seed(0)
-    src = SourceConfig(name="s", task="seg", image_size=40, ignore_index=255)
-    backbone = build_backbone("resnet18")
-    for kind in ("fpn", "deeplab"):
-        head = SegHead(ModelConfig(**{**SMALL_DET, "seg_head": kind}), [src], {"s": 4}, backbone.channels).eval()
-        images = torch.randn(2, 3, 40, 52)  # not a multiple of 32
-        masks = torch.randint(0, 4, (2, 40, 52))
-        masks[:, :10] = 255
-        x, ctx = head.prepare({"images": images, "masks": masks}, "s")
-        feats = backbone(x)
-        assert head.predict(feats, ctx, "s").shape == (2, 4, 40, 52)
-        loss, _ = head.loss(feats, ctx, "s")
-        # changing the labels of ignored pixels, or the logits there, does not change the loss
-        logits = head.logits(feats, ctx, "s")
-        ref = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
-        torch.testing.assert_close(loss, ref)
-        logits2 = logits.clone()
-        logits2[:, :, :10] = torch.randn_like(logits2[:, :, :10]) * 10
-        ref2 = torch.nn.functional.cross_entropy(logits2, masks, ignore_index=255)
-        torch.testing.assert_close(ref, ref2)
-        masks2 = masks.clone()
-        masks2[:, :10] = 255  # already ignored: same
-        loss2, _ = head.loss(feats, {**ctx, "masks": masks2}, "s")
-        torch.testing.assert_close(loss, loss2)
-        # all ignored: 0, not nan, and still differentiable (DDP sees the parameters used)
-        head.train()
-        loss3, _ = head.loss(backbone(x), {**ctx, "masks": torch.full_like(masks, 255)}, "s")
-        assert loss3.detach().item() == 0.0 and loss3.requires_grad
-        loss3.backward()
-        assert all(p.grad is not None for p in head.parameters())
-
-
-def _det_head_from_torchvision(tv, mcfg, src_name):
-    """Our Backbone + DetHead carrying the weights of a torchvision Faster R-CNN."""
-    sd = tv.state_dict()
-    backbone = build_backbone("resnet50")
-    backbone.load_state_dict({k[len("backbone.body."):]: v for k, v in sd.items()
-                              if k.startswith("backbone.body.")})
-    src = SourceConfig(name=src_name, task="det", image_size=tv.transform.min_size[0])
-    head = DetHead(mcfg, [src], {src_name: 90}, backbone.channels)
-    mapped = {}
-    for k, v in sd.items():
-        if k.startswith("backbone.fpn."):
-            mapped["fpn." + k[len("backbone.fpn."):]] = v
-        elif k.startswith("rpn.") or k.startswith("roi_heads.box_head."):
-            mapped[k] = v
-        elif k.startswith("roi_heads.box_predictor."):
-            mapped[f"predictors.{src_name}." + k[len("roi_heads.box_predictor."):]] = v
-    head.load_state_dict(mapped)  # strict: every one of our parameters comes from torchvision
-    return backbone, head
-
-
-def test_det_head_equals_torchvision_faster_rcnn():
-    torch.manual_seed(0)
-    size = 128  # torchvision's ratio max_size = size * 1333 / 800; 800 px would be slow on CPU
-    # torchvision's sizes, except fewer proposals and RoIs (the box head dominates the CPU time)
-    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=size,
-                                 max_size=int(size * 1333 / 800), box_score_thresh=0.0,
-                                 rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
-                                 rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=150,
-                                 box_batch_size_per_image=128)
-    mcfg = ModelConfig(arch="resnet50", rpn_pre_nms_top_n=600, rpn_post_nms_top_n=300, box_batch_size_per_image=128)
-    backbone, head = _det_head_from_torchvision(tv, mcfg, "coco")
-    head.roi_heads.score_thresh = 0.0  # random weights: every score is ~1/91, below the 0.05 default
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 120, 150, generator=g), torch.rand(3, 140, 100, generator=g)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 80.0, 90.0]]), "labels": torch.tensor([3])},
-               {"boxes": torch.tensor([[5.0, 5.0, 60.0, 50.0], [30.0, 40.0, 95.0, 130.0]]),
-                "labels": torch.tensor([1, 7])}]
-    batch = {"images": images, "targets": targets}
-
-    tv.eval(), backbone.eval(), head.eval()
-    with torch.no_grad():
-        expected = tv(images)
-        x, ctx = head.prepare({"images": images}, "coco")
-        got = head.predict(backbone(x), ctx, "coco")
-    for e, o in zip(expected, got):
-        assert len(o["boxes"]) > 0
-        torch.testing.assert_close(o["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(o["scores"], e["scores"], atol=1e-5, rtol=1e-4)
-        assert torch.equal(o["labels"], e["labels"])
-
-    tv.train(), backbone.train(), head.train()
-    torch.manual_seed(123)
-    expected = tv(images, copy.deepcopy(targets))
-    torch.manual_seed(123)
-    x, ctx = head.prepare(batch, "coco")
-    got = head.loss_dict(backbone(x), ctx, "coco")
-    assert list(got) == list(expected)
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-4)
-    assert targets[0]["boxes"].tolist() == [[10.0, 12.0, 80.0, 90.0]]  # the batch is not modified
-
-
 # ----------------------------------------------------------------------------
 # backbones and export
-
-def test_build_backbone_pretrained_file_and_errors(tmp_path):
-    tv = torchvision.models.resnet18(weights=None)
-    path = tmp_path / "r18.pth"
-    torch.save(tv.state_dict(), path)
-    bb = build_backbone("resnet18", str(path), frozen_bn=True)
-    assert isinstance(bb.bn1, torchvision.ops.FrozenBatchNorm2d)
-    torch.testing.assert_close(bb.layer2[0].bn1.running_var, tv.layer2[0].bn1.running_var)
-    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(ValueError, match="r34.pth"):
-        build_backbone("resnet18", str(tmp_path / "r34.pth"))
-    with pytest.raises(ValueError, match="not a file"):
-        build_backbone("resnet18", str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match="not a torchvision weights name"):
-        build_backbone("resnet18", "ResNet18_Weights.NO_SUCH_WEIGHTS")  # fails before any download
-    with pytest.raises(ValueError, match="unknown"):
-        build_backbone("vgg16")
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("frozen_bn", [False, True])
-def test_export_round_trip(arch, frozen_bn):
-    torch.manual_seed(0)
-    bb = build_backbone(arch, frozen_bn=frozen_bn)
-    with torch.no_grad():  # non-trivial BN statistics, so that a lost buffer would show
-        for m in bb.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    sd = backbone_state_dict(bb)
-    ref = getattr(torchvision.models, arch)(weights=None)
-    result = ref.load_state_dict(sd, strict=False)
-    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-    bb.eval(), ref.eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        feats = bb(x)
-        ref_l4 = torch.nn.Sequential(*list(ref.children())[:-2])(x)
-    for k, v in bb.state_dict().items():  # the export is exact ...
-        assert torch.equal(sd[k], v), k
-    # ... FrozenBatchNorm2d folds the statistics into one scale and shift, so it rounds differently
-    atol = 1e-5 * float(ref_l4.abs().max()) if frozen_bn else 1e-6
-    torch.testing.assert_close(feats["layer4"], ref_l4, atol=atol, rtol=0)
-
-
-def test_export_branches_of_expanded_model():
-    model = make_model()
-    with pytest.raises(ValueError, match="branch"):
-        backbone_state_dict(model, "nope")
-    sd = backbone_state_dict(model, "det")
-    for k, v in model.backbone.branches["det"].state_dict().items():
-        assert torch.equal(sd[k], v)
-    first = backbone_state_dict(model)
-    assert torch.equal(first["conv1.weight"], model.backbone.branches["cls"].conv1.weight)
 
 
 # ----------------------------------------------------------------------------
 # squeeze
-
-def test_squeezed_model_mean_init_and_api():
-    torch.manual_seed(0)
-    teacher = make_model("hrnet")
-    with torch.no_grad():  # make the branches (weights and BN statistics) differ
-        for t in TASKS:
-            for name, b in teacher.backbone.branches[t].named_buffers():
-                if b.is_floating_point():
-                    b.uniform_(0.5, 1.5)
-            teacher.backbone.branches[t].layer1[0].bn1.num_batches_tracked.fill_(TASKS.index(t) + 3)
-    teacher.mcfg = dataclasses.replace(teacher.mcfg, pretrained="weights.pth")  # branches from the same start
-    student = SqueezedModel.from_expanded(teacher, "mean", SqueezeConfig(distill_stages=[2, 3, 4]))
-    sds = [teacher.backbone.branches[t].state_dict() for t in TASKS]
-    for k, v in student.backbone.state_dict().items():
-        if v.is_floating_point():
-            torch.testing.assert_close(v, sum(sd[k] for sd in sds) / 3)
-    assert int(student.backbone.layer1[0].bn1.num_batches_tracked) == 5
-    # heads are copies, not shared
-    for (k, a), b in zip(teacher.heads.state_dict().items(), student.heads.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert student.heads["cls"].predictors["cls_a"].weight is not teacher.heads["cls"].predictors["cls_a"].weight
-    # adapters: identity at init
-    x = torch.randn(2, 3, 64, 64)
-    feats = student.features(x, "cls")
-    adapted = {k: a(feats[k]) for k, a in student.adapters["det"].items()}
-    assert set(adapted) == {"layer2", "layer3", "layer4"}
-    torch.testing.assert_close(adapted["layer3"], feats["layer3"])
-    losses = student(make_batches())
-    assert set(losses) == set(NUM_CLASSES)
-    student.total_loss(losses).backward()
-
-
-def test_squeezed_model_task_init_scratch_and_path(tmp_path):
-    torch.manual_seed(0)
-    teacher = make_model("scalar")
-    s = SqueezedModel.from_expanded(teacher, "task:seg")
-    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["seg"].conv1.weight)
-    s = SqueezedModel.from_expanded(teacher)  # default: the first task
-    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["cls"].conv1.weight)
-    s = SqueezedModel.from_expanded(teacher, "scratch")
-    assert not torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["cls"].conv1.weight)
-    path = tmp_path / "bb.pth"
-    torch.save(backbone_state_dict(teacher, "det"), path)
-    s = SqueezedModel.from_expanded(teacher, str(path))
-    assert torch.equal(s.backbone.conv1.weight, teacher.backbone.branches["det"].conv1.weight)
-    with pytest.raises(ValueError, match="student_init"):
-        SqueezedModel.from_expanded(teacher, "task:nope")
-    with pytest.raises(ValueError, match="student_init"):
-        SqueezedModel.from_expanded(teacher, "bogus")
-    shared = make_model(shared_backbone=True)
-    s = SqueezedModel.from_expanded(shared, "mean")
-    torch.testing.assert_close(s.backbone.conv1.weight, shared.backbone.conv1.weight)
-    # independently initialised branches (pretrained = ""): their average is refused, naming the way out
-    with pytest.raises(ConfigError, match=r"student_init = 'mean': the teacher's branches started from independent"
-                                          r" random weights .* use task:<name>"):
-        SqueezedModel.from_expanded(teacher, "mean")
-
-
-def test_model_from_checkpoint_round_trip():
-    torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(**SMALL_DET), sources=copy.deepcopy(SOURCES))
-    model = XLearnerModel(cfg.model, cfg.sources, NUM_CLASSES)
-    ckpt = {"model": {"module." + k: v for k, v in model.state_dict().items()}, "config": cfg.to_dict(),
-            "meta": {"kind": "expanded", "num_classes": NUM_CLASSES}}
-    again = model_from_checkpoint(ckpt)
-    assert isinstance(again, XLearnerModel) and not again.training
-    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(a, b), k
-    student = SqueezedModel.from_expanded(model, "task:det", SqueezeConfig(distill_stages=[3, 4]))
-    ckpt = {"model": student.state_dict(), "config": cfg.to_dict(),
-            "meta": {"kind": "squeezed", "num_classes": NUM_CLASSES, "distill_stages": [3, 4]}}
-    again = model_from_checkpoint(ckpt)
-    assert isinstance(again, SqueezedModel) and set(again.adapters["cls"]) == {"layer3", "layer4"}
-    with pytest.raises(ValueError, match="kind"):
-        model_from_checkpoint({**ckpt, "meta": {"kind": "what", "num_classes": NUM_CLASSES}})
 
 
 def test_shared_branch_init_starts_every_branch_from_the_same_weights():
@@ -451,51 +199,6 @@ def test_shared_branch_init_starts_every_branch_from_the_same_weights():
         make_model("hrnet", branch_init="tied")
 
 
-def test_det_boxes_stay_fp32_under_bf16_autocast():
-    """On an 800 x 1088 canvas under bf16 autocast, the RPN's anchors and decoded boxes, and the RoI head's
-    predictions, are fp32: they agree with fp32 arithmetic on the same offsets to well under a pixel. torchvision's
-    own components, as the head used them before, are off by pixels (measured: 7 px anchors, 17 px boxes)."""
-    from torchvision.models.detection.image_list import ImageList
-    from torchvision.models.detection.rpn import AnchorGenerator, concat_box_prediction_layers
-    from xlearner.heads import DetHead
-    torch.manual_seed(0)
-    mcfg = ModelConfig(**SMALL_DET)
-    head = DetHead(mcfg, [SOURCES[2]], NUM_CLASSES, {"layer1": 8, "layer2": 8, "layer3": 8, "layer4": 8}).eval()
-    images = ImageList(torch.zeros(1, 3, 800, 1088), [(800, 1088)])
-    feats = [torch.randn(1, 32, 800 // s, 1088 // s) for s in (4, 8, 16, 32, 64)]
-
-    def decoded(anchor_gen, rpn_head):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            fpn = [f.bfloat16() for f in feats]  # what the FPN's convs return under autocast
-            logits, deltas = rpn_head(fpn)
-            anchors = anchor_gen(images, fpn)
-            _, deltas = concat_box_prediction_layers(logits, deltas)
-            boxes = head.rpn.box_coder.decode(deltas, anchors).reshape(-1, 4)
-        exact = head.rpn.box_coder.decode(deltas.float(), [a.float() for a in anchors]).reshape(-1, 4)
-        return boxes, exact, anchors[0]
-
-    boxes, exact, anchors = decoded(head.rpn.anchor_generator, head.rpn.head)
-    assert boxes.dtype == anchors.dtype == torch.float32
-    ref_anchors = head.rpn.anchor_generator(images, [f.float() for f in feats])[0]
-    assert torch.equal(anchors, ref_anchors)
-    assert (boxes - exact).abs().max().item() < 1e-3
-    # before: torchvision's AnchorGenerator and RPNHead as they are (same weights)
-    plain = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    boxes, exact, anchors = decoded(plain, super(type(head.rpn.head), head.rpn.head).forward)
-    assert boxes.dtype == anchors.dtype == torch.bfloat16
-    assert (anchors.float() - ref_anchors).abs().max().item() > 4  # bf16 spacing is 4 px in [512, 1024)
-    assert (boxes.float() - exact).abs().max().item() > 4
-    # the RoI head's predictions reach postprocess_detections (its decode) in fp32
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        pyramid = {str(i): f[:, :32] for i, f in enumerate(feats[:4])}
-        proposals = [torch.tensor([[100.0, 200.0, 900.0, 700.0], [10.0, 10.0, 60.0, 90.0]])]
-        seen = {}
-        post = head.roi_heads.postprocess_detections
-        head.roi_heads.postprocess_detections = lambda c, r, *a: seen.update(c=c.dtype, r=r.dtype) or post(c, r, *a)
-        head.roi_heads(pyramid, proposals, [(800, 1088)], None, head.predictors["det_a"])
-    assert seen == {"c": torch.float32, "r": torch.float32}
-
-
 @pytest.mark.parametrize("reconcile", ["hrnet", "scalar", "cross_stitch"])
 def test_branch_with_rl_trains_only_what_gets_a_gradient(reconcile):
     """A fine-tuned BranchWithRL (transfer --with-rl, trainable backbone) under DDP needs every trainable parameter
@@ -514,3 +217,163 @@ def test_branch_with_rl_trains_only_what_gets_a_gradient(reconcile):
     assert trainable == got_grad
     assert all(n.startswith(("net.branches.det.", "net.reconcile.into.det.")) for n in trainable)
     assert any(n.startswith("net.reconcile.into.det.") for n in trainable)
+
+# ----------------------------------------------------------------------------
+# The RL variants by hand: rl(t, l, x) with non-zero paths against the sum written out from each path's
+
+CHANNELS = {"layer1": 4, "layer2": 6, "layer3": 8}
+SIZES = {1: 16, 2: 8, 3: 4}  # each stage halves the resolution, as in a ResNet
+
+
+def conv(m: torch.nn.Conv2d, y: torch.Tensor) -> torch.Tensor:
+    assert m.bias is None
+    return F.conv2d(y, m.weight, stride=m.stride, padding=m.padding)
+
+
+def bn(m: torch.nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BN: (y - running_mean) / sqrt(running_var + eps) * gamma + beta."""
+    def v(t):
+        return t.view(1, -1, 1, 1)
+    return (y - v(m.running_mean)) / torch.sqrt(v(m.running_var) + m.eps) * v(m.weight) + v(m.bias)
+
+
+def nonzero(rl: torch.nn.Module) -> torch.nn.Module:
+    """Known non-zero values in every BN (gamma, beta, running stats) and every scalar; eval mode."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in rl.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            if hasattr(m, "alpha"):
+                m.alpha.fill_(0.25 + torch.rand((), generator=g).item())
+    return rl.eval()
+
+
+def features(seed: int = 1) -> dict[str, dict[int, torch.Tensor]]:
+    """x[u][k]: stage k of branch u, leaves that record their gradient."""
+    g = torch.Generator().manual_seed(seed)
+    return {u: {k: torch.randn(2, CHANNELS[f"layer{k}"], s, s, generator=g).requires_grad_()
+                for k, s in SIZES.items()} for u in TASKS}
+
+
+def hrnet_by_hand(rl: HRNetReconcile, t: str, l: int, x: dict) -> torch.Tensor:
+    """x[t][l] + sum_{u != t} sum_{k <= l} R_{u,k->l}(x[u][k]), every layer of every path written out."""
+    R = rl.into[t][f"layer{l}"]
+    total = 0
+    for u in (u for u in TASKS if u != t):
+        for k in range(1, l + 1):
+            p, y = R[f"{u}_layer{k}"], x[u][k]
+            if k == l:       # 1x1 conv + BN
+                total = total + bn(p[1], conv(p[0], y))
+            elif not rl.narrow:  # (3x3/2 conv + BN + ReLU) x (l - k - 1), then 3x3/2 conv + BN
+                for i in range(l - k - 1):
+                    y = torch.relu(bn(p[3 * i + 1], conv(p[3 * i], y)))
+                total = total + bn(p[-1], conv(p[-2], y))
+            else:            # (3x3/2 conv + BN + ReLU) x (l - k), the ReLU after the last one too
+                for i in range(l - k):
+                    y = torch.relu(bn(p[3 * i + 1], conv(p[3 * i], y)))
+                total = total + y
+    if rl.narrow:  # one widening 1x1 conv + BN on the narrow sum
+        total = bn(R["widen"][1], conv(R["widen"][0], total))
+    return x[t][l] + total
+
+
+@pytest.mark.parametrize("width", [1.0, 0.5])
+@pytest.mark.parametrize("t,l", [("cls", 1), ("det", 3), ("seg", 3)])
+def test_hrnet_rl_is_the_sum_of_its_paths(width, t, l):
+    torch.manual_seed(0)
+    rl = nonzero(HRNetReconcile(TASKS, CHANNELS, (1, 3), width=width))
+    assert rl.narrow == (width < 1) and sorted(rl.into[t]) == ["layer1", "layer3"]
+    x = features()
+    with torch.no_grad():
+        got, want = rl(t, l, x), hrnet_by_hand(rl, t, l, x)
+    assert got.shape == x[t][l].shape
+    assert (got - x[t][l]).abs().max() > 0.1  # the paths add something
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("l", [1, 3])
+def test_scalar_rl_is_alpha_times_a_1x1_conv_of_the_same_stage(l):
+    torch.manual_seed(0)
+    rl = nonzero(ScalarReconcile(TASKS, CHANNELS, (1, 3)))
+    x = features()
+    R = rl.into["det"][f"layer{l}"]
+    with torch.no_grad():
+        want = x["det"][l] + sum(R[u].alpha * conv(R[u].conv, x[u][l]) for u in ("cls", "seg"))
+        got = rl("det", l, x)
+    assert all(R[u].alpha.item() > 0.25 for u in ("cls", "seg"))
+    assert (got - x["det"][l]).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _grads(rl: torch.nn.Module, t: str, l: int) -> dict[tuple[str, int], float | None]:
+    x = features()
+    rl(t, l, x).square().sum().backward()
+    return {(u, k): None if x[u][k].grad is None else x[u][k].grad.abs().sum().item() for u in TASKS for k in x[u]}
+
+
+@pytest.mark.parametrize("variant", [HRNetReconcile, ScalarReconcile])
+def test_detach_stops_the_gradient_into_other_branches_and_only_there(variant):
+    t, l = "det", 3
+    read = {("cls", 3), ("seg", 3)} if variant is ScalarReconcile else {(u, k) for u in ("cls", "seg") for k in (1, 2, 3)}
+    torch.manual_seed(0)
+    on = nonzero(variant(TASKS, CHANNELS, (1, 3), detach=True))
+    grads = _grads(on, t, l)
+    assert grads[(t, l)] > 0  # the target's own stage l gets its gradient
+    assert all(grads[key] is None for key in grads if key != (t, l)), grads
+    # the paths themselves still learn from branch t's loss
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in on.into[t]["layer3"].parameters())
+
+    torch.manual_seed(0)
+    off = nonzero(variant(TASKS, CHANNELS, (1, 3), detach=False))
+    grads = _grads(off, t, l)
+    assert all(grads[key] > 0 for key in read | {(t, l)}), grads   # every input the sum reads
+    assert all(grads[key] is None for key in grads if key not in read | {(t, l)}), grads  # and nothing else
+
+# ----------------------------------------------------------------------------
+# Per-task BN statistics: a branch's running statistics come only from its own task's batches.
+
+def buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+@pytest.mark.parametrize("reconcile,width,other_bn", [("hrnet", 1.0, "batch"), ("hrnet", 0.125, "batch"),
+                                                      ("hrnet", 0.125, "running"), ("scalar", 1.0, "batch")])
+def test_a_cls_batch_leaves_the_other_branches_statistics_alone(reconcile, width, other_bn):
+    torch.manual_seed(0)
+    net = ExpandedNet("resnet18", TASKS, reconcile, (1, 2, 3), width=width, other_bn=other_bn).train()
+    parts = {f"{kind} {t}": m for t in TASKS
+             for kind, m in (("branch", net.branches[t]), ("RL into", net.reconcile.into[t]))}
+    before = {name: buffers(m) for name, m in parts.items()}
+    assert len(before["branch det"]) == 60  # 20 BNs x (mean, var, num_batches_tracked)
+    net(torch.randn(2, 3, 32, 32) * 3 + 1, "cls")
+    for name, m in parts.items():
+        after = buffers(m)
+        changed = [k for k in after if not torch.equal(after[k], before[name][k])]
+        if name.endswith("cls"):  # the target branch and its RLs learn their statistics from this batch
+            assert len(changed) == len(after), (name, sorted(set(after) - set(changed)))
+        else:
+            assert changed == [], name
+    # the other branches' BN modes were changed for this forward only
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.training and m.track_running_stats for m in bns)
+
+
+def test_batch_and_running_statistics_feed_the_rl_differently():
+    """The two `other_bn` modes differ only in how det/seg normalise a cls batch (as RL inputs)."""
+    out = {}
+    for other_bn in ("batch", "running"):
+        torch.manual_seed(0)
+        net = ExpandedNet("resnet18", TASKS, "hrnet", (1, 2, 3), width=0.125, other_bn=other_bn).train()
+        with torch.no_grad():  # at zero init the RLs output 0 whatever their inputs: open them
+            for p in net.reconcile.parameters():
+                p.add_(0.1)
+        torch.manual_seed(1)
+        out[other_bn] = net(torch.randn(2, 3, 32, 32) * 3 + 1, "cls")["layer4"]
+    assert not torch.allclose(out["batch"], out["running"])
+    with pytest.raises(ValueError, match="model.other_branches_bn: expected 'batch' or 'running', got 'eval'"):
+        ExpandedNet("resnet18", TASKS, other_bn="eval")

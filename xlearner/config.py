@@ -205,7 +205,7 @@ class Config:
 
 # The names the code accepts. config.py imports no torch, so these mirror the registries
 # (backbone.BACKBONES, model.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS);
-# tests/test_bad_values.py checks that they agree.
+# tests/test_config.py checks that they agree.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
 SEG_HEADS = ("fpn", "deeplab")
