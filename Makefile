@@ -61,7 +61,7 @@ $(ABLATE_DATA)/.complete: $(VENV_STAMP)
 	else echo "skipping openclipart: /usr/share/openclipart/png not found (apt-get install openclipart-png)"; fi
 
 paper-table: $(VENV_STAMP) $(ABLATE_DATA)/.complete
-	$(PY) cli.py ablate --config configs/ablate.toml --out docs/ablation
+	$(PY) cli.py ablate --config configs/ablate.toml --out docs/ablation/final
 
 # the squeeze-recipe grid that chose [squeeze]: seeds 100-101, judged on dev splits of downstream train sets
 squeeze-grid: $(VENV_STAMP) $(ABLATE_DATA)/.complete
