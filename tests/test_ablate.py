@@ -42,6 +42,16 @@ def test_t_interval_and_verdicts_by_hand():
     assert t_interval([7.0]) == (7.0, None) and verdict(7.0, None) == "undecided"  # one seed decides nothing
 
 
+def test_a_teacher_that_scored_zero_has_no_ratio():
+    """A tiny run's teacher can score 0 AP: its student's ratio is NaN for that seed, not a ZeroDivisionError."""
+    cfg = _cfg({"a": "cls", "d": "det"})
+    scores = {"teacher_rl": {0: {"a": 10.0, "d": 0.0}, 1: {"a": 20.0, "d": 2.0}},
+              "xlearner": {0: {"a": 12.0, "d": 1.0}, 1: {"a": 18.0, "d": 3.0}}}
+    s = ablate_report.summarise(cfg, scores, {"teacher_rl": 4, "xlearner": 8}, teachers={"xlearner": "teacher_rl"})
+    assert s["transfer_ratios"]["xlearner"]["cls mean"][0] == pytest.approx((1.2 + 0.9) / 2)
+    assert math.isnan(s["transfer_ratios"]["xlearner"]["det mean"][0])
+
+
 def test_summarise_pairs_seeds_per_task_mean():
     cfg = _cfg({"a": "cls", "b": "cls", "d": "det"})
     scores = {  # the xlearner - ssst cls-mean differences per seed are 3.5 and 6.5 and 5.0

@@ -74,6 +74,11 @@ def task_means(cfg, scores: dict[int, dict[str, float]]) -> dict[str, dict[int, 
     return rows
 
 
+def ratio(student: float, teacher: float) -> float:
+    """student / teacher; NaN where the teacher scored 0 (a tiny run's AP), which has no ratio."""
+    return student / teacher if teacher else float("nan")
+
+
 def summarise(cfg, scores: dict[str, dict[int, dict[str, float]]], budgets: dict[str, int],
               ratios: dict | None = None, skipped: list[str] | None = None, teachers: dict | None = None) -> dict:
     """scores[variant][seed][dataset] -> the table (mean ± half-width), the claims, the squeeze ratios
@@ -81,7 +86,7 @@ def summarise(cfg, scores: dict[str, dict[int, dict[str, float]]], budgets: dict
     per_row = {v: task_means(cfg, s) for v, s in scores.items()}
     row_names = list(next(iter(per_row.values())))
     rows = {r: {v: t_interval(list(per_row[v][r].values())) for v in scores} for r in row_names}
-    transfer_ratios = {v: {r: t_interval([per_row[v][r][s] / per_row[t][r][s] for s in sorted(scores[v])])
+    transfer_ratios = {v: {r: t_interval([ratio(per_row[v][r][s], per_row[t][r][s]) for s in sorted(scores[v])])
                            for r in row_names if r.endswith(" mean")}
                        for v, t in (teachers or {}).items() if v in scores and t in scores}
     claims = []
