@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from .config import Config, TrainConfig
 from .data import move_to
 from .run.rng import rng_state, seed_everything, set_rng_state
 from .run.rundir import check_resume
+from .run.runlog import git_sha, log_event, max_memory_mb, truncate_log
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,24 +107,6 @@ def autocast(device: torch.device, amp: str):
 
 
 # ----------------------------------------------------------------------------
-# run facts for the log
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def max_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# ----------------------------------------------------------------------------
 # the run
 
 @dataclass
@@ -142,21 +123,6 @@ class Run:
     images_per_step: int = 0              # per process, for images/s
     report: str = ""                      # model report printed at start
     stage: str = "expand"
-
-
-def _log_event(out: Path, record: dict) -> None:
-    if dist.is_main_process():
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(out: Path, step: int) -> None:
-    """On resume, drop log lines newer than the checkpoint so no step appears twice."""
-    path = out / "log.jsonl"
-    if not dist.is_main_process() or not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _every(step: int, n: int) -> bool:
@@ -310,7 +276,7 @@ def train(run: Run) -> nn.Module:
                 _save(s)
         _evaluate_or_stop(s, pending=False)  # every run evaluates its last step (the final checkpoint exists)
     s.bar.close()
-    _log_event(s.out, {"event": "end", "step": s.step})
+    log_event(s.out, {"event": "end", "step": s.step})
     return model
 
 
@@ -349,7 +315,7 @@ def _resume(s: _State) -> bool:
     set_rng_state(rngs[dist.get_rank()] if len(rngs) == dist.get_world_size() else rngs[0])
     s.step = ckpt["step"]
     s.eval_pending = bool(ckpt.get("eval_pending", False))  # stopped before or during that step's evaluation
-    _truncate_log(s.out, s.step)
+    truncate_log(s.out, s.step)
     dist.log(f"[{s.run.stage}] resumed from {path} at step {s.step}")
     return True
 
@@ -363,7 +329,7 @@ def _log_start(s: _State) -> None:
     dist.log(f"[{run.stage}] effective batch per source (batch x accum x world): {batches}")
     if run.report:
         dist.log(run.report)
-    _log_event(s.out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
+    log_event(s.out, {"event": "start", "stage": run.stage, "step": 0, "git": git_sha(), "world_size": world,
                        "effective_batch": batches, "config": run.config.to_dict(), "report": run.report})
 
 
@@ -384,7 +350,7 @@ def _log_window(s: _State) -> None:
               "data_wait": w.wait / elapsed, "max_mem_mb": max_memory_mb(run.device),
               "skipped_images": dict(getattr(run.loader, "skipped", {}))}
     s.bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-    _log_event(s.out, record)
+    log_event(s.out, record)
     dist.log(f"[{run.stage}] step {s.step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.4g} "
              f"{record['images_per_s']:.0f} img/s data-wait {record['data_wait']:.0%} "
              + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
@@ -428,7 +394,7 @@ def _evaluate(s: _State) -> int:
     dist.log(f"[{run.stage}] step {step} eval: " + "  ".join(
         f"{src}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
         for src, m in metrics.items()))
-    _log_event(s.out, {"event": "eval", "step": step, "metrics": metrics})
+    log_event(s.out, {"event": "eval", "step": step, "metrics": metrics})
     if dist.is_main_process():
         (s.out / "metrics.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
     return 0
@@ -446,7 +412,7 @@ def _stop_run(s: _State, signum: int, eval_pending: bool) -> None:
     s.stop.step_finished()
     if s.stop.last_ckpt != s.step:
         _save(s, eval_pending)
-    _log_event(s.out, {"event": "interrupted", "step": s.step, "signal": signum})
+    log_event(s.out, {"event": "interrupted", "step": s.step, "signal": signum})
     dist.log(f"[{s.run.stage}] signal {signum}: checkpoint written at step {s.step}; "
              "run the same command again to resume")
     s.bar.close()

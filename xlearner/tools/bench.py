@@ -47,6 +47,7 @@ from ..data import build_train_datasets, images_per_step
 from ..expand import XLearnerModel
 from ..probe import extract_features
 from ..run.rng import seed_everything
+from ..run.runlog import max_memory_mb
 from ..squeeze import Distiller, SqueezedModel, kd_loss, load_teacher, pixels
 from ..weights import load_backbone
 
@@ -136,7 +137,7 @@ def bench_expand(cfg: Config, steps: int = 20) -> dict:
     }
     times = _alternate(fns, batches, steps, device)
     return _result("expand", times, images_per_s=images_per_step(cfg.sources) / times["stage"],
-                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=cfg.model.arch, amp=tc.amp,
+                   max_mem_mb=max_memory_mb(device), device=str(device), arch=cfg.model.arch, amp=tc.amp,
                    compile=cfg.model.compile)
 
 
@@ -219,7 +220,7 @@ def bench_squeeze(cfg: Config, steps: int = 20, teacher_path: str | None = None)
     times = _alternate(parts["fns"], parts["batches"], steps, device)
     sq, arch = cfg.squeeze, parts["distiller"].teacher.mcfg.arch
     return _result("squeeze", times, images_per_s=images_per_step(cfg.sources) / times["stage"],
-                   max_mem_mb=engine.max_memory_mb(device), device=str(device), arch=arch,
+                   max_mem_mb=max_memory_mb(device), device=str(device), arch=arch,
                    amp=sq.amp, compile=cfg.model.compile)
 
 
@@ -252,7 +253,7 @@ def bench_backbone(cfg: Config, steps: int = 20) -> dict:
     return {"bench": "backbone", "arch": cfg.model.arch, "batch_size": src.batch_size, "image_size": src.image_size,
             "step_s": step_s, "images_per_s": src.batch_size / step_s, "amp": tc.amp,
             "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
-            "max_mem_mb": engine.max_memory_mb(device), "device": str(device)}
+            "max_mem_mb": max_memory_mb(device), "device": str(device)}
 
 
 def summarise_run(out: str) -> dict:
