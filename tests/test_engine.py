@@ -65,7 +65,7 @@ def make_run(tmp_path, model=None, **tc):
 
 def test_lr_schedule_warmup_then_cosine():
     tc = TrainConfig(steps=10, warmup_steps=2)
-    factors = [engine.lr_factor(s, tc) for s in range(10)]
+    factors = [engine.warmup_cosine(s, tc.warmup_steps, tc.steps) for s in range(10)]
     assert factors[:2] == [0.5, 1.0]
     assert factors[2] == pytest.approx(1.0)
     assert factors[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))

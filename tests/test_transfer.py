@@ -253,6 +253,20 @@ def test_train_loop_clips_the_gradient_norm(tiny_cfg, clip):
         assert step > 1e3
 
 
+def test_train_loop_follows_the_one_lr_schedule(tiny_cfg, monkeypatch):
+    """transfer's heads train on engine.warmup_cosine (warmup = a tenth of the steps), not a schedule of their own."""
+    from xlearner import data, engine
+    ds = data.build_dataset(tiny_cfg.transfer.datasets[0], "train", train=False)
+    lrs, step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    model = _HugeGradModel()
+    transfer.train_loop(model, ds, "cls", epochs=10, lr=2.0, batch_size=4, workers=0, device=torch.device("cpu"),
+                        seed=0, freeze_backbone=False, desc="lr", clip_grad=0.01)
+    total = 10 * -(-len(ds) // 4)
+    assert len(lrs) == total and lrs == [2.0 * engine.warmup_cosine(s, total // 10, total) for s in range(total)]
+    assert lrs[0] == 2.0 / (total // 10)  # the warmup's first step (1 / (warmup + 1) before)
+
+
 # ----------------------------------------------------------------------------- fail fast, resume
 
 def _r18(path, seed=0):

@@ -87,16 +87,12 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, fused=fused)
 
 
-def lr_factor(step: int, tc: TrainConfig) -> float:
-    """Linear warmup from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `steps`."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    return cosine_decay((step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-
-
-def cosine_decay(progress: float) -> float:
-    """1 at progress 0, falling along half a cosine to 0 at progress 1 (and after)."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The one LR schedule (expand, squeeze and transfer's heads): a linear warmup from ~0 to 1 over `warmup`
+    steps, then half a cosine down to 0 at `total` (and after)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def autocast(device: torch.device, amp: str):
@@ -294,7 +290,7 @@ def _setup(run: Run) -> _State:
     if tc.sync_bn and device.type == "cuda" and dist.is_dist():
         model = dist.convert_sync_batchnorm(model, no_grad_too=tc.sync_bn_no_grad)
     optimizer = build_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, tc.warmup_steps, tc.steps))
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     return _State(run, out, model, ckpt_module, optimizer, scheduler, scaler)
 

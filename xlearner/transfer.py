@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ from . import data
 from .run import dist
 from .backbone import freeze_bn, load_torchvision_state_dict, to_input
 from .config import Config, ConfigError, ModelConfig, TransferConfig, TransferDatasetConfig, as_source, primary_metric
-from .engine import wrap_ddp
+from .engine import warmup_cosine, wrap_ddp
 from .evaluate import evaluate
 from .expand import XLearnerModel
 from .model import BranchWithRL
@@ -156,17 +155,6 @@ class _HeadModel(nn.Module):
         return self.model.total_loss(self.model({self.name: batch}))
 
 
-def _warmup_cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A short linear warmup, then cosine decay to 0 at `total` steps.
-
-    Not engine.lr_factor: the warmup here reaches 1 a step later ((s+1)/(warmup+1)) and the cosine
-    argument is rounded in another order (pi * done / left, not pi * (done / left)), which moves the lr
-    by an ulp on about a fifth of the steps: the transfer numbers would change in their last digits."""
-    warmup = min(100, total // 10)  # detection heads diverge at full LR from step 0
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-                                             0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-
-
 def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, batch_size: int, workers: int,
                device: torch.device, seed: int, freeze_backbone: bool, desc: str, ignore_index: int = 255,
                clip_grad: float = 0.0) -> None:
@@ -187,7 +175,8 @@ def train_loop(model: nn.Module, dataset, task: str, *, epochs: int, lr: float, 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
     total = max(1, epochs * len(loader))
-    sched = _warmup_cosine(opt, total)
+    warmup = min(100, total // 10)  # detection heads diverge at full LR from step 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
     bar = dist.progress(total=total, desc=desc, leave=False)
     for epoch in range(epochs):
         if sampler is not None:
