@@ -22,7 +22,7 @@ def test_build_backbone_pretrained_file_and_errors(tmp_path):
         build_backbone("resnet18", str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="not a torchvision weights name"):
         build_backbone("resnet18", "ResNet18_Weights.NO_SUCH_WEIGHTS")  # fails before any download
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"^model.arch: expected resnet10\|resnet18\|resnet34\|resnet50\|resnet101\|resnet152, got 'vgg16'$"):
         build_backbone("vgg16")
 
 

@@ -319,15 +319,20 @@ def test_bad_teacher_or_student_init_fails_before_training(tiny):
         assert "Traceback" not in p.stderr and not (tiny / "runs").exists()
 
 
-def test_allowed_names_match_the_code():
-    """config.py imports no torch, so it lists the names the registries accept; they must agree."""
+def test_the_registries_are_built_on_config_names():
+    """config.py holds the one list of names (it imports no torch); each registry is built against it, refuses
+    a name missing or extra when its module is imported, and answers an unknown name with validation's line."""
     from xlearner import backbone, heads, model, squeeze
     from xlearner.tools import ablate
-    assert config.ARCHS == tuple(backbone.BACKBONES)
-    assert config.RECONCILES == tuple(model.RECONCILE)
-    assert config.SEG_HEADS == tuple(heads.SEG_DECODERS)
-    assert config.DISTILL_LOSSES == tuple(squeeze.FEATURE_LOSSES)
-    assert config.ABLATE_VARIANTS == tuple(ablate.VARIANTS)
+    for reg, names in ((backbone.BACKBONES, config.ARCHS), (model.RECONCILE, config.RECONCILES),
+                       (heads.SEG_DECODERS, config.SEG_HEADS), (squeeze.FEATURE_LOSSES, config.DISTILL_LOSSES),
+                       (ablate.VARIANTS, config.ABLATE_VARIANTS)):
+        assert isinstance(reg, config.Registry) and sorted(reg) == sorted(names), reg.key
+    with pytest.raises(TypeError, match=r"^model.reconcile: implemented \['hrnet'\], config.py allows \['cross_stitch', 'hrnet', 'none', 'scalar'\]$"):
+        config.Registry("model.reconcile", config.RECONCILES, hrnet=object)
+    with pytest.raises(ConfigError, match=r"^model.seg_head: expected fpn\|deeplab, got 'unet'$"):
+        heads.SEG_DECODERS["unet"]
+    assert heads.SEG_DECODERS["fpn"] is heads.FPNDecoder
 
 
 def test_ablate_on_missing_data_is_one_line(tmp_path):

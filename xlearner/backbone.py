@@ -24,6 +24,8 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.transforms.v2 import functional as TF
 
+from .config import ARCHS, Registry
+
 # The statistics every backbone's input is normalised with (ImageNet's, as torchvision's weights expect).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,14 +61,9 @@ def resnet10(weights=None) -> torchvision.models.ResNet:
     return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
 
 
-BACKBONES = {
-    "resnet10": resnet10,
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
-}
+BACKBONES = Registry("model.arch", ARCHS, resnet10=resnet10, resnet18=torchvision.models.resnet18,
+                     resnet34=torchvision.models.resnet34, resnet50=torchvision.models.resnet50,
+                     resnet101=torchvision.models.resnet101, resnet152=torchvision.models.resnet152)
 
 
 class Backbone(nn.Module):
@@ -148,8 +145,6 @@ def freeze_bn(module: nn.Module) -> nn.Module:
 
 def backbone_from_state_dict(arch: str, sd: dict | None, frozen_bn: bool, where: str) -> Backbone:
     """A Backbone of `arch` holding `sd` (random when None); `where` names the weights in an error."""
-    if arch not in BACKBONES:
-        raise ValueError(f"model.arch: unknown {arch!r} (choose from {sorted(BACKBONES)})")
     backbone = Backbone(BACKBONES[arch](weights=None), arch)  # never downloads; weights come from `sd`
     if sd is not None:
         load_torchvision_state_dict(backbone, sd, where)

@@ -203,9 +203,9 @@ class Config:
 # ----------------------------------------------------------------------------
 # value checks: ranges, allowed names, cross-field rules (load time, no torch, no disk)
 
-# The names the code accepts. config.py imports no torch, so these mirror the registries
-# (backbone.BACKBONES, model.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS);
-# tests/test_config.py checks that they agree.
+# The names the code accepts: their one list. config.py imports no torch, so the implementations
+# (backbone.BACKBONES, model.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS) are
+# Registry objects built against these tuples, and a name missing or extra there fails at import.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
 SEG_HEADS = ("fpn", "deeplab")
@@ -238,8 +238,25 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key}: {rule}, got {value!r}")
 
 
-def _one_of(value: Any, key: str, allowed) -> None:
+def one_of(value: Any, key: str, allowed) -> None:
+    """The one check of a name: config validation, and the constructors that take the name directly, call it."""
     _check(value in allowed, key, f"expected {'|'.join(allowed)}", value)
+
+
+class Registry(dict):
+    """name -> implementation, for the names allowed under `key` (e.g. model.RECONCILE for model.reconcile).
+
+    Built against the names' tuple in this module, which stays their one list: an implementation missing or
+    extra raises when its module is imported, and looking up an unknown name raises validation's own line."""
+
+    def __init__(self, key: str, names: tuple[str, ...], **implementations):
+        if sorted(implementations) != sorted(names):
+            raise TypeError(f"{key}: implemented {sorted(implementations)}, config.py allows {sorted(names)}")
+        super().__init__(implementations)
+        self.key = key
+
+    def __missing__(self, name: str):
+        one_of(name, self.key, tuple(self))
 
 
 def _at_least(obj, prefix: str, low: int | float, *names: str) -> None:
@@ -254,16 +271,16 @@ def _stages(stages: list[int], key: str, allow_empty: bool) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    _one_of(m.arch, "model.arch", ARCHS)
+    one_of(m.arch, "model.arch", ARCHS)
     _check(bool(m.tasks) and len(set(m.tasks)) == len(m.tasks), "model.tasks", "expected distinct tasks", m.tasks)
     for t in m.tasks:
-        _one_of(t, "model.tasks", TASKS)
-    _one_of(m.reconcile, "model.reconcile", RECONCILES)
+        one_of(t, "model.tasks", TASKS)
+    one_of(m.reconcile, "model.reconcile", RECONCILES)
     _stages(m.reconcile_stages, "model.reconcile_stages", allow_empty=True)
     _check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
-    _one_of(m.other_branches_bn, "model.other_branches_bn", OTHER_BNS)
-    _one_of(m.branch_init, "model.branch_init", BRANCH_INITS)
-    _one_of(m.seg_head, "model.seg_head", SEG_HEADS)
+    one_of(m.other_branches_bn, "model.other_branches_bn", OTHER_BNS)
+    one_of(m.branch_init, "model.branch_init", BRANCH_INITS)
+    one_of(m.seg_head, "model.seg_head", SEG_HEADS)
     _at_least(m, "model", 1, "fpn_channels", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_batch_size_per_image",
               "box_batch_size_per_image", "box_head_dim", "box_detections_per_img", "seg_channels")
 
@@ -281,8 +298,8 @@ def primary_metric(s: DataConfig) -> str:
 
 def _validate_data(s: DataConfig, key: str, trains: bool, m: ModelConfig) -> None:
     """What a [[sources]] and a [[transfer.datasets]] entry share; `trains`: its batches train BatchNorm layers."""
-    _one_of(s.task, f"{key}.task", TASKS)
-    _one_of(s.format, f"{key}.format", FORMATS)
+    one_of(s.task, f"{key}.task", TASKS)
+    one_of(s.format, f"{key}.format", FORMATS)
     _check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
            f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
     _at_least(s, key, 0, "num_classes")
@@ -295,7 +312,7 @@ def _validate_data(s: DataConfig, key: str, trains: bool, m: ModelConfig) -> Non
     _at_least(s, key, MIN_IMAGE_SIZE, "image_size")
     _check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
            s.ignore_index)
-    _one_of(s.metric, f"{key}.metric", ("top1", own_metric(s)))
+    one_of(s.metric, f"{key}.metric", ("top1", own_metric(s)))
     if trains and s.batch_size == 1:
         _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
                "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
@@ -304,7 +321,7 @@ def _validate_data(s: DataConfig, key: str, trains: bool, m: ModelConfig) -> Non
 
 
 def _validate_transfer_dataset(d: TransferDatasetConfig, key: str) -> None:
-    _one_of(d.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
+    one_of(d.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
     _check(d.train_fraction is None or 0 < d.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
            d.train_fraction)
     _check(d.epochs is None or d.epochs >= 1, f"{key}.epochs", "must be >= 1", d.epochs)
@@ -339,9 +356,9 @@ def _validate_train(tc: TrainConfig, key: str) -> list[str]:
     """expand / squeeze; returns warnings (values that run but are probably not meant)."""
     _at_least(tc, key, 1, "steps", "grad_accum")
     _check(tc.lr > 0, f"{key}.lr", "must be > 0", tc.lr)
-    _one_of(tc.optimizer, f"{key}.optimizer", ("sgd", "adamw"))
+    one_of(tc.optimizer, f"{key}.optimizer", ("sgd", "adamw"))
     _check(0 <= tc.momentum < 1, f"{key}.momentum", "must be in [0, 1)", tc.momentum)
-    _one_of(tc.amp, f"{key}.amp", ("off", "bf16", "fp16"))
+    one_of(tc.amp, f"{key}.amp", ("off", "bf16", "fp16"))
     _at_least(tc, key, 0, "weight_decay", "warmup_steps", "clip_grad", "eval_every", "ckpt_every", "log_every",
               "workers", "seed")
     _check(bool(tc.out), f"{key}.out", "needs a directory", tc.out)
@@ -358,15 +375,15 @@ def branches_share_start(m: ModelConfig) -> bool:
 
 def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     if sq.student_init.startswith("task:"):
-        _one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
+        one_of(sq.student_init[len("task:"):], "squeeze.student_init (task:<name>)", m.tasks)
     # anything else but mean / scratch is a state_dict path, checked on disk when the squeeze starts
     # student_init = "mean" is checked against the teacher's own model config when the squeeze starts
     # (squeeze.init_student_backbone): the teacher checkpoint, not this file, says where its branches started
     _stages(sq.distill_stages, "squeeze.distill_stages", allow_empty=False)
-    _one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
-    _one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)
-    _one_of(sq.teacher_norm, "squeeze.teacher_norm", TEACHER_NORMS)
-    _one_of(sq.heads, "squeeze.heads", STUDENT_HEADS)
+    one_of(sq.distill_loss, "squeeze.distill_loss", DISTILL_LOSSES)
+    one_of(sq.distill_targets, "squeeze.distill_targets", DISTILL_TARGETS)
+    one_of(sq.teacher_norm, "squeeze.teacher_norm", TEACHER_NORMS)
+    one_of(sq.heads, "squeeze.heads", STUDENT_HEADS)
     _at_least(sq, "squeeze", 1, "norm_steps")
     _at_least(sq, "squeeze", 0, "lambda_task", "lambda_feat", "lambda_kd")
     _check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
@@ -375,7 +392,7 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
 
 
 def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> None:
-    _one_of(tc.protocol, "transfer.protocol", PROTOCOLS)
+    one_of(tc.protocol, "transfer.protocol", PROTOCOLS)
     _check(0 < tc.train_fraction <= 1, "transfer.train_fraction", "must be in (0, 1]", tc.train_fraction)
     _at_least(tc, "transfer", 1, "epochs", "batch_size")
     _check(tc.lr > 0, "transfer.lr", "must be > 0", tc.lr)
@@ -387,7 +404,7 @@ def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> Non
         _check(bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key,
                "needs distinct seeds >= 0", seeds)
     for v in ab.variants:
-        _one_of(v, "ablate.variants", ABLATE_VARIANTS)
+        one_of(v, "ablate.variants", ABLATE_VARIANTS)
     cls = [s.name for s in cfg.sources if s.task == "cls"]
     _check(not ab.ssst_source or ab.ssst_source in cls, "ablate.ssst_source", f"must name a cls source {cls}",
            ab.ssst_source)

@@ -43,7 +43,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .run import dist
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, channels_last, count_params, format_count, n_params, to_input
-from .config import ModelConfig, SourceConfig, check_tasks_have_sources
+from .config import SEG_HEADS, ModelConfig, Registry, SourceConfig, check_tasks_have_sources
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -266,7 +266,7 @@ class DeepLabDecoder(nn.Sequential):
         return super().forward(feats["layer4"])
 
 
-SEG_DECODERS = {"fpn": FPNDecoder, "deeplab": DeepLabDecoder}
+SEG_DECODERS = Registry("model.seg_head", SEG_HEADS, fpn=FPNDecoder, deeplab=DeepLabDecoder)
 
 
 class SegHead(Head):
@@ -282,8 +282,6 @@ class SegHead(Head):
     def __init__(self, mcfg: ModelConfig, sources: list[SourceConfig], num_classes: dict[str, int],
                  channels: dict[str, int]):
         super().__init__(sources)
-        if mcfg.seg_head not in SEG_DECODERS:
-            raise ValueError(f"model.seg_head: unknown {mcfg.seg_head!r} (choose from {sorted(SEG_DECODERS)})")
         self.decoder = SEG_DECODERS[mcfg.seg_head](channels, mcfg.seg_channels)
         for s in sources:
             self.predictors[s.name] = nn.Conv2d(mcfg.seg_channels, num_classes[s.name], 1)

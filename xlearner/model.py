@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from .backbone import backbone_from_state_dict, read_state_dict
+from .config import BRANCH_INITS, OTHER_BNS, RECONCILES, Registry, one_of
 
 # Every variant is a module with `.stages` (the stages it acts on) and `.into`
 # (a ModuleDict: target task -> the modules that feed that task), called as
@@ -210,8 +211,8 @@ class CrossStitchReconcile(Reconcile):
         return self.into[t][f"layer{l}"]({u: x[u][l] if u == t else self.sg(x[u][l]) for u in self.tasks})
 
 
-RECONCILE = {"hrnet": HRNetReconcile, "scalar": ScalarReconcile,
-             "cross_stitch": CrossStitchReconcile, "none": NoReconcile}
+RECONCILE = Registry("model.reconcile", RECONCILES, hrnet=HRNetReconcile, scalar=ScalarReconcile,
+                     cross_stitch=CrossStitchReconcile, none=NoReconcile)
 
 
 # ----------------------------------------------------------------------------
@@ -240,10 +241,9 @@ class ExpandedNet(nn.Module):
                  detach: bool = True, pretrained: str = "", frozen_bn: bool = False, width: float = 1.0,
                  other_bn: str = "batch", branch_init: str = "independent"):
         super().__init__()
-        if reconcile not in RECONCILE:
-            raise ValueError(f"model.reconcile: unknown {reconcile!r} (choose from {sorted(RECONCILE)})")
-        if other_bn not in ("batch", "running"):
-            raise ValueError(f"model.other_branches_bn: expected 'batch' or 'running', got {other_bn!r}")
+        one_of(reconcile, "model.reconcile", RECONCILE)
+        one_of(other_bn, "model.other_branches_bn", OTHER_BNS)
+        one_of(branch_init, "model.branch_init", BRANCH_INITS)
         bad = [l for l in stages if l not in (1, 2, 3, 4)]
         if bad:
             raise ValueError(f"model.reconcile_stages: stages are 1..4 (layer1..layer4), got {bad}")
@@ -254,8 +254,6 @@ class ExpandedNet(nn.Module):
             # every branch is still drawn above, so the RLs and heads draw the same numbers as with "independent"
             for t in self.tasks[1:]:
                 self.branches[t].load_state_dict(self.branches[self.tasks[0]].state_dict())
-        elif branch_init != "independent":
-            raise ValueError(f"model.branch_init: expected 'independent' or 'shared', got {branch_init!r}")
         self.channels = self.branches[self.tasks[0]].channels
         self.reconcile = RECONCILE[reconcile](self.tasks, self.channels, stages, width, detach)
 

@@ -46,7 +46,8 @@ from .run import dist
 from .backbone import (backbone_state_dict, build_backbone, channels_last, compile_stages, load_torchvision_state_dict,
                        n_params, read_state_dict)
 from .run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_atomic, sha256_file, strip_prefixes
-from .config import Config, ConfigError, ModelConfig, SourceConfig, SqueezeConfig, branches_share_start
+from .config import (DISTILL_LOSSES, Config, ConfigError, ModelConfig, Registry, SourceConfig, SqueezeConfig,
+                     branches_share_start)
 from .configfile import config_from_dict
 from .data import build_train_datasets, images_per_step
 from .evaluate import make_evaluator
@@ -76,7 +77,8 @@ def feature_loss_cos_smoothl1(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(s, t, dim=1)).mean() + F.smooth_l1_loss(s, t)
 
 
-FEATURE_LOSSES = {"l2": feature_loss_l2, "cka": feature_loss_cka, "cos_smoothl1": feature_loss_cos_smoothl1}
+FEATURE_LOSSES = Registry("squeeze.distill_loss", DISTILL_LOSSES, l2=feature_loss_l2, cka=feature_loss_cka,
+                          cos_smoothl1=feature_loss_cos_smoothl1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import Iterator
 from .. import data, expand, probe, squeeze, transfer
 
 from ..run import dist, preempt
-from ..config import Config, ConfigError
+from ..config import ABLATE_VARIANTS, Config, ConfigError, Registry
 from ..formats.files import DataError
 from . import ablate_report
 
@@ -102,7 +102,7 @@ GRID2.update({f"gx_{b}_{st}_{n}": _squeeze_of(f"gt_{b}_{n}", f"X-Learner, {BRANC
               for b, st in GRID2_RECIPES for n, share in SQUEEZE_SHARES.items()})
 
 
-VARIANTS = {
+VARIANTS = Registry("ablate.variants", ABLATE_VARIANTS, **{
     "ssst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="ssst", label="SSST"),
     "msst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="cls", label="MSST"),
     "msmt": Variant(model={"shared_backbone": True, "reconcile": "none"}, label="MSMT (hard sharing)"),
@@ -122,7 +122,7 @@ VARIANTS = {
     "teacher_prev": Variant(model={"branch_init": "independent"}, budget="expand", transfer="branch+rl",
                             squeeze_share=0.5, label="X-Learner's teacher, previous recipe"),
     "xlearner_prev": _squeeze_of("teacher_prev", "X-Learner, previous recipe", {"student_init": "task:cls"}, 0.5),
-}
+})
 # Work units: each chain is trained in this order by one process (a variant after the one it starts from).
 CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alone", *GRID),
           ("teacher_norl", "expand_norl", "squeeze_norl"), ("msmt",), ("msst",), ("ssst",),
@@ -355,9 +355,8 @@ def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n
     cfg = quick(cfg) if quick_mode else copy.deepcopy(cfg)
     if n_seeds:
         cfg.ablate.seeds = list(range(n_seeds))
-    unknown = [v for v in cfg.ablate.variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"ablate.variants: unknown {unknown} (choose from {list(VARIANTS)})")
+    for v in cfg.ablate.variants:  # validated at load; a config edited in code meets the same line here
+        VARIANTS[v]
     skipped = drop_missing_datasets(cfg)
     check_data_present(cfg)
     train_all(cfg, jobs or cfg.ablate.jobs)
