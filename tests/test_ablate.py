@@ -214,3 +214,25 @@ def test_margin_rule_by_hand():
     assert out["winner"] == "x1" and out["table"]["x1"]["min_ratio"] == 0.97
     # a narrower band: x2's margin alone is best
     assert ablate_report.margin_rule(summary, tasks_of, ["x1", "x2", "x3"], band=0.05)["winner"] == "x2"
+
+
+def test_pack_ablate_runs_copies_only_finished_chains(tmp_path):
+    """scripts/pack_ablate_runs.py: a chain's small files go only when every run and transfer of it is done."""
+    import json
+    import subprocess
+    import sys
+    from runner import REPO
+    runs, dest = tmp_path / "runs", tmp_path / "packed"
+    for name, step in (("msmt", 480), ("msst", 479), ("teacher_prev", 240), ("xlearner_prev", 240)):
+        (runs / "seed0" / name).mkdir(parents=True)
+        (runs / "seed0" / name / "metrics.json").write_text(json.dumps({"step": step}))
+        (runs / "seed0" / name / "log.jsonl").write_text("{}\n")
+        (runs / "seed0" / name / "checkpoint.pt").write_bytes(b"big")
+    for name in ("msmt", "msst", "teacher_prev"):  # xlearner_prev trained but not transferred
+        (runs / "seed0" / "transfer" / name).mkdir(parents=True)
+        (runs / "seed0" / "transfer" / name / "scores.json").write_text("{}")
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "pack_ablate_runs.py"), str(REPO / "configs" / "ablate.toml"),
+                        str(runs), str(dest)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == "seed 0: msmt\n", p.stdout + p.stderr
+    assert sorted(str(f.relative_to(dest)) for f in dest.rglob("*") if f.is_file()) == [
+        "seed0/msmt/log.jsonl", "seed0/msmt/metrics.json", "seed0/transfer/msmt/scores.json"]
