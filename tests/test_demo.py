@@ -13,8 +13,9 @@ import pytest
 from xlearner import expand, squeeze
 from xlearner.configfile import load_config
 from xlearner.formats import check_data
-from xlearner.tools.demo import SPECS, STANDIN_SPECS, generate
+from xlearner.tools.demo import generate
 from xlearner.tools.shapes import COLORS, NOVEL, PATTERNS, UPSTREAM
+from xlearner.tools.worlds import SPECS, STANDIN_SPECS
 
 from runner import REPO
 
