@@ -10,8 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from xlearner.configfile import load_config
 from xlearner.tools import ablate
+from xlearner.tools.ablate_config import load_ablation_config
 
 
 def chain_files(cfg, runs: Path, seed: int, members: list[str]) -> list[Path] | None:
@@ -33,7 +33,7 @@ def chain_files(cfg, runs: Path, seed: int, members: list[str]) -> list[Path] | 
 
 
 def main(config: str, runs: str, dest: str) -> None:
-    cfg, runs, dest = load_config(config), Path(runs), Path(dest)
+    cfg, runs, dest = load_ablation_config(config), Path(runs), Path(dest)
     need = ablate.needed(cfg.ablate.variants)
     for seed in cfg.ablate.seeds:
         for chain in ablate.CHAINS:

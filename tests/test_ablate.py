@@ -13,7 +13,10 @@ import pytest
 
 from xlearner.config import ConfigError
 from xlearner.tools import ablate, ablate_report
+from xlearner.tools.ablate_config import AblationConfig, load_ablation_config
 from xlearner.tools.ablate_report import t_interval, verdict
+
+from runner import demo_toml
 
 
 def _cfg(datasets: dict[str, str]):
@@ -77,9 +80,15 @@ def test_summarise_pairs_seeds_per_task_mean():
     assert "| X-Learner vs SSST | +5.00 ± 3.73 win | +1.00 ± 2.48 undecided |" in md
 
 
-def test_budgets_are_equal(demo_config):
-    demo_config.expand.steps, demo_config.squeeze.steps = 240, 200
-    budgets = {v: ablate.budget(demo_config, v) for v in ablate.VARIANTS}
+@pytest.fixture
+def ablation_config(demo_world, tmp_path) -> AblationConfig:
+    """configs/demo.toml as `python cli.py ablate` reads it: the runs' Config and the [ablate] section's defaults."""
+    return load_ablation_config(demo_toml(demo_world, tmp_path / "runs", tmp_path / "ablation.toml"))
+
+
+def test_budgets_are_equal(ablation_config):
+    ablation_config.expand.steps, ablation_config.squeeze.steps = 240, 200
+    budgets = {v: ablate.budget(ablation_config, v) for v in ablate.VARIANTS}
     assert budgets.pop("teacher_rl") == budgets.pop("teacher_norl") == 240  # half of X-Learner's budget
     assert budgets.pop("teacher_prev") == 220  # the previous recipe: half of this config's 440
     # the grid's teachers get the rest of the budget after their squeeze's share (a quarter, half, three quarters)
@@ -88,52 +97,52 @@ def test_budgets_are_equal(demo_config):
     assert set(budgets.values()) == {440}, budgets  # every other variant: expand + squeeze steps
 
 
-def test_variant_configs(demo_config):
+def test_variant_configs(ablation_config):
     out = Path("/runs/abl")
-    demo_config.expand.steps, demo_config.squeeze.steps = 240, 200
-    ssst = ablate.variant_config(demo_config, "ssst", 1, out)
+    ablation_config.expand.steps, ablation_config.squeeze.steps = 240, 200
+    ssst = ablate.variant_config(ablation_config, "ssst", 1, out)
     assert [s.name for s in ssst.sources] == ["shapes-cls"]  # the first cls source
     assert ssst.model.tasks == ["cls"] and ssst.model.reconcile == "none" and ssst.expand.steps == 440
     assert ssst.expand.seed == ssst.squeeze.seed == 1 and ssst.expand.out == "/runs/abl/seed1/ssst"
-    msst = ablate.variant_config(demo_config, "msst", 0, out)  # one backbone over every cls source
+    msst = ablate.variant_config(ablation_config, "msst", 0, out)  # one backbone over every cls source
     assert [s.name for s in msst.sources] == ["shapes-cls", "texture-cls"] and msst.model.tasks == ["cls"]
     assert msst.expand.steps == 440 and msst.model.reconcile == "none"
-    msmt = ablate.variant_config(demo_config, "msmt", 0, out)  # hard sharing: one backbone, every source and head
-    assert msmt.model.shared_backbone and len(msmt.sources) == len(demo_config.sources)
-    v1 = ablate.variant_config(demo_config, "xlearner_v1", 0, out).squeeze
+    msmt = ablate.variant_config(ablation_config, "msmt", 0, out)  # hard sharing: one backbone, every source and head
+    assert msmt.model.shared_backbone and len(msmt.sources) == len(ablation_config.sources)
+    v1 = ablate.variant_config(ablation_config, "xlearner_v1", 0, out).squeeze
     assert (v1.distill_targets, v1.teacher_norm, v1.distill_loss, v1.heads, v1.student_init, v1.lr) == (
         "own", "none", "l2", "copy", "task:cls", 0.001)
-    assert ablate.variant_config(demo_config, "xlearner", 0, out).squeeze.distill_targets == \
-        demo_config.squeeze.distill_targets  # X-Learner squeezes as configured
-    norl = ablate.variant_config(demo_config, "expand_norl", 0, out)
-    assert norl.model.reconcile == "none" and len(norl.sources) == len(demo_config.sources)
+    assert ablate.variant_config(ablation_config, "xlearner", 0, out).squeeze.distill_targets == \
+        ablation_config.squeeze.distill_targets  # X-Learner squeezes as configured
+    norl = ablate.variant_config(ablation_config, "expand_norl", 0, out)
+    assert norl.model.reconcile == "none" and len(norl.sources) == len(ablation_config.sources)
     assert norl.expand.steps == 200  # on top of teacher_norl's 240
-    rl = ablate.variant_config(demo_config, "expand_rl", 0, out)
-    assert rl.model.reconcile == demo_config.model.reconcile != "none"
-    assert ablate.variant_config(demo_config, "xlearner", 0, out).squeeze.steps == 200
-    assert ablate.variant_config(demo_config, "teacher_rl", 0, out).expand.steps == 240
-    assert demo_config.expand.out != norl.expand.out  # the input config is left untouched
+    rl = ablate.variant_config(ablation_config, "expand_rl", 0, out)
+    assert rl.model.reconcile == ablation_config.model.reconcile != "none"
+    assert ablate.variant_config(ablation_config, "xlearner", 0, out).squeeze.steps == 200
+    assert ablate.variant_config(ablation_config, "teacher_rl", 0, out).expand.steps == 240
+    assert ablation_config.expand.out != norl.expand.out  # the input config is left untouched
     assert ablate.run_dir(out, 2, "expand_rl_alone") == out / "seed2" / "expand_rl"  # a row, not a run
     assert ablate.needed(["xlearner"]) == {"xlearner", "teacher_rl"}
     assert ablate.needed(["expand_rl_alone"]) == {"expand_rl_alone", "expand_rl", "teacher_rl"}
 
-    demo_config.ablate.ssst_source = "texture-cls"
-    assert [s.name for s in ablate.variant_config(demo_config, "ssst", 0, out).sources] == ["texture-cls"]
-    demo_config.ablate.ssst_source = "no-such-source"
+    ablation_config.ablate.ssst_source = "texture-cls"
+    assert [s.name for s in ablate.variant_config(ablation_config, "ssst", 0, out).sources] == ["texture-cls"]
+    ablation_config.ablate.ssst_source = "no-such-source"
     with pytest.raises(ConfigError, match="ablate.ssst_source: no cls source named 'no-such-source'"):
-        ablate.variant_config(demo_config, "ssst", 0, out)
+        ablate.variant_config(ablation_config, "ssst", 0, out)
 
 
-def test_missing_optional_dataset_is_skipped_with_the_reason(demo_config, tmp_path, capsys):
+def test_missing_optional_dataset_is_skipped_with_the_reason(ablation_config, tmp_path, capsys):
     from xlearner.config import TransferDatasetConfig
-    demo_config.transfer.datasets.append(TransferDatasetConfig(name="FashionMNIST", task="cls", format="torchvision",
+    ablation_config.transfer.datasets.append(TransferDatasetConfig(name="FashionMNIST", task="cls", format="torchvision",
                                                       root=str(tmp_path / "nowhere"), image_size=32))
-    demo_config.ablate.optional_datasets = ["FashionMNIST"]
-    assert ablate.drop_missing_datasets(demo_config) == ["FashionMNIST"]
-    assert "FashionMNIST" not in [d.name for d in demo_config.transfer.datasets]
+    ablation_config.ablate.optional_datasets = ["FashionMNIST"]
+    assert ablate.drop_missing_datasets(ablation_config) == ["FashionMNIST"]
+    assert "FashionMNIST" not in [d.name for d in ablation_config.transfer.datasets]
     assert "[ablate] skipping downstream dataset FashionMNIST: its files are missing" in capsys.readouterr().out
-    demo_config.ablate.optional_datasets = []  # a dataset that is not optional is not dropped: it fails later
-    assert ablate.drop_missing_datasets(demo_config) == []
+    ablation_config.ablate.optional_datasets = []  # a dataset that is not optional is not dropped: it fails later
+    assert ablate.drop_missing_datasets(ablation_config) == []
 
 
 def test_a_worker_takes_every_unit_even_while_another_holds_the_queue():
@@ -156,9 +165,8 @@ def test_a_worker_takes_every_unit_even_while_another_holds_the_queue():
 
 
 def _ablate_cfg(**sets):
-    from xlearner.configfile import load_config
-    return load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ablate.toml"),
-                       [f"{k}={v}" for k, v in sets.items()])
+    return load_ablation_config(str(Path(__file__).resolve().parents[1] / "configs" / "ablate.toml"),
+                                [f"{k}={v}" for k, v in sets.items()])
 
 
 def test_the_split_keeps_the_total_budget():
@@ -188,8 +196,8 @@ def test_the_split_keeps_the_total_budget():
 
 
 def test_grid_names_in_config_match_the_variants():
-    from xlearner.config import ABLATE_VARIANTS
-    assert set(ABLATE_VARIANTS) == set(ablate.VARIANTS)
+    from xlearner.tools.ablate_config import VARIANT_NAMES
+    assert set(VARIANT_NAMES) == set(ablate.VARIANTS)
     assert ablate.VARIANTS["gt_sh_120"].model == {"branch_init": "shared"}
     assert ablate.VARIANTS["gx_sh_mean_120"].teacher == "gt_sh_120"
     assert ablate.VARIANTS["gx_sh_mean_120"].squeeze == {"student_init": "mean"}

@@ -177,9 +177,10 @@ def stale_pointers() -> list[str]:
     import re
     import dataclasses
     from xlearner import config
+    from xlearner.tools.ablate_config import AblateConfig
     files = {p.stem if p.name != "__init__.py" else p.parent.name: p for p in PACKAGE.rglob("*.py")}
     sections = {"model": config.ModelConfig, "expand": config.TrainConfig, "squeeze": config.SqueezeConfig,
-                "transfer": config.TransferConfig, "ablate": config.AblateConfig}
+                "transfer": config.TransferConfig, "ablate": AblateConfig}
     keys = {s: {f.name for f in dataclasses.fields(c)} for s, c in sections.items()}
     defined = {m: _defined(p) for m, p in files.items()}
     defined["xlearner"] |= {p.name for p in PACKAGE.iterdir() if p.is_dir()} | {p.stem for p in PACKAGE.glob("*.py")}

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from xlearner import config
-from xlearner.config import ConfigError
+from xlearner.config import Config, ConfigError
 from xlearner.configfile import config_from_dict, load_config
+from xlearner.tools.ablate_config import load_ablation_config
 
 from runner import REPO, cli, env, image_folder
 
@@ -212,6 +213,11 @@ BAD = [
     ("transfer.workers=-2", "transfer.workers: must be >= 0, got -2"),
     ("transfer.seeds=[]", "transfer.seeds: needs distinct seeds >= 0, got []"),
     ("transfer.l2_grid=[-1.0]", "transfer.l2_grid: needs values >= 0, got [-1.0]"),
+    ("sources.a.train_subset=10", "sources.a.train_subset: a [[transfer.datasets]] key; a [[sources]] entry does not take it"),
+    ('transfer.datasets=[{name="t", val_subset=-1}]', "transfer.datasets.t.val_subset: must be >= 0, got -1"),
+]
+# the [ablate] section is `python cli.py ablate`'s (tools/ablate_config.py): checked when that command loads the file
+BAD_ABLATE = [
     ("ablate.seeds=[0, 0]", "ablate.seeds: needs distinct seeds >= 0, got [0, 0]"),
     ('ablate.variants=["ssst", "mtl"]', "ablate.variants: expected ssst|msst|msmt|teacher_rl|teacher_norl|expand_rl|"
                                         "expand_rl_alone|expand_norl|xlearner|xlearner_v1|squeeze_norl|sq_v1|sq_all|"
@@ -222,8 +228,6 @@ BAD = [
                                         "got 'mtl'"),
     ("ablate.jobs=0", "ablate.jobs: must be >= 1, got 0"),
     ('ablate.optional_datasets=["nope"]', "ablate.optional_datasets: must name transfer datasets [], got 'nope'"),
-    ("sources.a.train_subset=10", "sources.a.train_subset: a [[transfer.datasets]] key; a [[sources]] entry does not take it"),
-    ('transfer.datasets=[{name="t", val_subset=-1}]', "transfer.datasets.t.val_subset: must be >= 0, got -1"),
     ('ablate.ssst_source="b"', "ablate.ssst_source: must name a cls source ['a'], got 'b'"),
 ]
 
@@ -248,6 +252,29 @@ def test_bad_value_is_one_clean_line(tiny, override, message):
     assert p.returncode == 2, p.stderr
     assert p.stderr == f"Error: c.toml: {message}\n"  # one line: no traceback, nothing else
     assert not (tiny / "run").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("override,message", BAD_ABLATE, ids=[b[0] for b in BAD_ABLATE])
+def test_bad_ablate_value_is_one_clean_line(tiny, override, message):
+    p = subprocess.run(cli("ablate", "--config", "c.toml", "--set", override, "--set", 'ablate.out="ab"'), cwd=tiny,
+                       env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == f"Error: c.toml: {message}\n"
+    assert not (tiny / "ab").exists()
+
+
+def test_the_ablate_section_is_the_ablate_commands_alone(tiny):
+    """The stages read past [ablate] (configs/ablate.toml also serves `transfer`), and past the section that an
+    ablation's runs store in their checkpoints; a misspelt section is still an unknown key."""
+    cfg = load_config(tiny / "c.toml", ["ablate.jobs=0"])
+    assert type(cfg) is Config and not hasattr(cfg, "ablate")
+    with pytest.raises(ConfigError, match=r"c.toml: ablate.jobs: must be >= 1, got 0$"):
+        load_ablation_config(tiny / "c.toml", ["ablate.jobs=0"])
+    ablation = load_ablation_config(tiny / "c.toml", ["ablate.jobs=2"])
+    assert ablation.ablate.jobs == 2 and list(ablation.to_dict())[-1] == "ablate"
+    assert config_from_dict(ablation.to_dict()) == load_config(tiny / "c.toml")
+    with pytest.raises(ConfigError, match=r"unknown key ablat \(known keys: data_root, dist_timeout_min, expand, "):
+        load_config(tiny / "c.toml", ["ablat.jobs=2"])
 
 
 def test_the_cli_loads_a_config_without_torch():
@@ -323,12 +350,12 @@ def test_the_registries_are_built_on_config_names():
     """config.py holds the one list of names (it imports no torch); each registry is built against it, refuses
     a name missing or extra when its module is imported, and answers an unknown name with validation's line."""
     from xlearner import backbone, heads, model, squeeze
-    from xlearner.tools import ablate
+    from xlearner.tools import ablate, ablate_config
     for reg, names in ((backbone.BACKBONES, config.ARCHS), (model.RECONCILE, config.RECONCILES),
                        (heads.SEG_DECODERS, config.SEG_HEADS), (squeeze.FEATURE_LOSSES, config.DISTILL_LOSSES),
-                       (ablate.VARIANTS, config.ABLATE_VARIANTS)):
+                       (ablate.VARIANTS, ablate_config.VARIANT_NAMES)):
         assert isinstance(reg, config.Registry) and sorted(reg) == sorted(names), reg.key
-    with pytest.raises(TypeError, match=r"^model.reconcile: implemented \['hrnet'\], config.py allows \['cross_stitch', 'hrnet', 'none', 'scalar'\]$"):
+    with pytest.raises(TypeError, match=r"^model.reconcile: implemented \['hrnet'\], the config allows \['cross_stitch', 'hrnet', 'none', 'scalar'\]$"):
         config.Registry("model.reconcile", config.RECONCILES, hrnet=object)
     with pytest.raises(ConfigError, match=r"^model.seg_head: expected fpn\|deeplab, got 'unet'$"):
         heads.SEG_DECODERS["unet"]

@@ -10,13 +10,15 @@ import tarfile
 import pytest
 
 from runner import REPO, env
-from xlearner.configfile import load_config
+from xlearner.tools.ablate_config import load_ablation_config
 
 
 @pytest.mark.slow
-def test_gpu_check_tiny_runs_every_case(tmp_path):
+def test_gpu_check_tiny_runs_every_case(tmp_path, make_world):
     out = tmp_path / "out"
-    e = {**env(), "GPU_CHECK_TINY": "1", "OUT": str(out), "SCRATCH": str(tmp_path / "scratch")}
+    # the script's own tiny world (demo-data --world standin --scale 0.02), written once for the session
+    e = {**env(), "GPU_CHECK_TINY": "1", "OUT": str(out), "SCRATCH": str(tmp_path / "scratch"),
+         "WORLD": str(make_world(0.02, "standin"))}
     p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=e, capture_output=True, text=True,
                        timeout=1200)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -37,8 +39,8 @@ def test_gpu_check_tiny_runs_every_case(tmp_path):
 
 
 def test_gpu_ablation_config_loads():
-    cfg = load_config(str(REPO / "configs" / "ablate_gpu.toml"))
-    ref = load_config(str(REPO / "configs" / "ablate.toml"))
+    cfg = load_ablation_config(str(REPO / "configs" / "ablate_gpu.toml"))
+    ref = load_ablation_config(str(REPO / "configs" / "ablate.toml"))
     assert {s.name: s.batch_size for s in cfg.sources} == {s.name: 8 * s.batch_size for s in ref.sources}
     assert (cfg.expand.steps, cfg.squeeze.steps, cfg.expand.lr) == (ref.expand.steps, ref.squeeze.steps, ref.expand.lr)
     assert [d.name for d in cfg.transfer.datasets] == [d.name for d in ref.transfer.datasets if d.name != "openclipart"]

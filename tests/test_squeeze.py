@@ -101,6 +101,36 @@ def test_expand_from_init_continues_its_data_stream(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_expand_init_takes_only_an_expand_checkpoint_of_this_model(setup, tmp_path):
+    """`expand --init`: the weights of an expand run of the same model, or one line that says why not."""
+    teacher = torch.load(setup["teacher"], weights_only=False)
+    num_classes = teacher["meta"]["num_classes"]
+    model = XLearnerModel(setup["cfg"].model, setup["cfg"].sources, num_classes)
+    assert expand.load_init(setup["teacher"], model)["meta"]["kind"] == "expanded"
+    assert_same_state(model.state_dict(), teacher["model"])
+    squeezed, foreign = tmp_path / "squeezed.pt", tmp_path / "foreign.pt"
+    torch.save({"meta": {"kind": "squeezed"}, "model": {}}, squeezed)
+    torch.save({"meta": {"kind": "expanded"}, "model": {"extra.weight": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match=r"squeezed.pt: not an expand checkpoint \(meta.kind = 'squeezed'\); "
+                                              r"--init takes RUN/checkpoint.pt of an `expand` run"):
+        expand.load_init(squeezed, model)
+    with pytest.raises(CheckpointError, match=r"foreign.pt: not a checkpoint of this model \(\d+ missing keys, e.g. "
+                                              r"\['.*'\]; 1 unexpected, e.g. \['extra.weight'\]\); --init needs"):
+        expand.load_init(foreign, model)
+    other = XLearnerModel(setup["cfg"].model, setup["cfg"].sources, {**num_classes, "shapes-seg": 5})
+    with pytest.raises(CheckpointError, match=r"not a checkpoint of this model \(size mismatch for .*shapes-seg.*\); "
+                                              r"--init needs the same \[model\] and \[\[sources\]\]"):
+        expand.load_init(setup["teacher"], other)
+    # the CLI says it in one line, before a step is taken
+    bad = run("expand", "--config", str(setup["toml"]), "--init", str(squeezed), "--out", str(tmp_path / "x"),
+              *sets(), check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1] == (f"Error: {squeezed}: not an expand checkpoint (meta.kind = 'squeezed'); "
+                                           "--init takes RUN/checkpoint.pt of an `expand` run")
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
 def test_distillation_signal_alone_pulls_student_to_teacher(setup):
     cfg = copy.deepcopy(setup["cfg"])
     cfg.squeeze.lambda_task, cfg.squeeze.lambda_kd, cfg.squeeze.lambda_feat = 0.0, 0.0, 1.0

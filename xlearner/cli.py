@@ -161,15 +161,18 @@ def check_data_cmd(config, sets):
 @config_opt
 @set_opt
 @click.option("--out", default=None, help="Run directory (default: expand.out). Re-running on it resumes.")
+@click.option("--init", default=None, type=click.Path(dir_okay=False),
+              help="Train on: start from the weights of RUN/checkpoint.pt of an expand run of the same model, with a "
+                   "fresh optimiser and schedule, continuing its data stream (default: a fresh model).")
 @_guard
-def expand(config, sets, out):
+def expand(config, sets, out, init):
     """Expansion stage: task-specific backbones + reconciliation layers (python or torchrun)."""
     cfg = _load(config, sets, "expand.out", out)  # before importing torch: a bad config fails at once
     from . import expand as stage
     from .run.dist import cleanup
     _preflight(cfg, "expand", config)
     try:
-        stage.run(cfg)
+        stage.run(cfg, init=init)
     finally:
         cleanup()
 
@@ -272,7 +275,8 @@ def bench(what, config, sets, steps, teacher, backbone, out):
 @_guard
 def ablate(config, sets, out, quick, seeds, jobs):
     """Train and transfer SSST / MSST / MSMT / expand / X-Learner variants on one step budget (the paper's table)."""
-    cfg = _load(config, sets)
+    from .tools.ablate_config import load_ablation_config
+    cfg = load_ablation_config(config, sets)
     from .tools.ablate import run
     run(cfg, Path(out) if out else None, quick_mode=quick, n_seeds=seeds, jobs=jobs)
 

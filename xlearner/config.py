@@ -1,7 +1,7 @@
 """Run configuration: one TOML file describes a whole X-Learner run (docs/DESIGN.md §3).
 
-`[model]`, one `[[sources]]` per upstream source, `[expand]`, `[squeeze]`, `[transfer]` with its
-`[[transfer.datasets]]`, and `[ablate]`: the dataclasses below (configfile.py reads a TOML file
+`[model]`, one `[[sources]]` per upstream source, `[expand]`, `[squeeze]`, and `[transfer]` with its
+`[[transfer.datasets]]`: the dataclasses below (configfile.py reads a TOML file
 into them): every key, its type and its default is written down in exactly one place. Unknown keys,
 wrong types and bad values (the `_validate_*` functions) fail at load time, before any torch import, naming the file,
 the dotted key, the value and what is allowed; a legal but probably unintended value prints one
@@ -167,22 +167,6 @@ class TransferConfig:
 
 
 @dataclass
-class AblateConfig:
-    """`python cli.py ablate`, the paper's comparison in miniature. `variants` are the table's columns
-    (tools/ablate.py's VARIANTS); the runs a variant starts from are trained whether listed or not."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    variants: list[str] = field(default_factory=lambda: [
-        "ssst", "msst", "msmt", "teacher_rl", "xlearner", "xlearner_v1", "expand_rl", "expand_rl_alone", "expand_norl",
-        "squeeze_norl"])
-    ssst_source: str = ""               # the single source of SSST; default: the first cls source
-    jobs: int = 1                       # processes sharing the runs (each takes cpu_count / jobs threads)
-    squeeze_steps: int = 0              # the split of the budget expand.steps + squeeze.steps: X-Learner's squeeze
-                                        # gets this many steps and its teacher the rest (0 = squeeze.steps as set)
-    optional_datasets: list[str] = field(default_factory=list)  # skipped, saying why, if their files are missing
-    out: str = "runs/ablate"
-
-
-@dataclass
 class Config:
     data_root: str = ""                 # relative data paths of [[sources]] / [[transfer.datasets]] resolve
                                         # against it when the config loads; "" = the working directory
@@ -193,7 +177,6 @@ class Config:
     expand: TrainConfig = field(default_factory=TrainConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def to_dict(self) -> dict:
         """Plain dicts and lists (JSON-able): what a checkpoint stores; config_from_dict reads it back."""
@@ -204,7 +187,7 @@ class Config:
 # value checks: ranges, allowed names, cross-field rules (load time, no torch, no disk)
 
 # The names the code accepts: their one list. config.py imports no torch, so the implementations
-# (backbone.BACKBONES, model.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES, ablate.VARIANTS) are
+# (backbone.BACKBONES, model.RECONCILE, heads.SEG_DECODERS, squeeze.FEATURE_LOSSES) are
 # Registry objects built against these tuples, and a name missing or extra there fails at import.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RECONCILES = ("hrnet", "scalar", "cross_stitch", "none")
@@ -216,15 +199,6 @@ DISTILL_TARGETS = ("own", "all")
 TEACHER_NORMS = ("none", "standardize")
 STUDENT_HEADS = ("copy", "frozen", "fresh")
 PROTOCOLS = ("linear", "finetune")
-ABLATE_VARIANTS = ("ssst", "msst", "msmt", "teacher_rl", "teacher_norl", "expand_rl", "expand_rl_alone",
-                   "expand_norl", "xlearner", "xlearner_v1", "squeeze_norl", "sq_v1", "sq_all", "sq_all_det",
-                   "sq_all_copy", "sq_all_lr1",
-                   # the second grid (tools/ablate.py's GRID2): teachers gt_<branches>_<squeeze steps>, squeezes
-                   # gx_<branches>_<student init>_<squeeze steps>
-                   *(f"gt_{b}_{n}" for b in ("ind", "sh") for n in (240, 120, 360)),
-                   *(f"gx_{b}_{st}_{n}" for b, st in (("ind", "cls"), ("sh", "cls"), ("sh", "mean"))
-                     for n in (240, 120, 360)),
-                   "teacher_prev", "xlearner_prev")
 FORMAT_TASKS = {"imagefolder": ("cls",), "csv": ("cls",), "coco": ("det",), "masks": ("seg",), "ade20k": ("seg",),
                 "cityscapes": ("seg",), "torchvision": TASKS}
 # Measured on CPU (ResNet-18/50, every task): image_size >= 1 trains with 2+ images per batch (0 crashes). With ONE
@@ -233,25 +207,26 @@ MIN_IMAGE_SIZE = 1
 MIN_IMAGE_SIZE_BATCH1 = 33
 
 
-def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: {rule}, got {value!r}")
 
 
 def one_of(value: Any, key: str, allowed) -> None:
     """The one check of a name: config validation, and the constructors that take the name directly, call it."""
-    _check(value in allowed, key, f"expected {'|'.join(allowed)}", value)
+    check(value in allowed, key, f"expected {'|'.join(allowed)}", value)
 
 
 class Registry(dict):
     """name -> implementation, for the names allowed under `key` (e.g. model.RECONCILE for model.reconcile).
 
-    Built against the names' tuple in this module, which stays their one list: an implementation missing or
-    extra raises when its module is imported, and looking up an unknown name raises validation's own line."""
+    Built against the names' tuple in this module (tools/ablate_config.py's for the ablation's variants), which
+    stays their one list: an implementation missing or extra raises when its module is imported, and looking up
+    an unknown name raises validation's own line."""
 
     def __init__(self, key: str, names: tuple[str, ...], **implementations):
         if sorted(implementations) != sorted(names):
-            raise TypeError(f"{key}: implemented {sorted(implementations)}, config.py allows {sorted(names)}")
+            raise TypeError(f"{key}: implemented {sorted(implementations)}, the config allows {sorted(names)}")
         super().__init__(implementations)
         self.key = key
 
@@ -261,23 +236,23 @@ class Registry(dict):
 
 def _at_least(obj, prefix: str, low: int | float, *names: str) -> None:
     for n in names:
-        _check(getattr(obj, n) >= low, f"{prefix}.{n}", f"must be >= {low}", getattr(obj, n))
+        check(getattr(obj, n) >= low, f"{prefix}.{n}", f"must be >= {low}", getattr(obj, n))
 
 
 def _stages(stages: list[int], key: str, allow_empty: bool) -> None:
-    _check(allow_empty or bool(stages), key, "needs at least one stage", stages)
+    check(allow_empty or bool(stages), key, "needs at least one stage", stages)
     for l in stages:
-        _check(1 <= l <= 4, key, "stages are 1..4 (layer1..layer4)", stages)
+        check(1 <= l <= 4, key, "stages are 1..4 (layer1..layer4)", stages)
 
 
 def _validate_model(m: ModelConfig) -> None:
     one_of(m.arch, "model.arch", ARCHS)
-    _check(bool(m.tasks) and len(set(m.tasks)) == len(m.tasks), "model.tasks", "expected distinct tasks", m.tasks)
+    check(bool(m.tasks) and len(set(m.tasks)) == len(m.tasks), "model.tasks", "expected distinct tasks", m.tasks)
     for t in m.tasks:
         one_of(t, "model.tasks", TASKS)
     one_of(m.reconcile, "model.reconcile", RECONCILES)
     _stages(m.reconcile_stages, "model.reconcile_stages", allow_empty=True)
-    _check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
+    check(0 < m.reconcile_width <= 1, "model.reconcile_width", "must be in (0, 1]", m.reconcile_width)
     one_of(m.other_branches_bn, "model.other_branches_bn", OTHER_BNS)
     one_of(m.branch_init, "model.branch_init", BRANCH_INITS)
     one_of(m.seg_head, "model.seg_head", SEG_HEADS)
@@ -300,68 +275,68 @@ def _validate_data(s: DataConfig, key: str, trains: bool, m: ModelConfig) -> Non
     """What a [[sources]] and a [[transfer.datasets]] entry share; `trains`: its batches train BatchNorm layers."""
     one_of(s.task, f"{key}.task", TASKS)
     one_of(s.format, f"{key}.format", FORMATS)
-    _check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
-           f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
+    check(s.task in FORMAT_TASKS[s.format], f"{key}.format", f"format {s.format!r} holds "
+          f"{'|'.join(FORMAT_TASKS[s.format])} data, not task {s.task!r}", s.format)
     _at_least(s, key, 0, "num_classes")
     fixed = FIXED_CLASSES.get(s.format)
-    _check(not fixed or s.num_classes in (0, fixed), f"{key}.num_classes", f"format {s.format!r} has {fixed} classes "
-           "(0 or omitted means the same)", s.num_classes)
-    _check(s.format != "cityscapes" or s.val_split != "test", f"{key}.val_split",
-           "Cityscapes' test labels are not public: use val_split = \"val\"", s.val_split)
+    check(not fixed or s.num_classes in (0, fixed), f"{key}.num_classes", f"format {s.format!r} has {fixed} classes "
+          "(0 or omitted means the same)", s.num_classes)
+    check(s.format != "cityscapes" or s.val_split != "test", f"{key}.val_split",
+          "Cityscapes' test labels are not public: use val_split = \"val\"", s.val_split)
     _at_least(s, key, 1, "batch_size")
     _at_least(s, key, MIN_IMAGE_SIZE, "image_size")
-    _check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
-           s.ignore_index)
+    check(0 <= s.ignore_index <= 255, f"{key}.ignore_index", "must be in [0, 255] (a label value of a uint8 mask)",
+          s.ignore_index)
     one_of(s.metric, f"{key}.metric", ("top1", own_metric(s)))
     if trains and s.batch_size == 1:
-        _check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
-               "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
-        _check(not (s.task == "seg" and m.seg_head == "deeplab"), f"{key}.batch_size",
-               "must be >= 2 with model.seg_head = 'deeplab' (its image-pooling BatchNorm sees one value per image)", 1)
+        check(s.image_size >= MIN_IMAGE_SIZE_BATCH1, f"{key}.image_size", f"must be >= {MIN_IMAGE_SIZE_BATCH1} "
+              "with batch_size = 1 (training BatchNorm needs more than one value per channel at layer4)", s.image_size)
+        check(not (s.task == "seg" and m.seg_head == "deeplab"), f"{key}.batch_size",
+              "must be >= 2 with model.seg_head = 'deeplab' (its image-pooling BatchNorm sees one value per image)", 1)
 
 
 def _validate_transfer_dataset(d: TransferDatasetConfig, key: str) -> None:
     one_of(d.protocol, f"{key}.protocol", ("",) + PROTOCOLS)
-    _check(d.train_fraction is None or 0 < d.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
-           d.train_fraction)
-    _check(d.epochs is None or d.epochs >= 1, f"{key}.epochs", "must be >= 1", d.epochs)
-    _check(d.dev_fraction is None or 0 <= d.dev_fraction <= 0.5, f"{key}.dev_fraction", "must be in [0, 0.5]",
-           d.dev_fraction)
+    check(d.train_fraction is None or 0 < d.train_fraction <= 1, f"{key}.train_fraction", "must be in (0, 1]",
+          d.train_fraction)
+    check(d.epochs is None or d.epochs >= 1, f"{key}.epochs", "must be >= 1", d.epochs)
+    check(d.dev_fraction is None or 0 <= d.dev_fraction <= 0.5, f"{key}.dev_fraction", "must be in [0, 0.5]",
+          d.dev_fraction)
     _at_least(d, key, 0, "train_subset", "val_subset")
-    _check(d.task == "cls" or not (d.train_subset or d.val_subset), f"{key}.train_subset",
-           "train_subset / val_subset are for cls datasets (a class-stratified subset)", [d.train_subset, d.val_subset])
+    check(d.task == "cls" or not (d.train_subset or d.val_subset), f"{key}.train_subset",
+          "train_subset / val_subset are for cls datasets (a class-stratified subset)", [d.train_subset, d.val_subset])
 
 
 def _validate_sources(cfg: Config) -> None:
     seen: set[tuple[str, str]] = set()
     for where, entries in (("sources", cfg.sources), ("transfer.datasets", cfg.transfer.datasets)):
         for s in entries:
-            _check(bool(s.name) and "." not in s.name, f"{where}.name", "every entry needs a name without '.'", s.name)
-            _check((where, s.name) not in seen, f"{where}.{s.name}", "duplicate name", s.name)
+            check(bool(s.name) and "." not in s.name, f"{where}.name", "every entry needs a name without '.'", s.name)
+            check((where, s.name) not in seen, f"{where}.{s.name}", "duplicate name", s.name)
             seen.add((where, s.name))
             key = f"{where}.{s.name}"
             if where == "sources":  # upstream sources always train
                 _validate_data(s, key, True, cfg.model)
                 _at_least(s, key, 0, "weight")
-                _check(s.task in cfg.model.tasks, f"{key}.task", f"must be in model.tasks {cfg.model.tasks}", s.task)
+                check(s.task in cfg.model.tasks, f"{key}.task", f"must be in model.tasks {cfg.model.tasks}", s.task)
             else:  # a transfer dataset trains unless it is a linear probe
                 _validate_data(s, key, s.task != "cls" or (s.protocol or cfg.transfer.protocol) == "finetune",
                                cfg.model)
                 _validate_transfer_dataset(s, key)
-    _check(not cfg.sources or any(s.weight > 0 for s in cfg.sources), "sources.weight",
-           "at least one source needs a weight > 0", [s.weight for s in cfg.sources])
+    check(not cfg.sources or any(s.weight > 0 for s in cfg.sources), "sources.weight",
+          "at least one source needs a weight > 0", [s.weight for s in cfg.sources])
 
 
 def _validate_train(tc: TrainConfig, key: str) -> list[str]:
     """expand / squeeze; returns warnings (values that run but are probably not meant)."""
     _at_least(tc, key, 1, "steps", "grad_accum")
-    _check(tc.lr > 0, f"{key}.lr", "must be > 0", tc.lr)
+    check(tc.lr > 0, f"{key}.lr", "must be > 0", tc.lr)
     one_of(tc.optimizer, f"{key}.optimizer", ("sgd", "adamw"))
-    _check(0 <= tc.momentum < 1, f"{key}.momentum", "must be in [0, 1)", tc.momentum)
+    check(0 <= tc.momentum < 1, f"{key}.momentum", "must be in [0, 1)", tc.momentum)
     one_of(tc.amp, f"{key}.amp", ("off", "bf16", "fp16"))
     _at_least(tc, key, 0, "weight_decay", "warmup_steps", "clip_grad", "eval_every", "ckpt_every", "log_every",
               "workers", "seed")
-    _check(bool(tc.out), f"{key}.out", "needs a directory", tc.out)
+    check(bool(tc.out), f"{key}.out", "needs a directory", tc.out)
     if tc.warmup_steps >= tc.steps:
         return [f"{key}.warmup_steps = {tc.warmup_steps} >= {key}.steps = {tc.steps}: "
                 "the whole run is warmup (no cosine decay)"]
@@ -386,36 +361,22 @@ def _validate_squeeze(sq: SqueezeConfig, m: ModelConfig) -> None:
     one_of(sq.heads, "squeeze.heads", STUDENT_HEADS)
     _at_least(sq, "squeeze", 1, "norm_steps")
     _at_least(sq, "squeeze", 0, "lambda_task", "lambda_feat", "lambda_kd")
-    _check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
-           "at least one must be > 0", [sq.lambda_task, sq.lambda_feat, sq.lambda_kd])
-    _check(sq.kd_temperature > 0, "squeeze.kd_temperature", "must be > 0", sq.kd_temperature)
+    check(sq.lambda_task + sq.lambda_feat + sq.lambda_kd > 0, "squeeze.lambda_task/lambda_feat/lambda_kd",
+          "at least one must be > 0", [sq.lambda_task, sq.lambda_feat, sq.lambda_kd])
+    check(sq.kd_temperature > 0, "squeeze.kd_temperature", "must be > 0", sq.kd_temperature)
 
 
-def _validate_transfer(tc: TransferConfig, ab: AblateConfig, cfg: Config) -> None:
+def _validate_transfer(tc: TransferConfig) -> None:
     one_of(tc.protocol, "transfer.protocol", PROTOCOLS)
-    _check(0 < tc.train_fraction <= 1, "transfer.train_fraction", "must be in (0, 1]", tc.train_fraction)
+    check(0 < tc.train_fraction <= 1, "transfer.train_fraction", "must be in (0, 1]", tc.train_fraction)
     _at_least(tc, "transfer", 1, "epochs", "batch_size")
-    _check(tc.lr > 0, "transfer.lr", "must be > 0", tc.lr)
+    check(tc.lr > 0, "transfer.lr", "must be > 0", tc.lr)
     _at_least(tc, "transfer", 0, "clip_grad", "workers")
-    _check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
-    _check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
-    _check(0 <= tc.dev_fraction <= 0.5, "transfer.dev_fraction", "must be in [0, 0.5]", tc.dev_fraction)
-    for key, seeds in (("transfer.seeds", tc.seeds), ("ablate.seeds", ab.seeds)):
-        _check(bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key,
-               "needs distinct seeds >= 0", seeds)
-    for v in ab.variants:
-        one_of(v, "ablate.variants", ABLATE_VARIANTS)
-    cls = [s.name for s in cfg.sources if s.task == "cls"]
-    _check(not ab.ssst_source or ab.ssst_source in cls, "ablate.ssst_source", f"must name a cls source {cls}",
-           ab.ssst_source)
-    _check(bool(ab.out), "ablate.out", "needs a directory", ab.out)
-    _check(ab.jobs >= 1, "ablate.jobs", "must be >= 1", ab.jobs)
-    total = cfg.expand.steps + cfg.squeeze.steps
-    _check(0 <= ab.squeeze_steps < total, "ablate.squeeze_steps", f"must be in [0, {total}) (0 = squeeze.steps; "
-           f"the teacher gets the rest of expand.steps + squeeze.steps = {total})", ab.squeeze_steps)
-    for d in ab.optional_datasets:
-        _check(d in [x.name for x in tc.datasets], "ablate.optional_datasets", "must name transfer datasets "
-               f"{[x.name for x in tc.datasets]}", d)
+    check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
+    check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
+    check(0 <= tc.dev_fraction <= 0.5, "transfer.dev_fraction", "must be in [0, 0.5]", tc.dev_fraction)
+    check(bool(tc.seeds) and min(tc.seeds) >= 0 and len(set(tc.seeds)) == len(tc.seeds), "transfer.seeds",
+          "needs distinct seeds >= 0", tc.seeds)
 
 
 def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:
@@ -429,10 +390,10 @@ def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> Non
 
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError naming the first bad key (what it is, what is allowed); return the warnings."""
-    _check(cfg.dist_timeout_min > 0, "dist_timeout_min", "must be > 0 (minutes)", cfg.dist_timeout_min)
+    check(cfg.dist_timeout_min > 0, "dist_timeout_min", "must be > 0 (minutes)", cfg.dist_timeout_min)
     _validate_model(cfg.model)
     _validate_sources(cfg)
     warnings = _validate_train(cfg.expand, "expand") + _validate_train(cfg.squeeze, "squeeze")
     _validate_squeeze(cfg.squeeze, cfg.model)
-    _validate_transfer(cfg.transfer, cfg.ablate, cfg)
+    _validate_transfer(cfg.transfer)
     return warnings

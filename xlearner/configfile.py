@@ -56,6 +56,15 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 # keys that were once part of the schema: a TOML that sets one is told why it went; a checkpoint that stored
 # one (config_from_dict) loads without it
 RETIRED = {"model.det_head": "detection is always Faster R-CNN; delete the line"}
+# Sections of a config file that a tool reads with its own schema (a Config subclass), not the stages: one file
+# can describe the runs and the table made of them (configs/ablate.toml). The other commands, and a checkpoint's
+# stored config (config_from_dict), read past them.
+TOOL_SECTIONS = ("ablate",)  # python cli.py ablate: tools/ablate_config.py
+
+
+def _without_tool_sections(data: dict, schema: type) -> dict:
+    fields = {f.name for f in dataclasses.fields(schema)}
+    return {k: v for k, v in data.items() if k not in TOOL_SECTIONS or k in fields}
 
 
 def _from_dict(cls, data: dict, prefix: str):
@@ -100,8 +109,9 @@ def apply_override(data: dict, text: str) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read a TOML file (or nothing: defaults), apply `--set` overrides, type-check, validate."""
+def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = (), schema: type = Config) -> Config:
+    """Read a TOML file (or nothing: defaults), apply `--set` overrides, type-check, validate. `schema`: Config,
+    or a tool's subclass of it that adds a TOOL_SECTIONS section (which the tool then validates)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -114,7 +124,7 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] 
     for o in overrides:
         apply_override(data, o)
     try:
-        cfg = _from_dict(Config, data, "")
+        cfg = _from_dict(schema, _without_tool_sections(data, schema), "")
         warnings = validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
@@ -152,8 +162,9 @@ def _warn(message: str) -> None:
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (a checkpoint's). Keys and types are checked, values
-    are not: a checkpoint written before a rule was added (or by code that built its Config) must load."""
-    return _from_dict(Config, _as_schema_now(data), "")
+    are not: a checkpoint written before a rule was added (or by code that built its Config) must load. A tool's
+    section (TOOL_SECTIONS: an ablation's run stores `ablate`) is left out."""
+    return _from_dict(Config, _without_tool_sections(_as_schema_now(data), Config), "")
 
 
 def _as_schema_now(data: dict) -> dict:

@@ -26,7 +26,7 @@ from . import data, engine
 
 from .run import dist
 from .backbone import BACKBONES, Backbone, build_backbone, channels_last, compile_stages, n_params
-from .run.checkpoint import load_checkpoint, strip_prefixes
+from .run.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
 from .config import Config, ModelConfig, SourceConfig, check_tasks_have_sources
 from .configfile import config_from_dict
 from .data import build_train_datasets, images_per_step
@@ -130,23 +130,40 @@ def load_model(ckpt: dict) -> XLearnerModel:
 # ----------------------------------------------------------------------------
 # the run
 
+def load_init(path: str | Path, model: XLearnerModel) -> dict:
+    """`expand --init`: load the weights of an expand checkpoint of this same model into `model`; the checkpoint."""
+    ckpt = load_checkpoint(path)
+    kind = ckpt.get("meta", {}).get("kind")
+    if kind != "expanded":
+        raise CheckpointError(f"{path}: not an expand checkpoint (meta.kind = {kind!r}); --init takes RUN/checkpoint.pt "
+                              "of an `expand` run")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another arch, class count or head size
+        raise CheckpointError(f"{path}: not a checkpoint of this model ({str(e).splitlines()[-1].strip()}); --init "
+                              "needs the same [model] and [[sources]]") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: not a checkpoint of this model ({len(missing)} missing keys, e.g. "
+                              f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}); --init needs "
+                              "the same [model] and [[sources]]")
+    return ckpt
+
+
 @locked("expand")  # OUT/.lock for the life of the run
 def run(cfg: Config, init: Path | None = None) -> Path:
     """Run (or resume) the expansion stage described by `cfg`; returns the checkpoint path.
 
-    `init`: an expand checkpoint of the same model whose weights (branches, RLs, heads) start this run, with a
-    fresh optimiser and schedule (tools/ablate.py's "trained on instead of squeezed"), and whose data stream it
-    continues (the loader starts where init's stopped, so no batch of init's run is replayed); a resume
-    overrides both."""
+    `init` (`expand --init`, "train on"): an expand checkpoint of the same model whose weights (branches, RLs,
+    heads) start this run, with a fresh optimiser and schedule, and whose data stream it continues (the loader
+    starts where init's stopped, so no batch of init's run is replayed); a resume overrides both. tools/ablate.py's
+    "Expand + RL" trains the squeeze's teacher on this way, for the same budget as the squeeze."""
     check_tasks_have_sources(cfg.model, cfg.sources)
     device = dist.init_distributed()
     tc = cfg.expand
     seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     datasets, num_classes = build_train_datasets(cfg.sources)
     model = XLearnerModel(cfg.model, cfg.sources, num_classes)  # channels_last already, when configured
-    init_ckpt = load_checkpoint(init) if init is not None else None
-    if init_ckpt is not None:
-        model.load_state_dict(init_ckpt["model"])
+    init_ckpt = load_init(init, model) if init is not None else None
     if cfg.model.compile:
         compile_stages(model)
     loader = data.MultiSourceLoader(cfg.sources, datasets, rank=dist.get_rank(), world_size=dist.get_world_size(),

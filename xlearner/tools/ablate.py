@@ -44,9 +44,10 @@ from typing import Iterator
 from .. import data, expand, probe, squeeze, transfer
 
 from ..run import dist, preempt
-from ..config import ABLATE_VARIANTS, Config, ConfigError, Registry
+from ..config import ConfigError, Registry
 from ..formats.files import DataError
 from . import ablate_report
+from .ablate_config import VARIANT_NAMES, AblationConfig
 
 
 @dataclass
@@ -102,7 +103,7 @@ GRID2.update({f"gx_{b}_{st}_{n}": _squeeze_of(f"gt_{b}_{n}", f"X-Learner, {BRANC
               for b, st in GRID2_RECIPES for n, share in SQUEEZE_SHARES.items()})
 
 
-VARIANTS = Registry("ablate.variants", ABLATE_VARIANTS, **{
+VARIANTS = Registry("ablate.variants", VARIANT_NAMES, **{
     "ssst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="ssst", label="SSST"),
     "msst": Variant(model={"tasks": ["cls"], "reconcile": "none"}, sources="cls", label="MSST"),
     "msmt": Variant(model={"shared_backbone": True, "reconcile": "none"}, label="MSMT (hard sharing)"),
@@ -131,7 +132,7 @@ CHAINS = (("teacher_rl", "expand_rl", "xlearner", "xlearner_v1", "expand_rl_alon
             for n in (120, 360, 240) for b in BRANCH_INIT_NAMES))  # the longest squeezes not last: the jobs end together
 
 
-def quick(cfg: Config) -> Config:
+def quick(cfg: AblationConfig) -> AblationConfig:
     """Smoke-test sizes: a handful of steps, one transfer epoch, small downstream subsets, two seeds."""
     cfg = copy.deepcopy(cfg)
     total = cfg.expand.steps + cfg.squeeze.steps
@@ -146,7 +147,7 @@ def quick(cfg: Config) -> Config:
     return cfg
 
 
-def steps_of(cfg: Config, v: Variant) -> int:
+def steps_of(cfg: AblationConfig, v: Variant) -> int:
     """A variant's own optimiser steps. The budget is expand.steps + squeeze.steps; its split gives the squeeze
     (and a "trained on instead") v.squeeze_share of it, else ablate.squeeze_steps, else squeeze.steps; the
     teacher the rest."""
@@ -158,7 +159,7 @@ def steps_of(cfg: Config, v: Variant) -> int:
     return {"expand": total - squeeze_steps, "squeeze": squeeze_steps, "both": total}[v.budget]
 
 
-def budget(cfg: Config, name: str) -> int:
+def budget(cfg: AblationConfig, name: str) -> int:
     """Optimiser steps of one variant, counting the runs it starts from (its teacher or init)."""
     v = VARIANTS[name]
     if v.stage == "none":
@@ -167,7 +168,7 @@ def budget(cfg: Config, name: str) -> int:
     return steps_of(cfg, v) + (budget(cfg, before) if before else 0)
 
 
-def variant_config(cfg: Config, name: str, seed: int, out: Path) -> Config:
+def variant_config(cfg: AblationConfig, name: str, seed: int, out: Path) -> AblationConfig:
     v = VARIANTS[name]
     c = copy.deepcopy(cfg)
     c.expand.seed = c.squeeze.seed = seed
@@ -203,7 +204,7 @@ def finished(run: Path, steps: int) -> bool:
         return False
 
 
-def train_variant(cfg: Config, name: str, seed: int, out: Path) -> Path:
+def train_variant(cfg: AblationConfig, name: str, seed: int, out: Path) -> Path:
     """Train one variant (skipped when finished, resumed from its checkpoint when killed); its checkpoint."""
     v = VARIANTS[name]
     c = variant_config(cfg, name, seed, out)
@@ -221,7 +222,7 @@ def train_variant(cfg: Config, name: str, seed: int, out: Path) -> Path:
     return ckpt
 
 
-def transfer_variant(cfg: Config, name: str, ckpt: Path, seed: int, out: Path) -> dict[str, float]:
+def transfer_variant(cfg: AblationConfig, name: str, ckpt: Path, seed: int, out: Path) -> dict[str, float]:
     """{downstream dataset: primary metric} of one trained variant and seed (reused from scores.json)."""
     where = out / f"seed{seed}" / "transfer" / name
     done = where / "scores.json"
@@ -241,7 +242,7 @@ def transfer_variant(cfg: Config, name: str, ckpt: Path, seed: int, out: Path) -
     return scores
 
 
-def run_chain(cfg: Config, chain: tuple[str, ...], seed: int, out: Path) -> None:
+def run_chain(cfg: AblationConfig, chain: tuple[str, ...], seed: int, out: Path) -> None:
     """Train, then transfer, every variant of one chain for one seed (the wanted ones only)."""
     for name in chain:
         if name in needed(cfg.ablate.variants):
@@ -261,7 +262,7 @@ def needed(variants: list[str]) -> set[str]:
     return todo
 
 
-def drop_missing_datasets(cfg: Config) -> list[str]:
+def drop_missing_datasets(cfg: AblationConfig) -> list[str]:
     """Remove the `ablate.optional_datasets` whose files are not there, saying why; returns their names."""
     dropped = []
     for d in list(cfg.transfer.datasets):
@@ -277,7 +278,7 @@ def drop_missing_datasets(cfg: Config) -> list[str]:
     return dropped
 
 
-def check_data_present(cfg: Config) -> None:
+def check_data_present(cfg: AblationConfig) -> None:
     """Open every split the table will read, in this process, before any worker starts: a missing folder is one
     DataError line naming it (the CLI's Error:), not a traceback from each worker."""
     for s in cfg.sources:
@@ -296,7 +297,7 @@ def take_units(units) -> Iterator[tuple]:
         yield unit
 
 
-def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
+def _worker(cfg: AblationConfig, units: mp.Queue, threads: int) -> None:
     """One of ablate.jobs processes: take (chain, seed) units until none is left."""
     import torch
     torch.set_num_threads(threads)
@@ -308,7 +309,7 @@ def _worker(cfg: Config, units: mp.Queue, threads: int) -> None:
         preempt.kill_loader_workers()
 
 
-def train_all(cfg: Config, jobs: int) -> None:
+def train_all(cfg: AblationConfig, jobs: int) -> None:
     """Every (chain, seed) unit, seed by seed, in `jobs` processes (1: in this one)."""
     units = [(chain, seed) for seed in cfg.ablate.seeds for chain in CHAINS
              if any(n in needed(cfg.ablate.variants) for n in chain)]
@@ -347,7 +348,7 @@ def train_all(cfg: Config, jobs: int) -> None:
         raise RuntimeError(f"ablate: {', '.join(failed)}; re-run the same command to resume")
 
 
-def run(cfg: Config, report_dir: Path | None = None, quick_mode: bool = False, n_seeds: int | None = None,
+def run(cfg: AblationConfig, report_dir: Path | None = None, quick_mode: bool = False, n_seeds: int | None = None,
         jobs: int | None = None) -> dict:
     """Train and transfer every variant for every seed under `ablate.out`; write the table to `report_dir`."""
     out = Path(cfg.ablate.out)
