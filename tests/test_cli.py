@@ -52,7 +52,7 @@ OPTIONS = {  # every command's options, exactly (check-data --out and export --s
     "demo-data": ["--out", "--seed", "--scale", "--downstream-scale", "--world", "--workers"],
     "clipart": ["--out", "--root"],
     "check-data": ["--config", "--set"],
-    "expand": ["--config", "--set", "--out"],
+    "expand": ["--config", "--set", "--out", "--init"],
     "squeeze": ["--config", "--set", "--teacher", "--out"],
     "transfer": ["--config", "--set", "--backbone", "--name", "--branch", "--with-rl", "--out"],
     "export": ["--checkpoint", "--out", "--branch"],
