@@ -50,10 +50,13 @@ def demo_toml(world: Path, runs: Path, dest: Path, extra: str = "") -> Path:
 
 def tiny_sizes(cls_batch: int = 4) -> list[str]:
     """Overrides that shrink configs/demo.toml's sources for CPU tests: images of 32 px (64 for det, whose
-    anchors need room), batches of `cls_batch` for the cls sources and of 2 for det and seg."""
+    anchors need room), batches of `cls_batch` for the cls sources and of 2 for det and seg; and the squeeze's
+    teacher statistics from 2 batches of every source, not 20 (each runs every teacher branch: in a 3-step
+    squeeze those 20 batches cost several times the steps)."""
     cls, dense = ("shapes-cls", "texture-cls"), ("shapes-det", "colors-det", "shapes-seg")
     return ([f"sources.{s}.batch_size={cls_batch}" for s in cls] + [f"sources.{s}.batch_size=2" for s in dense] +
-            [f"sources.{s}.image_size={64 if s.endswith('-det') else 32}" for s in (*cls, *dense)])
+            [f"sources.{s}.image_size={64 if s.endswith('-det') else 32}" for s in (*cls, *dense)] +
+            ["squeeze.norm_steps=2"])
 
 
 def image_folder(root: Path, classes: dict[str, tuple[int, int, int] | None], per_split: dict[str, int], size: int,

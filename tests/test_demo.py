@@ -325,8 +325,12 @@ def test_recipe_one_expand_and_one_squeeze_step_on_cpu(world, tmp_path):
                                                                                            "num_classes=0")]
     small += [f"sources.{n}.{k}" for n in ("coco", "objects365", "ade20k") for k in ("image_size=64", "batch_size=2")]
     stage = [f"{st}.{k}" for st in ("expand", "squeeze") for k in ("steps=1", "workers=0", 'amp="off"', "log_every=1")]
+    stage.append("squeeze.norm_steps=1")  # the teacher's statistics from 1 batch, not 20 passes of 3 ResNet-50s
     no_eval = [f'sources.{s.name}.val=""' for s in STANDIN_SPECS]  # evaluation is the demo tests' business
     cpu = ["model.channels_last=false"]  # a GPU memory format: on a CPU it doubles the ResNet-50 step (measured)
+    # the heads at scripts/gpu_check.sh's tiny sizes (torchvision's defaults suit 800 px images, not 64 px)
+    cpu += ["model.fpn_channels=64", "model.box_batch_size_per_image=64", "model.box_head_dim=256",
+            "model.rpn_pre_nms_top_n=300", "model.rpn_post_nms_top_n=150", "model.seg_channels=64"]
     cfg = load_config(RECIPE, [f'data_root="{world}"'] + small + stage + no_eval + cpu + [
         f'expand.out="{tmp_path / "expand"}"', f'squeeze.out="{tmp_path / "squeeze"}"'])
     assert cfg.model.arch == "resnet50" and len({s.task for s in cfg.sources}) == 3
