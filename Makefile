@@ -26,7 +26,7 @@ $(PLOTS_STAMP): $(VENV_STAMP)
 test: $(VENV_STAMP) $(PLOTS_STAMP)
 	$(PY) -m pytest -q tests
 
-# the fast lane: every test not marked slow (pyproject.toml's markers): about 2 min of tests on 2 busy CPU cores
+# the fast lane: every test not marked slow (pyproject.toml's markers: the 49 that train, squeeze, transfer or start a process)
 test-fast: $(VENV_STAMP) $(PLOTS_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

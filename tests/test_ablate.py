@@ -224,6 +224,7 @@ def test_margin_rule_by_hand():
     assert ablate_report.margin_rule(summary, tasks_of, ["x1", "x2", "x3"], band=0.05)["winner"] == "x2"
 
 
+@pytest.mark.slow
 def test_pack_ablate_runs_copies_only_finished_chains(tmp_path):
     """scripts/pack_ablate_runs.py: a chain's small files go only when every run and transfer of it is done."""
     import json

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from runner import REPO, cli, env
@@ -46,6 +47,7 @@ def test_subset_split_and_skips(tmp_path, monkeypatch):
         p.name for p in (tmp_path / "out" / "val" / "food").iterdir()) and again == counts
 
 
+@pytest.mark.slow
 def test_missing_package_is_one_line(tmp_path):
     import subprocess
     p = subprocess.run(cli("clipart", "--out", str(tmp_path / "o"), "--root", str(tmp_path / "none")), env=env(),

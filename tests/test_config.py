@@ -292,6 +292,7 @@ def test_debug_shows_the_traceback(tiny):
         assert p.stderr.endswith("xlearner.config.ConfigError: c.toml: expand.lr: must be > 0, got -0.1\n")
 
 
+@pytest.mark.slow
 def test_long_warmup_warns_once_and_runs(tiny):
     p = expand(tiny, "--set", "expand.warmup_steps=5", "--set", 'expand.out="run-warmup"', timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -362,6 +363,7 @@ def test_the_registries_are_built_on_config_names():
     assert heads.SEG_DECODERS["fpn"] is heads.FPNDecoder
 
 
+@pytest.mark.slow
 def test_ablate_on_missing_data_is_one_line(tmp_path):
     """ablate opens every split before its workers start: a missing folder is one Error line, no traceback."""
     p = subprocess.run(cli("ablate", "--config", str(REPO / "configs" / "ablate.toml"), "--set",

@@ -46,6 +46,7 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
 
 
+@pytest.mark.slow
 def test_downstream_scale_grows_only_the_downstream_sets(tmp_path):
     """The ablation's world (make paper-table: --downstream-scale 5): the same upstream bytes, larger downstream."""
     small = generate(tmp_path / "a", seed=0, scale=0.1, workers=1)

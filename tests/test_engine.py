@@ -308,6 +308,7 @@ def _slow_main_worker(rank: int, store_path: str, mode: str, results) -> None:
         results[rank] = f"error: {type(e).__name__}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["from_main", "broadcast"])
 def test_rank0_work_longer_than_the_timeout_does_not_abort(tmp_path, mode):
     """COCOeval runs on rank 0 alone: the others wait for it in the store (dist.from_main), so work that outlasts the

@@ -56,6 +56,7 @@ def test_two_processes_of_b_equal_one_process_of_2b(tmp_path, world):
     assert log[0]["effective_batch"]["shapes-cls"] == "4 x 1 x 2 = 8"
 
 
+@pytest.mark.slow
 def test_grad_accum_2_of_b_equals_2b(tmp_path, world):
     expand.run(load_config(cls_config(tmp_path, world, "accum", bs=4, accum=2)))
     expand.run(load_config(cls_config(tmp_path, world, "big", bs=8)))
@@ -108,6 +109,7 @@ def test_torchrun_two_processes_demo_config(tmp_path, world):
             assert abs(single[key] - metrics["metrics"][src.name][key]) < 1e-6, (src.name, single, metrics)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, world):
     out = tmp_path / "broken"
     out.mkdir()
@@ -119,6 +121,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, world):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_compile_stages_in_place_keeps_keys_loss_and_grads():
     """model.compile = true compiles every trunk's layer1..4 in place: same state_dict keys (so
     checkpoints and exact resume are unchanged), same loss and gradients. backend aot_eager traces

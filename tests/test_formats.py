@@ -247,6 +247,7 @@ def test_ade20k_root_names_the_folder_once(tmp_path):
     assert make_reader(bare, "val").problems == ["sources.ade.val: not set in the config"]
 
 
+@pytest.mark.slow
 def test_coco_reader_keeps_annotations_compact(tmp_path):
     """A COCO train split is held as arrays, with no pycocotools index unless evaluation asks for `coco`.
     Measured with scripts/annotation_memory.py at a tenth of Objects365 (170k images, 2.5M boxes): a rank's

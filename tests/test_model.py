@@ -45,6 +45,7 @@ def make_batches(sources=("cls_a", "cls_b", "det_a", "seg_a"), seed=0) -> dict:
     return {k: out[k] for k in sources}
 
 
+@pytest.mark.slow
 def test_narrow_hrnet_paths_are_cheaper():
     from torch.utils.flop_counter import FlopCounterMode
 

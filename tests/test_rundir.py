@@ -116,6 +116,7 @@ def test_torchrun_refuses_a_lock_from_another_host_on_every_rank(tmp_path, demo_
     assert json.loads((tmp_path / "t" / LOCK).read_text()) == foreign
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["expand", "squeeze", "transfer"])
 def test_out_naming_a_file_is_refused_in_one_line(tmp_path, demo_world, stage):
     toml = demo_toml(demo_world, tmp_path / "runs", tmp_path / "demo.toml")
