@@ -375,8 +375,11 @@ def _validate_transfer(tc: TransferConfig) -> None:
     check(bool(tc.out), "transfer.out", "needs a directory", tc.out)
     check(bool(tc.l2_grid) and min(tc.l2_grid) >= 0, "transfer.l2_grid", "needs values >= 0", tc.l2_grid)
     check(0 <= tc.dev_fraction <= 0.5, "transfer.dev_fraction", "must be in [0, 0.5]", tc.dev_fraction)
-    check(bool(tc.seeds) and min(tc.seeds) >= 0 and len(set(tc.seeds)) == len(tc.seeds), "transfer.seeds",
-          "needs distinct seeds >= 0", tc.seeds)
+    check_seeds(tc.seeds, "transfer.seeds")
+
+
+def check_seeds(seeds: list[int], key: str) -> None:
+    check(bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key, "needs distinct seeds >= 0", seeds)
 
 
 def check_tasks_have_sources(m: ModelConfig, sources: list[SourceConfig]) -> None:

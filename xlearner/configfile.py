@@ -109,9 +109,10 @@ def apply_override(data: dict, text: str) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = (), schema: type = Config) -> Config:
+def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = (), schema: type = Config,
+                section_check=None) -> Config:
     """Read a TOML file (or nothing: defaults), apply `--set` overrides, type-check, validate. `schema`: Config,
-    or a tool's subclass of it that adds a TOOL_SECTIONS section (which the tool then validates)."""
+    or a tool's subclass of it that adds a TOOL_SECTIONS section, checked by `section_check(cfg)`."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -126,6 +127,8 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] 
     try:
         cfg = _from_dict(schema, _without_tool_sections(data, schema), "")
         warnings = validate(cfg)
+        if section_check is not None:
+            section_check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     for w in warnings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ConfigError, check, one_of
+from ..config import Config, check, check_seeds, one_of
 from ..configfile import load_config
 
 # The variants' one list of names (tools/ablate.py's VARIANTS registry is built against it)
@@ -52,8 +52,7 @@ class AblationConfig(Config):
 def validate_ablate(cfg: AblationConfig) -> None:
     """Raise ConfigError naming the first bad `ablate.*` key."""
     ab = cfg.ablate
-    check(bool(ab.seeds) and min(ab.seeds) >= 0 and len(set(ab.seeds)) == len(ab.seeds), "ablate.seeds",
-          "needs distinct seeds >= 0", ab.seeds)
+    check_seeds(ab.seeds, "ablate.seeds")
     for v in ab.variants:
         one_of(v, "ablate.variants", VARIANT_NAMES)
     cls = [s.name for s in cfg.sources if s.task == "cls"]
@@ -71,9 +70,4 @@ def validate_ablate(cfg: AblationConfig) -> None:
 
 def load_ablation_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> AblationConfig:
     """configfile.load_config with the `[ablate]` section read and checked too."""
-    cfg = load_config(path, overrides, schema=AblationConfig)
-    try:
-        validate_ablate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return cfg
+    return load_config(path, overrides, schema=AblationConfig, section_check=validate_ablate)
